@@ -1,0 +1,3 @@
+from surfaceinspect.cli import main
+
+main()

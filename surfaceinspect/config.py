@@ -1,0 +1,319 @@
+"""Typed configuration: common settings plus one section per method.
+
+Precedence, lowest first: dataclass defaults < named profile (``sample_configs/<method>-<profile>.yaml``)
+< ``--config FILE.yaml`` < command-line flags (``--image-size`` …, ``--set section.key=value``).
+Everything is validated before any work starts; errors name the key and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from surfaceinspect.errors import ConfigError
+
+PROFILE_DIRS = (
+    Path(__file__).resolve().parent / "sample_configs",  # installed wheel
+    Path(__file__).resolve().parent.parent / "sample_configs",  # source checkout / editable install
+)
+
+
+@dataclass
+class CalibrationConfig:
+    """How the decision thresholds are set from held-out good images."""
+
+    fraction: float = 0.1  # share of the good images kept out of training for calibration
+    min_images: int = 10  # never fewer calibration images than this
+    false_reject_rate: float = 0.01  # target share of good images flagged as defective
+    mode: str = "quantile"  # quantile (good images only) | f1 | recall (labelled folder needed)
+    target_recall: float = 0.95  # with mode=recall
+
+    def validate(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"common.calibration.fraction={self.fraction}: use a value between 0 and 1, e.g. 0.1")
+        if self.min_images < 1:
+            raise ConfigError(f"common.calibration.min_images={self.min_images}: use at least 1")
+        if not 0.0 < self.false_reject_rate < 0.5:
+            raise ConfigError(
+                f"common.calibration.false_reject_rate={self.false_reject_rate}: use a value in (0, 0.5), e.g. 0.01"
+            )
+        if self.mode not in ("quantile", "f1", "recall"):
+            raise ConfigError(f"common.calibration.mode={self.mode!r}: use quantile, f1 or recall")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ConfigError(f"common.calibration.target_recall={self.target_recall}: use a value in (0, 1]")
+
+
+@dataclass
+class CommonConfig:
+    """Settings every method shares."""
+
+    image_size: int = 256  # images are resized to image_size x image_size for the network
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    workers: int = 2  # DataLoader worker processes for reading images (0 = in the main process)
+    threads: int = 0  # torch CPU threads; 0 = one per available core
+    bad_images: str = "skip"  # unreadable training images: skip (report and go on) | stop
+    checkpoint_every_s: float = 120.0  # seconds between resumable training checkpoints
+    time_budget_min: float = 0.0  # >0: fit the training schedule into this many minutes
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def validate(self) -> None:
+        if self.image_size < 32:
+            raise ConfigError(f"common.image_size={self.image_size}: use at least 32 (e.g. 256)")
+        if self.batch_size < 1:
+            raise ConfigError(f"common.batch_size={self.batch_size}: use at least 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"common.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.workers < 0 or self.threads < 0:
+            raise ConfigError("common.workers and common.threads must be >= 0")
+        if self.bad_images not in ("skip", "stop"):
+            raise ConfigError(f"common.bad_images={self.bad_images!r}: use skip or stop")
+        if self.checkpoint_every_s <= 0:
+            raise ConfigError("common.checkpoint_every_s must be > 0")
+        if self.time_budget_min < 0:
+            raise ConfigError("common.time_budget_min must be >= 0 (0 = no budget)")
+        self.calibration.validate()
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters. Subclasses add fields and override ``validate``."""
+
+    method: ClassVar[str] = ""
+    epochs: int = 1
+    lr: float = 1e-4
+
+    def validate(self, common: CommonConfig) -> None:
+        """Raise ConfigError if this configuration cannot work with ``common`` (e.g. image size)."""
+        if self.epochs < 1:
+            raise ConfigError(f"{self.method}.epochs={self.epochs}: use at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{self.method}.lr={self.lr}: must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """The effective configuration of one model: method, profile, common and method sections."""
+
+    method: str
+    profile: str
+    common: CommonConfig
+    method_config: MethodConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "profile": self.profile,
+            "common": dataclasses.asdict(self.common),
+            self.method: dataclasses.asdict(self.method_config),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        self.common.validate()
+        self.method_config.validate(self.common)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return dataclass_from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {_type_name(tp)}")
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown setting {where}{unknown[0]}; valid keys{(' of ' + prefix) if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``update`` (neither is modified)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set_option(item: str) -> dict[str, Any]:
+    """Turn ``--set a.b.c=value`` into ``{"a": {"b": {"c": value}}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. --set draem.epochs=20")
+    dotted, raw = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: missing key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        out = {key: out}
+    return out
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with a one-line error for missing or broken files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings (key: value), not {type(data).__name__}")
+    return data
+
+
+def list_profiles() -> dict[str, Path]:
+    """Named profiles shipped with the tool: ``{"draem-cpu": path, ...}``."""
+    found: dict[str, Path] = {}
+    for directory in PROFILE_DIRS:
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def profile_path(method: str, profile: str) -> Path:
+    """Path of the profile ``<method>-<profile>.yaml``, or a ConfigError listing the choices."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    profiles = list_profiles()
+    key = f"{method}-{profile}"
+    if key not in profiles:
+        mine = sorted(name.split("-", 1)[1] for name in profiles if name.startswith(method + "-"))
+        raise ConfigError(
+            f"no profile {profile!r} for method {method}; choose one of: {', '.join(mine) or '(none installed)'}"
+        )
+    return profiles[key]
+
+
+def default_profile(device: str) -> str:
+    """``paper`` where CUDA will be used, ``cpu`` otherwise."""
+    import torch
+
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "paper" if wants_cuda else "cpu"
+
+
+def build_run_config(
+    method_config_cls: type[MethodConfig],
+    profile: str | None,
+    layers: list[dict[str, Any]],
+) -> RunConfig:
+    """Merge a profile and ``layers`` (config file, then flags) into a validated RunConfig.
+
+    ``layers`` are dicts in the YAML layout: ``{"common": {...}, "<method>": {...}}``.
+    """
+    method = method_config_cls.method
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    if profile is None:
+        profile = merged.get("profile") or default_profile(str(merged.get("common", {}).get("device", "auto")))
+    base = load_yaml_file(profile_path(method, str(profile)))
+    merged = deep_merge(base, merged)
+    merged_method = merged.pop("method", method)
+    if merged_method != method:
+        raise ConfigError(f"the config is for method {merged_method!r} but --method is {method!r}; pick one")
+    merged.pop("profile", None)
+    unknown = sorted(set(merged) - {"common", method})
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; valid sections: common, {method}")
+    common = dataclass_from_dict(CommonConfig, merged.get("common") or {}, prefix="common")
+    method_cfg = dataclass_from_dict(method_config_cls, merged.get(method) or {}, prefix=method)
+    run = RunConfig(method=method, profile=str(Path(profile).stem), common=common, method_config=method_cfg)
+    run.validate()
+    return run
+
+
+def run_config_from_dict(method_config_cls: type[MethodConfig], data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig stored with a model (``RunConfig.to_dict`` output)."""
+    method = method_config_cls.method
+    common = dataclass_from_dict(CommonConfig, data.get("common") or {}, prefix="common")
+    method_cfg = dataclass_from_dict(method_config_cls, data.get(method) or {}, prefix=method)
+    return RunConfig(method=method, profile=str(data.get("profile", "")), common=common, method_config=method_cfg)

@@ -1,0 +1,128 @@
+"""The interface every anomaly detector implements.
+
+The engine only talks to detectors through this class, so adding a method means adding a
+subpackage with a ``Detector`` subclass and one registry entry in ``detectors/__init__.py``.
+
+Conventions shared by all detectors:
+
+* Input images are float tensors ``(B, 3, S, S)`` in [0, 1], RGB, ``S = common.image_size``.
+  Detectors that need another normalisation (e.g. ImageNet statistics) apply it themselves.
+* Training images arrive as one uint8 tensor ``(N, 3, S, S)`` (already decoded and resized).
+* ``predict`` returns per-image scores and per-pixel maps at ``S x S``; higher is more anomalous
+  and the maps are in the same units as the scores, so one calibration serves both.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from surfaceinspect.config import MethodConfig, RunConfig
+
+
+@dataclass
+class Prediction:
+    """Output of :meth:`Detector.predict` for one batch (tensors on the CPU, float32)."""
+
+    scores: torch.Tensor  # (B,)
+    maps: torch.Tensor  # (B, S, S)
+
+
+@dataclass
+class TrainProgress:
+    """One progress report from :meth:`Detector.fit`."""
+
+    phase: str  # short label shown on the progress bar, e.g. "features" or "train"
+    step: int  # steps done in this phase
+    total: int  # steps in this phase (may change once, e.g. after fitting a time budget)
+    loss: float | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class TrainContext:
+    """What the engine hands to :meth:`Detector.fit`: progress, checkpoints, resume state, budget.
+
+    A detector calls :meth:`report` after each step; when a checkpoint is due the context calls
+    ``state_fn`` and passes the result to the engine's checkpoint writer. On resume,
+    :attr:`resume_state` holds the dict of the last checkpoint (as saved by ``state_fn``).
+    """
+
+    def __init__(
+        self,
+        on_progress: Callable[[TrainProgress], None] | None = None,
+        on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        checkpoint_every_s: float = 120.0,
+        resume_state: dict[str, Any] | None = None,
+        time_budget_s: float = 0.0,
+    ) -> None:
+        self._on_progress = on_progress
+        self._on_checkpoint = on_checkpoint
+        self.checkpoint_every_s = checkpoint_every_s
+        self.resume_state = resume_state
+        self.time_budget_s = time_budget_s
+        self.started = time.monotonic()
+        self._last_checkpoint = self.started
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def report(self, progress: TrainProgress, state_fn: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Report progress; write a checkpoint from ``state_fn()`` if one is due."""
+        if self._on_progress is not None:
+            self._on_progress(progress)
+        now = time.monotonic()
+        if state_fn is not None and self._on_checkpoint is not None and now - self._last_checkpoint >= self.checkpoint_every_s:
+            self._on_checkpoint(state_fn())
+            self._last_checkpoint = time.monotonic()
+
+    def checkpoint_now(self, state: dict[str, Any]) -> None:
+        """Write a checkpoint unconditionally (e.g. at the end of a phase)."""
+        if self._on_checkpoint is not None:
+            self._on_checkpoint(state)
+            self._last_checkpoint = time.monotonic()
+
+
+class Detector(ABC):
+    """An anomaly detector: fit on good images, then score images and localise anomalies."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+
+    def __init__(self, run_config: RunConfig, device: torch.device) -> None:
+        self.run_config = run_config
+        self.device = device
+
+    @property
+    def config(self) -> MethodConfig:
+        """This detector's method hyperparameters."""
+        return self.run_config.method_config
+
+    @property
+    def image_size(self) -> int:
+        return self.run_config.common.image_size
+
+    @abstractmethod
+    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+        """Train on good images ``(N, 3, S, S)`` uint8; return a JSON-able training summary.
+
+        Must call ``context.report`` regularly, honour ``context.resume_state`` (continue from a
+        checkpoint dict produced by the ``state_fn`` it passed to ``report``) and
+        ``context.time_budget_s`` (> 0: shorten the schedule to fit it).
+        """
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score a batch ``(B, 3, S, S)`` float in [0, 1]; return CPU float32 scores and maps."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed for inference, as a flat dict of tensors (saved as safetensors)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
