@@ -1,0 +1,108 @@
+"""Streaming image loading for training and scoring (DataLoader workers, bad files isolated).
+
+A file that cannot be read never aborts a run: the loader yields an item carrying the error
+instead of the image, and the engine reports it and moves on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from surfaceinspect.errors import ImageReadError
+from surfaceinspect.imageio import read_image, resize_image
+
+
+@dataclass
+class LoadedImage:
+    """One file as the loader delivers it: the network input, or the reason it failed."""
+
+    index: int
+    path: Path
+    image: torch.Tensor | None  # (3, S, S) float in [0, 1]
+    original_size: tuple[int, int]  # (H, W) of the file; (0, 0) on error
+    original: np.ndarray | None = None  # uint8 HxWx3 RGB, only when asked for (heatmaps)
+    error: str | None = None
+
+
+class ImageFileDataset(Dataset):
+    """Reads and resizes image files; errors become items instead of exceptions."""
+
+    def __init__(self, paths: Sequence[Path], size: int, keep_original: bool = False) -> None:
+        self.paths = list(paths)
+        self.size = size
+        self.keep_original = keep_original
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            return LoadedImage(index, path, None, (0, 0), error=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
+            return LoadedImage(index, path, None, (0, 0), error=f"{type(exc).__name__}: {exc}")
+        height, width = int(image.shape[1]), int(image.shape[2])
+        original = None
+        if self.keep_original:
+            original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+        resized = resize_image(image, self.size).clamp_(0.0, 1.0)
+        return LoadedImage(index, path, resized, (height, width), original)
+
+
+def _keep_list(batch: list[LoadedImage]) -> list[LoadedImage]:
+    return batch
+
+
+def iterate_images(
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    workers: int,
+    keep_original: bool = False,
+) -> Iterator[list[LoadedImage]]:
+    """Yield lists of LoadedImage in file order, ``batch_size`` at a time, read by ``workers`` processes."""
+    dataset = ImageFileDataset(paths, size, keep_original)
+    # No more workers than batches: starting a worker costs more than reading a small batch.
+    workers = min(workers, math.ceil(len(dataset) / batch_size))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_keep_list,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def stack_images(items: list[LoadedImage]) -> torch.Tensor:
+    """Stack the readable items of a batch into ``(B, 3, S, S)``."""
+    return torch.stack([item.image for item in items if item.image is not None])
+
+
+def load_training_images(
+    paths: Sequence[Path], size: int, workers: int, batch_size: int = 16
+) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
+    """Read all training images as one uint8 tensor ``(N, 3, S, S)``; returns (images, ok paths, failures)."""
+    chunks: list[torch.Tensor] = []
+    ok: list[Path] = []
+    failures: list[tuple[Path, str]] = []
+    for batch in iterate_images(paths, size, batch_size, workers):
+        for item in batch:
+            if item.image is None:
+                failures.append((item.path, item.error or "unreadable"))
+            else:
+                chunks.append((item.image * 255.0 + 0.5).to(torch.uint8))
+                ok.append(item.path)
+    images = torch.stack(chunks) if chunks else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return images, ok, failures

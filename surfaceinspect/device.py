@@ -1,0 +1,48 @@
+"""Device selection and CPU thread settings."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from surfaceinspect.errors import ConfigError
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 = one per available core); returns the number used.
+
+    Inter-op parallelism is kept at 1: the networks here are single graphs where extra inter-op
+    threads only compete with DataLoader workers for the same cores.
+    """
+    n = threads or available_cores()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once per process, before parallel work started
+        pass
+    return n

@@ -1,0 +1,281 @@
+"""The model directory that ``train`` writes and ``score``/``heatmap`` read.
+
+Layout of one run directory::
+
+    model.safetensors   weights (safetensors: loading cannot execute code)
+    metadata.json       format version, method, effective config, versions, training summary,
+                        dataset fingerprint, SHA-256 of the weights
+    calibration.json    thresholds and score normalisation (rewritten by ``recalibrate``)
+    checkpoint.pt       resumable training state while training runs (torch.load weights_only=True);
+                        removed when training completes
+
+Run directories live under the runs folder (``$SURFACEINSPECT_HOME/runs``, default
+``~/.local/share/surfaceinspect/runs``); the file ``LATEST`` there names the newest finished run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+import surfaceinspect
+from surfaceinspect.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from surfaceinspect.config import RunConfig, run_config_from_dict
+from surfaceinspect.detectors import Detector, get_detector_class
+from surfaceinspect.errors import ConfigError, ModelDirError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "metadata.json"
+CALIBRATION_FILE = "calibration.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+LATEST_FILE = "LATEST"
+
+
+def runs_root() -> Path:
+    """The default runs folder (``$SURFACEINSPECT_HOME/runs`` or the XDG data directory)."""
+    home = os.environ.get("SURFACEINSPECT_HOME")
+    if home:
+        return Path(home).expanduser() / "runs"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "surfaceinspect" / "runs"
+
+
+def new_run_dir(method: str, root: Path | None = None) -> Path:
+    """Create and return a fresh ``<root>/<method>-<timestamp>`` directory."""
+    root = root or runs_root()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        name = f"{method}-{stamp}" + (f"-{attempt}" if attempt else "")
+        path = root / name
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ModelDirError(f"could not create a run directory under {root}")
+
+
+def mark_latest(run_dir: Path) -> None:
+    """Record ``run_dir`` as the newest finished run of its runs folder."""
+    write_text_atomic(run_dir.parent / LATEST_FILE, run_dir.name + "\n")
+
+
+def latest_run(root: Path | None = None) -> Path:
+    """The run named by ``LATEST``; a ModelDirError with the fix if there is none."""
+    root = root or runs_root()
+    marker = root / LATEST_FILE
+    if not marker.is_file():
+        raise ModelDirError(
+            f"no trained model found under {root}; train one first "
+            "(surfaceinspect train --method draem ./good_images) or pass --model RUN_DIR"
+        )
+    run_dir = root / marker.read_text(encoding="utf-8").strip()
+    if not run_dir.is_dir():
+        raise ModelDirError(f"{marker} names {run_dir}, which no longer exists; pass --model RUN_DIR or retrain")
+    return run_dir
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """``--model`` as given, or the latest finished run when it is omitted."""
+    if model is None or str(model) == "latest":
+        return latest_run()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {path} does not exist; pass a run directory written by `train`")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(root: Path, files: list[Path]) -> dict[str, Any]:
+    """Identify a training set by its files' relative paths and sizes (cheap, order-independent)."""
+    digest = hashlib.sha256()
+    total = 0
+    for path in sorted(files):
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            rel = path.as_posix()
+        size = path.stat().st_size if path.exists() else -1
+        total += max(size, 0)
+        digest.update(f"{rel}\0{size}\n".encode())
+    return {"root": str(root), "n_files": len(files), "total_bytes": total, "sha256": digest.hexdigest()}
+
+
+def environment_versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "surfaceinspect": surfaceinspect.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def save_model(
+    run_dir: Path,
+    detector: Detector,
+    summary: dict[str, Any],
+    fingerprint: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write weights and metadata of a trained detector to ``run_dir`` (both atomically)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
+    data = safetensors_save(state, metadata={"format_version": str(FORMAT_VERSION), "method": detector.name})
+    write_bytes_atomic(run_dir / WEIGHTS_FILE, data)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "method": detector.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": detector.run_config.to_dict(),
+        "versions": environment_versions(),
+        "training": summary,
+        "dataset": fingerprint,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        **(extra or {}),
+    }
+    write_json_atomic(run_dir / METADATA_FILE, metadata)
+
+
+def read_metadata(run_dir: Path) -> dict[str, Any]:
+    """Parse and check ``metadata.json`` of a run directory."""
+    path = run_dir / METADATA_FILE
+    if not path.is_file():
+        hint = " (training did not finish: resume it with `surfaceinspect train --resume " + str(run_dir) + "`)" if (
+            run_dir / CHECKPOINT_FILE
+        ).is_file() else ""
+        raise ModelDirError(f"{run_dir} is not a finished model directory: {METADATA_FILE} is missing{hint}")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelDirError(f"{path} is corrupt (not valid JSON); retrain or restore the file") from None
+    if not isinstance(metadata, dict) or "format_version" not in metadata:
+        raise ModelDirError(f"{path} is not a surfaceinspect metadata file")
+    version = metadata["format_version"]
+    if version != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{run_dir} has model format {version}, this surfaceinspect {surfaceinspect.__version__} reads "
+            f"format {FORMAT_VERSION}; retrain the model or use a matching surfaceinspect version"
+        )
+    return metadata
+
+
+def load_model(run_dir: Path, device: torch.device) -> tuple[Detector, dict[str, Any]]:
+    """Load a finished run directory; refuses incompatible, incomplete or modified directories."""
+    metadata = read_metadata(run_dir)
+    method = metadata.get("method")
+    try:
+        cls = get_detector_class(str(method))
+        run_config = run_config_from_dict(cls.config_cls, metadata["config"])
+    except (ConfigError, KeyError) as exc:
+        raise ModelDirError(f"{run_dir / METADATA_FILE} has an invalid config ({exc}); retrain the model") from None
+    weights_path = run_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelDirError(f"{weights_path} is missing; the model directory is incomplete, retrain it")
+    data = weights_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != metadata.get("weights_sha256"):
+        raise ModelDirError(
+            f"{weights_path} does not match the checksum in {METADATA_FILE}: the file was modified or damaged; "
+            "restore it or retrain"
+        )
+    try:
+        state = safetensors_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise ModelDirError(f"{weights_path} cannot be read as safetensors ({exc}); retrain the model") from None
+    detector = cls(run_config, device)
+    try:
+        detector.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelDirError(f"{weights_path} does not fit the {method} architecture in its metadata ({first})") from None
+    return detector, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable training checkpoints
+
+
+@dataclass
+class TrainCheckpoint:
+    """What ``train --resume`` needs: the run's config, data and the detector's training state."""
+
+    run_config: dict[str, Any]
+    data_dir: str
+    train_files: list[str]
+    calibration_files: list[str]
+    detector_state: dict[str, Any]
+
+
+def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
+    """Write ``checkpoint.pt`` atomically (a kill during the write keeps the previous checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "run_config": checkpoint.run_config,
+            "data_dir": checkpoint.data_dir,
+            "train_files": checkpoint.train_files,
+            "calibration_files": checkpoint.calibration_files,
+            "detector_state": checkpoint.detector_state,
+        },
+        buffer,
+    )
+    write_bytes_atomic(run_dir / CHECKPOINT_FILE, buffer.getvalue())
+
+
+def load_checkpoint(run_dir: Path) -> TrainCheckpoint:
+    """Read ``checkpoint.pt`` with ``weights_only=True``."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{path} does not exist; there is no interrupted training to resume in {run_dir}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelDirError(f"{path} cannot be loaded safely ({first}); start a new training run") from None
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(f"{path} is from an incompatible surfaceinspect version; start a new training run")
+    return TrainCheckpoint(
+        run_config=raw["run_config"],
+        data_dir=raw["data_dir"],
+        train_files=list(raw["train_files"]),
+        calibration_files=list(raw["calibration_files"]),
+        detector_state=raw["detector_state"],
+    )
+
+
+def find_resumable(root: Path | None = None) -> Path:
+    """The most recently updated run directory that holds an unfinished training checkpoint."""
+    root = root or runs_root()
+    candidates = [p.parent for p in root.glob(f"*/{CHECKPOINT_FILE}") if not (p.parent / METADATA_FILE).exists()]
+    if not candidates:
+        raise ModelDirError(f"no interrupted training run under {root}; pass the run directory to --resume")
+    return max(candidates, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)
+
+
+def run_config_of(run_dir: Path) -> RunConfig:
+    """The stored effective config of a finished run."""
+    metadata = read_metadata(run_dir)
+    cls = get_detector_class(str(metadata.get("method")))
+    return run_config_from_dict(cls.config_cls, metadata["config"])
