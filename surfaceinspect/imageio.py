@@ -1,0 +1,299 @@
+"""Reading, resizing and finding images.
+
+Decoding goes through Pillow, because Pillow reports truncated and corrupt files as errors
+(OpenCV may silently return a half-decoded image or ``None`` without a reason) and applies EXIF
+orientation for JPEG, TIFF and PNG alike. Pillow squeezes 16-bit *colour* PNG/TIFF to 8 bits, so
+those (and only those) are decoded a second time with OpenCV to keep their full precision.
+
+Choices worth knowing:
+
+* The alpha channel is **dropped, not composited**: the stored colour under the alpha is kept.
+  This is what ``PIL.Image.convert("RGB")`` (and so the usual torchvision/MVTec pipelines) does,
+  and compositing would need an arbitrary background colour that differs between tools.
+* Grayscale becomes three identical channels; palette images are expanded to RGB.
+* 16-bit samples are scaled by 1/65535, 8-bit by 1/255; float TIFFs are clipped to [0, 1].
+* ICC colour profiles are ignored (pixel values are used as stored).
+* Truncation detection relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being False (the Pillow
+  default); code that sets it to True globally would make truncated files decode silently.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError, features
+
+from surfaceinspect.errors import DatasetError, ImageReadError
+
+# WebP is decoded by Pillow (8-bit only, so OpenCV is never needed for it); checked at import so a
+# Pillow build without libwebp simply does not list the suffix.
+_WEBP = bool(features.check("webp"))
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | ({".webp"} if _WEBP else set())
+)
+
+# 64 Mpx: a float32 RGB tensor of that size is already 768 MiB. Kept below Pillow's own
+# decompression-bomb warning threshold (~89 Mpx) so Pillow never warns before we refuse.
+MAX_PIXELS = 64 * 1024 * 1024
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _fail(path: Path, reason: str) -> ImageReadError:
+    return ImageReadError(path, reason)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Read the whole file, turning every filesystem problem into a short reason."""
+    if not path.exists():
+        if path.is_symlink():
+            raise _fail(path, "broken symbolic link (its target does not exist)")
+        raise _fail(path, "file not found")
+    if path.is_dir():
+        raise _fail(path, "is a directory, not an image file")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except OSError as exc:
+        raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise _fail(path, "file is empty (0 bytes)")
+    return data
+
+
+def _open_checked(path: Path, data: bytes, max_pixels: int) -> Image.Image:
+    """Open the header with Pillow and refuse unknown formats and absurd sizes before decoding."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _fail(
+            path, f"not an image or unsupported format (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        ) from None
+    except Image.DecompressionBombError:
+        raise _fail(path, "image dimensions are absurdly large") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...) on bad headers
+        raise _fail(path, f"corrupt image header ({exc})") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise _fail(path, f"invalid image size {w}x{h}")
+    if w * h > max_pixels:
+        raise _fail(path, f"image is {w}x{h} pixels, more than the {max_pixels / 1e6:.0f}-megapixel limit")
+    return im
+
+
+def _rawmode(im: Image.Image) -> str:
+    """Pillow's raw (on-disk) sample layout, e.g. ``RGB;16B``; only known before ``load()``."""
+    if not im.tile:
+        return im.mode
+    args = im.tile[0].args
+    if isinstance(args, tuple):
+        args = args[0] if args else ""
+    return args if isinstance(args, str) else im.mode
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an ``(H, W[, C])`` array, as ``ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(arr, k=-1)
+    if orientation == 7:
+        return arr.swapaxes(0, 1)[::-1, ::-1]
+    if orientation == 8:
+        return np.rot90(arr, k=1)
+    return arr
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block should not make an otherwise good image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H,W), (H,W,1), (H,W,2) gray+alpha, (H,W,3) or (H,W,4) -> (H,W,3), same dtype."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c in (1, 2):
+        return np.repeat(arr[:, :, :1], 3, axis=2)
+    return arr[:, :, :3]
+
+
+def _decode_cv2_high_depth(path: Path, data: bytes, orientation: int) -> np.ndarray:
+    """Full-precision decode of 16-bit colour images, which Pillow would reduce to 8 bits."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise _fail(path, "corrupt image data (OpenCV cannot decode it)")
+    if arr.ndim == 3:
+        # OpenCV returns BGR(A); gray+alpha comes back as 2 channels in some builds.
+        arr = arr[:, :, [2, 1, 0]] if arr.shape[2] >= 3 else arr
+    return _to_rgb(apply_orientation(arr, orientation))
+
+
+def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode to an ``(H, W, 3)`` RGB array: uint8, uint16, or float32 in [0, 1]."""
+    path = Path(path)
+    data = _read_bytes(path)
+    im = _open_checked(path, data, max_pixels)
+    rawmode = _rawmode(im)
+    try:
+        # load() decodes everything; with LOAD_TRUNCATED_IMAGES False it raises on truncation.
+        im.load()
+    except MemoryError:
+        raise
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg or "incomplete" in msg:
+            raise _fail(path, "truncated file (image data ends early)") from None
+        raise _fail(path, f"corrupt image data ({msg})") from None
+    except Exception as exc:
+        raise _fail(path, f"corrupt image data ({exc})") from None
+
+    orientation = _orientation(im)
+    if ";16" in rawmode and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return _decode_cv2_high_depth(path, data, orientation)
+
+    try:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im)
+            arr = np.clip(arr, 0, 65535).astype(np.uint16) if arr.dtype != np.uint16 else arr
+        elif im.mode == "F":
+            arr = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+        else:
+            # convert("RGB") drops alpha, expands palettes and gray, handles CMYK/YCbCr/1-bit.
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _fail(path, f"unsupported pixel format {im.mode} ({exc})") from None
+    return np.ascontiguousarray(_to_rgb(apply_orientation(arr, orientation)))
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Read an image file as a contiguous float32 tensor ``(3, H, W)``, RGB in [0, 1].
+
+    Raises :class:`ImageReadError` (with the path and a short reason) for missing, empty,
+    truncated, corrupt, non-image or absurdly large files.
+    """
+    arr = _decode(path, max_pixels)
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    if arr.dtype == np.uint8:
+        return t.float().div_(255.0).contiguous()
+    if arr.dtype == np.uint16:
+        return t.to(torch.float32).div_(65535.0).contiguous()
+    return t.to(torch.float32).contiguous()
+
+
+def read_image_uint8(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image as ``(H, W, 3)`` uint8 RGB (16-bit rounded down to 8 bits), for overlays."""
+    arr = _decode(path, max_pixels)
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.rint(arr * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(H, W)`` of an image as :func:`read_image` would return it (after EXIF orientation).
+
+    Reads only the header, so it is cheap; it does not detect truncated pixel data.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    im = _open_checked(path, data, max_pixels=2**62)
+    w, h = im.size
+    return (w, h) if _orientation(im) in (5, 6, 7, 8) else (h, w)
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a defect mask as a bool array ``(H, W)``: any nonzero colour channel marks a defect."""
+    arr = _decode(path)
+    return np.ascontiguousarray(arr.any(axis=2))
+
+
+def resize_image(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize a float image ``(3, H, W)`` or batch ``(B, 3, H, W)`` to ``size`` (int = square, or (h, w)).
+
+    Each axis that shrinks uses area interpolation (the mean of the covered source pixels), which
+    does not alias fine texture such as scratches into moire the way bilinear sampling would;
+    each axis that grows uses bilinear interpolation, because area would just replicate pixels
+    into blocks. Both keep values inside the input range.
+    """
+    if not torch.is_floating_point(img):
+        raise TypeError(f"resize_image expects a float tensor, got {img.dtype}")
+    if img.ndim not in (3, 4):
+        raise ValueError(f"resize_image expects (C,H,W) or (B,C,H,W), got shape {tuple(img.shape)}")
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"resize_image: size must be positive, got {size}")
+    x = img if img.ndim == 4 else img.unsqueeze(0)
+    h, w = x.shape[-2:]
+    # Shrinking axes first (area), then growing axes (bilinear): handles mixed cases too.
+    mid = (min(h, out_h), min(w, out_w))
+    if (h, w) == (out_h, out_w):
+        x = x.clone()  # callers may modify the result in place; never hand back the input
+    if mid != (h, w):
+        x = F.interpolate(x, size=mid, mode="area")
+    if mid != (out_h, out_w):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    x = x.contiguous()
+    return x if img.ndim == 4 else x.squeeze(0)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def discover_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Image files under ``root`` whose suffix is in :data:`IMAGE_EXTENSIONS` (any case).
+
+    Hidden files and folders (name starting with '.') below ``root`` are skipped; symlinked
+    folders are followed once (loops cannot hang). Sorted by the POSIX relative path, so the
+    order is the same on every machine. A file given as ``root`` is returned as ``[root]``.
+    Raises :class:`DatasetError` if ``root`` does not exist.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such file or folder; give a folder of images or an image file")
+    if not root.is_dir():
+        return [root]
+    found: list[tuple[str, Path]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if key in seen:  # symlink loop or a folder reached twice: visit it once only
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = [] if not recursive else sorted(d for d in dirnames if not _is_hidden(d))
+        for name in filenames:
+            if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            p = Path(dirpath) / name
+            found.append((p.relative_to(root).as_posix(), p))
+    found.sort(key=lambda item: item[0])
+    return [p for _, p in found]
