@@ -153,11 +153,19 @@ class Calibration:
             data.pop("normalization", None)
             calibration = cls(**data)
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-            raise ModelDirError(f"{path} is not a valid calibration file ({exc}); run `surfaceinspect recalibrate`") from None
+            raise ModelDirError(
+                f"{path} is not a valid calibration file ({exc}); run `surfaceinspect recalibrate`"
+            ) from None
         if calibration.version != CALIBRATION_VERSION:
-            raise ModelDirError(f"{path} has calibration version {calibration.version}; run `surfaceinspect recalibrate`")
-        values = (calibration.image_threshold, calibration.image_scale, calibration.pixel_threshold,
-                  calibration.pixel_scale)
+            raise ModelDirError(
+                f"{path} has calibration version {calibration.version}; run `surfaceinspect recalibrate`"
+            )
+        values = (
+            calibration.image_threshold,
+            calibration.image_scale,
+            calibration.pixel_threshold,
+            calibration.pixel_scale,
+        )
         if not all(math.isfinite(v) for v in values) or calibration.image_scale <= 0 or calibration.pixel_scale <= 0:
             raise ModelDirError(f"{path} holds non-finite or invalid thresholds; run `surfaceinspect recalibrate`")
         return calibration

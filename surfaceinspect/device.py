@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,8 +42,7 @@ def configure_threads(threads: int) -> int:
     """
     n = threads or available_cores()
     torch.set_num_threads(n)
-    try:
+    # Can only be set once per process, before any parallel work started.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # can only be set once per process, before parallel work started
-        pass
     return n

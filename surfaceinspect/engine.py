@@ -172,8 +172,15 @@ def calibrate_detector(
     n_good = len(good_paths)
     with reporter.progress("calibrate", len(all_paths)) as bar:
         for i, result in enumerate(
-            run_inference(all_paths, root, detector, None, batch_size=common.batch_size, workers=common.workers,
-                          full_resolution_maps=False)
+            run_inference(
+                all_paths,
+                root,
+                detector,
+                None,
+                batch_size=common.batch_size,
+                workers=common.workers,
+                full_resolution_maps=False,
+            )
         ):
             bar.update(advance=1)
             if result.record.verdict == "error" or result.anomaly_map is None:
@@ -324,10 +331,18 @@ def train(
 
     if calibration_dir is not None:
         good, defect = _labelled_split(calibration_dir)
-        calibration = calibrate_detector(detector, good, calibration_dir, run_config, reporter, defect, str(calibration_dir))
+        calibration = calibrate_detector(
+            detector, good, calibration_dir, run_config, reporter, defect, str(calibration_dir)
+        )
     else:
-        calibration = calibrate_detector(detector, calib_files, data_dir, run_config, reporter,
-                                         source=f"{len(calib_files)} held-out images of {data_dir}")
+        calibration = calibrate_detector(
+            detector,
+            calib_files,
+            data_dir,
+            run_config,
+            reporter,
+            source=f"{len(calib_files)} held-out images of {data_dir}",
+        )
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
     modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -443,7 +458,10 @@ def score_folder(
     root = images_dir if images_dir.is_dir() else images_dir.parent
     with reporter.progress(label, len(paths)) as bar:
         for result in run_inference(
-            paths, root, model.detector, model.calibration,
+            paths,
+            root,
+            model.detector,
+            model.calibration,
             batch_size=batch_size or common.batch_size,
             workers=common.workers if workers is None else workers,
             keep_original=keep_original,
@@ -466,3 +484,123 @@ def score_folder(
     summary.worst = sorted(worst, reverse=True)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmap
+
+
+def _output_stem(record_path: str, used: set[str]) -> str:
+    """``a/b.png`` -> ``a/b``; if two inputs share a stem (b.png, b.jpg) keep the suffix for the later ones."""
+    stem = Path(record_path).with_suffix("").as_posix()
+    if stem in used:
+        stem = record_path
+    used.add(stem)
+    return stem
+
+
+def heatmap_folder(
+    model: LoadedModel,
+    images_dir: Path,
+    out_dir: Path,
+    *,
+    save_maps: bool = False,
+    on_result: Callable[[ImageResult], None] | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[ScoreSummary, Path]:
+    """Write an overlay PNG per image (and optionally the raw map as .npy) plus ``index.html``."""
+    from surfaceinspect.atomic import atomic_open
+    from surfaceinspect.rendering import render_overlay, save_png, write_index_html
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    used: set[str] = set()
+    calibration = model.calibration
+
+    def render(result: ImageResult) -> None:
+        record = result.record
+        if on_result is not None:
+            on_result(result)
+        if record.verdict == "error" or result.anomaly_map is None or result.item.original is None:
+            return
+        stem = _output_stem(record.path, used)
+        overlay = render_overlay(
+            result.item.original,
+            calibration.normalize_map(result.anomaly_map),
+            label=f"score {record.score_normalized:.2f}  (raw {record.score:.4g})",
+            verdict=record.verdict,
+        )
+        save_png(out_dir / f"{stem}.png", overlay)
+        if save_maps:
+            with atomic_open(out_dir / f"{stem}.npy", "wb") as handle:
+                np.save(handle, result.anomaly_map.astype(np.float32, copy=False))
+        entries.append(
+            {
+                "image": f"{stem}.png",
+                "source": record.path,
+                "score": record.score,
+                "score_normalized": record.score_normalized,
+                "verdict": record.verdict,
+                "n_regions": record.n_regions or 0,
+            }
+        )
+
+    summary = score_folder(
+        model,
+        images_dir,
+        on_result=render,
+        batch_size=batch_size,
+        workers=workers,
+        keep_original=True,
+        reporter=reporter,
+        label="heatmap",
+    )
+    index = write_index_html(out_dir, entries)
+    return summary, index
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration from command-line layers
+
+
+def resolve_run_config(
+    method: str | None,
+    profile: str | None,
+    config_file: Path | None,
+    common_flags: dict[str, Any],
+    method_flags: dict[str, Any],
+    sets: Sequence[str] = (),
+) -> RunConfig:
+    """Build the effective config: profile < ``--config`` file < named flags < ``--set`` items.
+
+    ``method_flags`` name fields of the method's config (e.g. ``epochs``, ``backbone_weights``);
+    a flag that the chosen method does not have is an error, not silently ignored.
+    """
+    import dataclasses
+
+    from surfaceinspect.config import build_run_config, deep_merge, load_yaml_file, parse_set_option
+
+    file_layer = load_yaml_file(config_file) if config_file else {}
+    method = method or file_layer.get("method") or "draem"
+    cls = get_detector_class(str(method)).config_cls
+    known = {f.name for f in dataclasses.fields(cls)}
+    flag_layer: dict[str, Any] = {"common": {}, method: {}}
+    for key, value in common_flags.items():
+        if value is None:
+            continue
+        if "." in key:  # nested, e.g. calibration.fraction
+            section, sub = key.split(".", 1)
+            flag_layer["common"].setdefault(section, {})[sub] = value
+        else:
+            flag_layer["common"][key] = value
+    for key, value in method_flags.items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to method {method}")
+        flag_layer[method][key] = value
+    for item in sets:
+        flag_layer = deep_merge(flag_layer, parse_set_option(item))
+    return build_run_config(cls, profile, [file_layer, flag_layer])

@@ -162,9 +162,11 @@ def read_metadata(run_dir: Path) -> dict[str, Any]:
     """Parse and check ``metadata.json`` of a run directory."""
     path = run_dir / METADATA_FILE
     if not path.is_file():
-        hint = " (training did not finish: resume it with `surfaceinspect train --resume " + str(run_dir) + "`)" if (
-            run_dir / CHECKPOINT_FILE
-        ).is_file() else ""
+        hint = (
+            " (training did not finish: resume it with `surfaceinspect train --resume " + str(run_dir) + "`)"
+            if (run_dir / CHECKPOINT_FILE).is_file()
+            else ""
+        )
         raise ModelDirError(f"{run_dir} is not a finished model directory: {METADATA_FILE} is missing{hint}")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
@@ -208,7 +210,9 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[Detector, dict[str,
         detector.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:
         first = str(exc).splitlines()[0]
-        raise ModelDirError(f"{weights_path} does not fit the {method} architecture in its metadata ({first})") from None
+        raise ModelDirError(
+            f"{weights_path} does not fit the {method} architecture in its metadata ({first})"
+        ) from None
     return detector, metadata
 
 

@@ -76,7 +76,9 @@ class ProgressBar:
         self._progress.update(self._task, **kwargs)
         speed = self._progress.tasks[self._task].speed if self._task < len(self._progress.tasks) else None
         if speed:
-            self._progress.update(self._task, rate=f"{speed:.2f} {self._unit}/s" if speed >= 0.1 else f"{1 / speed:.1f} s/{self._unit}")
+            self._progress.update(
+                self._task, rate=f"{speed:.2f} {self._unit}/s" if speed >= 0.1 else f"{1 / speed:.1f} s/{self._unit}"
+            )
 
 
 class TrainProgressView:

@@ -76,7 +76,11 @@ class TrainContext:
         if self._on_progress is not None:
             self._on_progress(progress)
         now = time.monotonic()
-        if state_fn is not None and self._on_checkpoint is not None and now - self._last_checkpoint >= self.checkpoint_every_s:
+        if (
+            state_fn is not None
+            and self._on_checkpoint is not None
+            and now - self._last_checkpoint >= self.checkpoint_every_s
+        ):
             self._on_checkpoint(state_fn())
             self._last_checkpoint = time.monotonic()
 
