@@ -238,12 +238,14 @@ def train(
     run_dir: Path | None = None,
     resume_dir: Path | None = None,
     calibration_dir: Path | None = None,
+    files: Sequence[Path] | None = None,
 ) -> TrainResult:
     """Train a detector on good images, calibrate it, and write a finished model directory.
 
     ``resume_dir`` continues an interrupted run from its last checkpoint (config and data taken
     from the checkpoint). ``calibration_dir`` (good/ + defect subfolders) replaces the held-out
-    split as the calibration set; it is required for calibration modes f1 and recall.
+    split as the calibration set; it is required for calibration modes f1 and recall. ``files``
+    restricts training to these images of ``data_dir`` (default: every image found in it).
     """
     reporter = reporter or Reporter(quiet=True)
     started = time.monotonic()
@@ -261,7 +263,7 @@ def train(
     else:
         if data_dir is None or run_config is None:
             raise ConfigError("train needs a folder of good images (or --resume RUN_DIR)")
-        files = discover_images(data_dir)
+        files = list(files) if files is not None else discover_images(data_dir)
         if not files:
             raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")
         if calibration_dir is not None:

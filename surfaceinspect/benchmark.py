@@ -1,0 +1,446 @@
+"""``surfaceinspect benchmark``: accuracy, speed and memory of methods on MVTec-layout datasets.
+
+Each dataset x method runs in two fresh child processes, so that peak memory is measured for
+training and for inference separately (a process's peak RSS never goes down):
+
+1. train: ``engine.train`` on ``train/good`` (calibration split held out, as ``train`` does);
+2. evaluate: load the model directory as ``score`` would, time the network at batch 1 and batched,
+   then score ``test/`` end to end and compute the metrics.
+
+Metrics: image AUROC, AP, F1 at the calibrated threshold and the best F1; with masks, pixel AUROC
+and AUPRO (FPR limit 0.3); overall and per defect type (each type against the good test images).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+import surfaceinspect
+from surfaceinspect.atomic import write_json_atomic, write_text_atomic
+from surfaceinspect.datasets import MVTecDataset, TestSample, load_mvtec
+from surfaceinspect.errors import ConfigError, SurfaceInspectError
+from surfaceinspect.ui import Reporter
+
+QUICK_TRAIN_IMAGES = 16
+QUICK_TEST_PER_CLASS = 6
+TIMING_IMAGES = 24  # batch-1 latency samples (after warm-up)
+QUICK_TIMING_IMAGES = 4
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to benchmark and how."""
+
+    datasets: list[Path]
+    methods: list[str]
+    out_dir: Path
+    profile: str | None = None
+    config_file: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    model_dir: Path | None = None
+    quick: bool = False
+    device: str | None = None
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024, 1)
+
+
+def _quick_subset(ds: MVTecDataset) -> tuple[list[Path], list[TestSample]]:
+    rng = np.random.default_rng(0)
+    train = sorted(rng.permutation(np.array(ds.train_good, dtype=object))[:QUICK_TRAIN_IMAGES].tolist())
+    good = [s for s in ds.test if not s.is_anomalous][:QUICK_TEST_PER_CLASS]
+    defects = [s for s in ds.test if s.is_anomalous]
+    step = max(1, len(defects) // QUICK_TEST_PER_CLASS)
+    return train, good + defects[::step][:QUICK_TEST_PER_CLASS]
+
+
+# ---------------------------------------------------------------------------------------------
+# child process 1: training
+
+
+def _train_child(args: dict[str, Any], queue: Any) -> None:
+    try:
+        from surfaceinspect import engine
+
+        reporter = Reporter(quiet=args["quiet"])
+        sets = list(args["sets"])
+        if args["quick"]:
+            sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1"]
+        run_config = engine.resolve_run_config(
+            args["method"], args["profile"], args["config_file"], {"device": args["device"]}, {}, sets
+        )
+        started = time.monotonic()
+        result = engine.train(
+            Path(args["dataset"]), run_config, reporter=reporter, run_dir=Path(args["run_dir"]),
+            files=[Path(p) for p in args["train_files"]],
+        )
+        queue.put({
+            "ok": True,
+            "run_dir": str(result.run_dir),
+            "train_seconds": round(time.monotonic() - started, 2),
+            "summary": result.summary,
+            "peak_rss_train_mb": _peak_rss_mb(),
+            "threads": torch.get_num_threads(),
+        })
+    except SurfaceInspectError as exc:
+        queue.put({"ok": False, "error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+# ---------------------------------------------------------------------------------------------
+# child process 2: inference timing and evaluation
+
+
+def _time_inference(detector: Any, images: torch.Tensor, n_single: int) -> dict[str, float]:
+    batch_size = detector.run_config.common.batch_size
+    for _ in range(2):  # warm-up: allocator, one-off kernel selection
+        detector.predict(images[:1])
+    latencies = []
+    for i in range(n_single):
+        start = time.perf_counter()
+        detector.predict(images[i % len(images)].unsqueeze(0))
+        latencies.append(time.perf_counter() - start)
+    batch = images[:batch_size] if len(images) >= batch_size else images.repeat(batch_size // len(images) + 1, 1, 1, 1)
+    batch = batch[:batch_size]
+    detector.predict(batch)
+    rounds = max(2, n_single // batch_size)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        detector.predict(batch)
+    batched = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "inference_images_per_s_batch1": round(len(latencies) / sum(latencies), 3),
+        "inference_images_per_s_batched": round(rounds * batch_size / batched, 3),
+        "batched_batch_size": batch_size,
+        "latency_ms_p50": round(1000 * statistics.median(latencies), 2),
+        "latency_ms_p95": round(1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
+    }
+
+
+def _evaluate(
+    samples: list[TestSample], scores: list[float], maps: list[np.ndarray | None], threshold: float, has_masks: bool
+) -> dict[str, Any]:
+    from surfaceinspect import metrics
+    from surfaceinspect.imageio import read_mask
+
+    labels = np.array([s.is_anomalous for s in samples], dtype=bool)
+    score_arr = np.array(scores, dtype=np.float64)
+    best_f1, best_thr = metrics.best_f1(labels, score_arr)
+    out: dict[str, Any] = {
+        "image_auroc": metrics.image_auroc(labels, score_arr),
+        "image_ap": metrics.average_precision(labels, score_arr),
+        "f1_calibrated": metrics.f1_at_threshold(labels, score_arr, threshold),
+        "f1_best": best_f1,
+        "f1_best_threshold": best_thr,
+        "threshold": threshold,
+        "false_reject_rate_test": float(np.mean(score_arr[~labels] >= threshold)) if (~labels).any() else float("nan"),
+        "recall_test": float(np.mean(score_arr[labels] >= threshold)) if labels.any() else float("nan"),
+        "pixel_auroc": None,
+        "aupro": None,
+        "n_empty_masks": 0,
+    }
+    masks: list[np.ndarray] = []
+    if has_masks:
+        for sample, amap in zip(samples, maps, strict=True):
+            assert amap is not None
+            if sample.mask_path is not None:
+                mask = read_mask(sample.mask_path)
+                if mask.shape != amap.shape:
+                    raise ConfigError(f"mask {sample.mask_path} is {mask.shape}, its image {amap.shape}")
+            else:
+                mask = np.zeros(amap.shape, dtype=bool)
+            if sample.is_anomalous and not mask.any():
+                out["n_empty_masks"] += 1
+            masks.append(mask)
+        out["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
+        out["aupro"] = metrics.aupro(masks, maps, fpr_limit=0.3)
+    per_type: dict[str, Any] = {}
+    good_idx = [i for i, s in enumerate(samples) if not s.is_anomalous]
+    for defect_type in sorted({s.defect_type for s in samples if s.is_anomalous}):
+        idx = good_idx + [i for i, s in enumerate(samples) if s.defect_type == defect_type]
+        entry: dict[str, Any] = {
+            "n": sum(1 for s in samples if s.defect_type == defect_type),
+            "image_auroc": metrics.image_auroc(labels[idx], score_arr[idx]),
+            "recall_test": float(np.mean(score_arr[[i for i in idx if labels[i]]] >= threshold)),
+        }
+        if has_masks:
+            type_idx = [i for i in idx if labels[i]]
+            entry["pixel_auroc"] = metrics.pixel_auroc([masks[i] for i in idx], [maps[i] for i in idx])
+            entry["aupro"] = metrics.aupro([masks[i] for i in type_idx], [maps[i] for i in type_idx], fpr_limit=0.3)
+        per_type[defect_type] = entry
+    out["per_defect_type"] = per_type
+    roc_fpr, roc_tpr = metrics.roc_curve(labels, score_arr)
+    out["_roc"] = (roc_fpr.tolist(), roc_tpr.tolist())
+    return out
+
+
+def _eval_child(args: dict[str, Any], queue: Any) -> None:
+    try:
+        from surfaceinspect import engine
+        from surfaceinspect.data import iterate_images, stack_images
+
+        reporter = Reporter(quiet=args["quiet"])
+        model = engine.load(Path(args["run_dir"]), device=args["device"] or "auto")
+        samples = [TestSample(Path(p), t, a, Path(m) if m else None) for p, t, a, m in args["samples"]]
+        common = model.detector.run_config.common
+        n_single = QUICK_TIMING_IMAGES if args["quick"] else TIMING_IMAGES
+        timing_paths = [s.path for s in samples][: max(n_single, common.batch_size)]
+        timing_images = [
+            stack_images([i for i in batch if i.image is not None])
+            for batch in iterate_images(timing_paths, common.image_size, common.batch_size, 0)
+        ]
+        timings = _time_inference(model.detector, torch.cat(timing_images), n_single)
+        timings["peak_rss_inference_mb"] = _peak_rss_mb()
+        scores: list[float] = []
+        maps: list[np.ndarray | None] = []
+        started = time.monotonic()
+        errors = []
+        with reporter.progress(f"evaluate {args['label']}", len(samples)) as bar:
+            for result in engine.run_inference(
+                [s.path for s in samples], Path(args["dataset"]), model.detector, model.calibration,
+                batch_size=common.batch_size, workers=common.workers,
+            ):
+                bar.update(advance=1)
+                if result.record.verdict == "error":
+                    errors.append(f"{result.record.path}: {result.record.error}")
+                    continue
+                scores.append(float(result.record.score))
+                maps.append(result.anomaly_map if args["has_masks"] else None)
+        if errors:
+            raise ConfigError(f"{len(errors)} test images could not be scored, first: {errors[0]}")
+        timings["end_to_end_images_per_s"] = round(len(samples) / (time.monotonic() - started), 3)
+        accuracy = _evaluate(samples, scores, maps, model.calibration.image_threshold, args["has_masks"])
+        queue.put({"ok": True, "timings": timings, "accuracy": accuracy,
+                   "calibration": model.calibration.to_dict(), "config": model.metadata["config"]})
+    except SurfaceInspectError as exc:
+        queue.put({"ok": False, "error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_child(target: Any, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=target, args=(args, queue))
+    process.start()
+    result: dict[str, Any] | None = None
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except Exception:  # noqa: BLE001 - queue.Empty: check the child is still alive
+            if not process.is_alive():
+                process.join()
+                if queue.empty():
+                    return {"ok": False, "error": f"child process died with exit code {process.exitcode}"}
+    process.join()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration and reports
+
+
+def machine_info(device: str | None) -> dict[str, Any]:
+    from surfaceinspect.device import available_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": available_cores(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device_requested": device or "auto",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "surfaceinspect": surfaceinspect.__version__,
+    }
+
+
+def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, Any]:
+    """Run every dataset x method; write report.json, report.md and roc_<dataset>.png to ``out_dir``."""
+    from surfaceinspect.detectors import get_detector_class
+
+    if options.model_dir is not None and (len(options.datasets) != 1 or len(options.methods) != 1):
+        raise ConfigError("--model evaluates one trained run: give one dataset and one --method")
+    for method in options.methods:
+        get_detector_class(method)  # fail early on a typo
+    loaded = [(root, load_mvtec(root)) for root in options.datasets]
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": options.quick,
+        "machine": machine_info(options.device),
+        "entries": [],
+    }
+    rocs: dict[str, dict[str, tuple[list[float], list[float], float]]] = {}
+    for root, ds in loaded:
+        train_files, samples = _quick_subset(ds) if options.quick else (list(ds.train_good), list(ds.test))
+        for method in options.methods:
+            label = f"{root.name}/{method}"
+            reporter.info(f"[bold]benchmark {label}[/bold]: {len(train_files)} train, {len(samples)} test images")
+            entry: dict[str, Any] = {
+                "dataset": root.name, "dataset_root": str(root), "method": method, "profile": options.profile,
+                "n_train_images": len(train_files),
+                "n_test_good": sum(not s.is_anomalous for s in samples),
+                "n_test_defective": sum(s.is_anomalous for s in samples),
+                "has_masks": ds.has_masks,
+            }
+            with tempfile.TemporaryDirectory(prefix="si-bench-") as tmp:
+                run_dir = options.model_dir or Path(tmp) / "run"
+                common = {"quiet": reporter.quiet, "device": options.device, "quick": options.quick}
+                if options.model_dir is None:
+                    trained = _run_child(_train_child, {
+                        **common, "method": method, "profile": options.profile,
+                        "config_file": options.config_file, "sets": options.sets, "dataset": str(root),
+                        "run_dir": str(run_dir), "train_files": [str(p) for p in train_files],
+                    })
+                    if not trained["ok"]:
+                        raise ConfigError(f"benchmark {label}: training failed: {trained['error']}")
+                    summary = trained["summary"]
+                    entry["training"] = {
+                        "train_seconds": trained["train_seconds"],
+                        "fit_seconds": summary.get("seconds"),
+                        "epochs": summary.get("epochs"),
+                        "steps": summary.get("steps"),
+                        "train_images_per_s_first_epoch": summary.get("images_per_s_first_epoch"),
+                        "train_images_per_s_later_epochs": summary.get("images_per_s_later_epochs"),
+                        "peak_rss_train_mb": trained["peak_rss_train_mb"],
+                        "threads": trained["threads"],
+                        "n_calibration_images": None,
+                        "summary": summary,
+                    }
+                evaluated = _run_child(_eval_child, {
+                    **common, "run_dir": str(run_dir), "dataset": str(root), "label": label,
+                    "has_masks": ds.has_masks,
+                    "samples": [(str(s.path), s.defect_type, s.is_anomalous, str(s.mask_path or "")) for s in samples],
+                })
+            if not evaluated["ok"]:
+                raise ConfigError(f"benchmark {label}: evaluation failed: {evaluated['error']}")
+            accuracy = evaluated["accuracy"]
+            fpr, tpr = accuracy.pop("_roc")
+            rocs.setdefault(root.name, {})[method] = (fpr, tpr, accuracy["image_auroc"])
+            entry["profile"] = evaluated["config"].get("profile", options.profile)
+            entry["config"] = evaluated["config"]
+            entry["accuracy"] = accuracy
+            entry["inference"] = evaluated["timings"]
+            entry["calibration"] = {k: evaluated["calibration"][k] for k in ("mode", "n_good", "image_threshold",
+                                                                               "achievable_false_reject_rate")}
+            if "training" in entry:
+                entry["training"]["n_calibration_images"] = evaluated["calibration"]["n_good"]
+            report["entries"].append(entry)
+            write_json_atomic(options.out_dir / "report.json", report)  # partial results survive a crash
+    _write_outputs(report, rocs, options.out_dir)
+    return report
+
+
+def _write_outputs(report: dict[str, Any], rocs: dict[str, Any], out_dir: Path) -> None:
+    from surfaceinspect.rendering import plot_roc
+
+    for dataset, curves in rocs.items():
+        plot_roc({m: (np.array(f), np.array(t), a) for m, (f, t, a) in curves.items()},
+                 out_dir / f"roc_{dataset}.png", title=f"Image-level ROC — {dataset}")
+    write_json_atomic(out_dir / "report.json", report)
+    write_text_atomic(out_dir / "report.md", report_markdown(report, sorted(rocs)))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = None) -> str:
+    """The tables of ``report.md``."""
+    m = report["machine"]
+    lines = [
+        "# surfaceinspect benchmark",
+        "",
+        f"{report['created']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · "
+        f"CUDA: {m['cuda'] or 'none'} · surfaceinspect {m['surfaceinspect']}" + (" · QUICK MODE" if report["quick"] else ""),
+        "",
+        "## Accuracy",
+        "",
+        "| dataset | method | profile | image AUROC | image AP | F1 @ calibrated thr | best F1 | pixel AUROC | AUPRO@0.3 "
+        "| FRR on test good | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in report["entries"]:
+        a = e["accuracy"]
+        lines.append(
+            f"| {e['dataset']} | {e['method']} | {e['profile']} | {_fmt(a['image_auroc'])} | {_fmt(a['image_ap'])} | "
+            f"{_fmt(a['f1_calibrated'])} | {_fmt(a['f1_best'])} | {_fmt(a['pixel_auroc'])} | {_fmt(a['aupro'])} | "
+            f"{_fmt(a['false_reject_rate_test'])} | {_fmt(a['recall_test'])} |"
+        )
+    lines += ["", "## Per defect type (each type against the good test images)", "",
+              "| dataset | method | defect type | n | image AUROC | recall @ thr | pixel AUROC | AUPRO@0.3 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for e in report["entries"]:
+        for t, a in e["accuracy"]["per_defect_type"].items():
+            lines.append(
+                f"| {e['dataset']} | {e['method']} | {t} | {a['n']} | {_fmt(a['image_auroc'])} | "
+                f"{_fmt(a['recall_test'])} | {_fmt(a.get('pixel_auroc'))} | {_fmt(a.get('aupro'))} |"
+            )
+    lines += ["", "## Cost", "",
+              "| dataset | method | train s | train img/s (1st / later epochs) | peak RSS train MB | infer img/s b=1 "
+              "| infer img/s batched (b) | latency p50 / p95 ms | end-to-end img/s | peak RSS infer MB | threads |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["entries"]:
+        t = e.get("training", {})
+        i = e["inference"]
+        lines.append(
+            f"| {e['dataset']} | {e['method']} | {_fmt(t.get('train_seconds'), 0)} | "
+            f"{_fmt(t.get('train_images_per_s_first_epoch'), 2)} / {_fmt(t.get('train_images_per_s_later_epochs'), 2)} | "
+            f"{_fmt(t.get('peak_rss_train_mb'), 0)} | {_fmt(i['inference_images_per_s_batch1'], 2)} | "
+            f"{_fmt(i['inference_images_per_s_batched'], 2)} ({i['batched_batch_size']}) | "
+            f"{_fmt(i['latency_ms_p50'], 1)} / {_fmt(i['latency_ms_p95'], 1)} | {_fmt(i['end_to_end_images_per_s'], 2)} | "
+            f"{_fmt(i['peak_rss_inference_mb'], 0)} | {_fmt(t.get('threads'))} |"
+        )
+    if roc_datasets:
+        lines += ["", "## ROC curves", ""] + [f"![ROC {d}](roc_{d}.png)" for d in roc_datasets]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """A compact rich table of the report for the terminal."""
+    table = Table(title="benchmark" + (" (quick)" if report["quick"] else ""))
+    for column in ("dataset", "method", "image AUROC", "pixel AUROC", "AUPRO", "F1@thr", "train s", "img/s b=1",
+                   "img/s batched"):
+        table.add_column(column, justify="right" if column[0] in "iptFA" else "left")
+    for e in report["entries"]:
+        a, i, t = e["accuracy"], e["inference"], e.get("training", {})
+        table.add_row(e["dataset"], e["method"], _fmt(a["image_auroc"]), _fmt(a["pixel_auroc"]), _fmt(a["aupro"]),
+                      _fmt(a["f1_calibrated"]), _fmt(t.get("train_seconds"), 0),
+                      _fmt(i["inference_images_per_s_batch1"], 2), _fmt(i["inference_images_per_s_batched"], 2))
+    return table
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read a report.json back."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,54 @@
+"""Shared fixtures: generated datasets, an isolated runs folder, the toy detector."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+SHARED_DATA = TESTS_DIR.parent.parent / "shared" / "data"
+sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path_factory, monkeypatch):
+    """Every test gets its own runs folder (never the user's)."""
+    home = tmp_path_factory.mktemp("si_home")
+    monkeypatch.setenv("SURFACEINSPECT_HOME", str(home))
+    return home / "runs"
+
+
+@pytest.fixture
+def toy_method(tmp_path_factory, monkeypatch):
+    """Register the toy detector with cpu and paper profiles; returns its method name."""
+    from surfaceinspect import config
+    from surfaceinspect.detectors import REGISTRY
+
+    profiles = tmp_path_factory.mktemp("profiles")
+    for name in ("cpu", "paper"):
+        (profiles / f"toy-{name}.yaml").write_text(
+            "method: toy\ncommon:\n  image_size: 64\n  batch_size: 4\n  workers: 0\n"
+            "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n  epochs: 2\n"
+        )
+    monkeypatch.setattr(config, "PROFILE_DIRS", (profiles, *config.PROFILE_DIRS))
+    monkeypatch.setitem(REGISTRY, "toy", "toy_detector:ToyDetector")
+    return "toy"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """A small MVTec-layout dataset with obvious defects (generated once per session)."""
+    from surfaceinspect.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), n_train=30, n_test_good=8,
+                        n_test_defect_per_type=3, size=96, seed=1)
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a dataset in ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (real-data check)")
+    return path

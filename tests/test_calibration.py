@@ -1,0 +1,87 @@
+"""Threshold calibration: target false-reject rate, normalised score, F1 and recall modes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from surfaceinspect.calibration import Calibration, calibrate, conformal_threshold, f1_threshold, recall_threshold
+from surfaceinspect.errors import ConfigError, ModelDirError
+
+
+def test_conformal_threshold_hits_target_false_reject_rate():
+    rng = np.random.default_rng(0)
+    target = 0.05
+    rates = []
+    for _ in range(300):
+        cal = rng.gamma(2.0, 1.0, size=60)
+        thr, guaranteed = conformal_threshold(cal, target)
+        assert guaranteed == target
+        fresh = rng.gamma(2.0, 1.0, size=2000)
+        rates.append(np.mean(fresh > thr))
+    # Conformal guarantee: expected FRR <= target, and it is tight (>= target - 1/(n+1)).
+    assert target - 1 / 61 - 0.005 <= np.mean(rates) <= target + 0.005
+
+
+def test_too_few_images_falls_back_to_max_and_says_so():
+    scores = np.array([0.1, 0.2, 0.3, 0.4])
+    thr, guaranteed = conformal_threshold(scores, 0.01)
+    assert thr == 0.4 and guaranteed == pytest.approx(1 / 5)
+    cal = calibrate("toy", scores, scores, scores, false_reject_rate=0.01)
+    assert cal.achievable_false_reject_rate == pytest.approx(0.2)
+    assert cal.notes and "cannot guarantee" in cal.notes[0]
+
+
+def test_normalised_score_puts_threshold_at_half_and_median_good_at_tenth():
+    rng = np.random.default_rng(1)
+    good = rng.normal(1.0, 0.1, 200)
+    cal = calibrate("toy", good, good + 0.5, good, false_reject_rate=0.02)
+    assert cal.normalize(cal.image_threshold) == pytest.approx(0.5)
+    assert cal.normalize(float(np.median(good))) == pytest.approx(0.1)
+    assert cal.normalize(cal.image_threshold + 10) > 0.99
+    assert 0.0 <= cal.normalize(-1e9) < 1e-6
+    maps = cal.normalize_map(np.array([[cal.pixel_threshold, cal.pixel_threshold + 5]], np.float32))
+    assert maps.dtype == np.float32 and maps[0, 0] == pytest.approx(0.5) and maps[0, 1] > 0.9
+
+
+def test_f1_mode_picks_the_separating_threshold():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])
+    # thresholds: 0.5 -> tp3 fp1 fn0 f1=6/7; 0.8 -> tp2 fp0 fn1 f1=0.8; 0.6 -> tp2 fp1 fn1 f1=2/3
+    thr, f1 = f1_threshold(labels, scores)
+    assert thr == 0.5 and f1 == pytest.approx(6 / 7)
+
+
+def test_recall_mode_picks_highest_threshold_meeting_target():
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.5, 0.3, 0.6, 0.7, 0.9])
+    thr, recall = recall_threshold(labels, scores, 0.75)
+    assert thr == 0.6 and recall == 0.75
+    thr, recall = recall_threshold(labels, scores, 1.0)
+    assert thr == 0.3 and recall == 1.0
+    with pytest.raises(ConfigError, match="both good and defective"):
+        recall_threshold(np.zeros(3), np.ones(3), 0.9)
+
+
+def test_calibration_file_round_trip_and_tamper(tmp_path):
+    good = np.linspace(0, 1, 50)
+    cal = calibrate("toy", good, good, good, false_reject_rate=0.05, mode="f1", defect_scores=np.array([2.0, 3.0]))
+    assert cal.mode == "f1" and cal.n_defective == 2 and cal.image_threshold == 2.0
+    path = tmp_path / "calibration.json"
+    cal.save(path)
+    again = Calibration.load(path)
+    assert again.image_threshold == cal.image_threshold and again.normalize(1.5) == cal.normalize(1.5)
+    path.write_text(path.read_text().replace('"image_scale": ', '"image_scale": -'))
+    with pytest.raises(ModelDirError, match="invalid thresholds"):
+        Calibration.load(path)
+    path.write_text("{")
+    with pytest.raises(ModelDirError, match="not a valid calibration file"):
+        Calibration.load(path)
+
+
+def test_degenerate_good_scores_stay_finite():
+    cal = calibrate("toy", np.ones(20), np.ones(20), np.ones(20), false_reject_rate=0.1)
+    assert math.isfinite(cal.image_scale) and cal.image_scale > 0
+    assert cal.normalize(1.0) == pytest.approx(0.5)

@@ -1,0 +1,121 @@
+"""Model directory: round trip, refusal of tampered/incompatible directories, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from surfaceinspect import engine, modeldir
+from surfaceinspect.atomic import atomic_open, write_json_atomic
+from surfaceinspect.errors import ModelDirError
+
+
+@pytest.fixture
+def trained_toy(toy_method, synthetic_dataset, tmp_path):
+    run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
+    result = engine.train(synthetic_dataset / "train" / "good", run, run_dir=tmp_path / "run")
+    return result.run_dir
+
+
+def test_round_trip_gives_identical_scores(trained_toy, synthetic_dataset):
+    files = sorted((synthetic_dataset / "test").rglob("*.png"))[:6]
+    a = engine.load(trained_toy)
+    b = engine.load(trained_toy)
+    ra = [r.record.score for r in engine.run_inference(files, synthetic_dataset, a.detector, a.calibration,
+                                                       batch_size=4, workers=0)]
+    rb = [r.record.score for r in engine.run_inference(files, synthetic_dataset, b.detector, b.calibration,
+                                                       batch_size=4, workers=0)]
+    assert ra == rb
+    meta = json.loads((trained_toy / "metadata.json").read_text())
+    assert meta["method"] == "toy" and meta["format_version"] == modeldir.FORMAT_VERSION
+    assert meta["config"]["common"]["image_size"] == 64
+    assert meta["dataset"]["n_files"] == 30 and meta["versions"]["torch"] == torch.__version__
+    assert not (trained_toy / "checkpoint.pt").exists(), "checkpoint must be removed after a finished run"
+
+
+def test_latest_marker_points_at_finished_run(trained_toy, isolated_runs, toy_method, synthetic_dataset):
+    run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
+    result = engine.train(synthetic_dataset / "train" / "good", run)
+    assert result.run_dir.parent == isolated_runs
+    assert modeldir.latest_run() == result.run_dir
+    assert modeldir.resolve_model_dir(None) == result.run_dir
+
+
+def test_tampered_weights_are_refused(trained_toy):
+    weights = trained_toy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="does not match the checksum"):
+        engine.load(trained_toy)
+
+
+def test_incompatible_format_and_missing_files_are_refused(trained_toy):
+    meta_path = trained_toy / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelDirError, match="model format 99"):
+        engine.load(trained_toy)
+    meta_path.unlink()
+    with pytest.raises(ModelDirError, match="not a finished model directory"):
+        engine.load(trained_toy)
+    with pytest.raises(ModelDirError, match="does not exist"):
+        engine.load(trained_toy / "nope")
+
+
+def test_unknown_method_in_metadata_is_refused(trained_toy):
+    meta_path = trained_toy / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["method"] = "evil"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelDirError, match="invalid config"):
+        engine.load(trained_toy)
+
+
+def test_no_model_yet_says_how_to_train():
+    with pytest.raises(ModelDirError, match="surfaceinspect train --method draem"):
+        modeldir.resolve_model_dir(None)
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format_version": modeldir.FORMAT_VERSION, "x": Evil()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ModelDirError, match="cannot be loaded safely"):
+        modeldir.load_checkpoint(tmp_path)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "report.json"
+    write_json_atomic(target, {"v": 1})
+    with pytest.raises(RuntimeError), atomic_open(target, "w") as handle:
+        handle.write('{"v": 2, "partial')
+        raise RuntimeError("simulated crash")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_atomic_write_survives_hard_kill(tmp_path):
+    """A process killed (os._exit) mid-write leaves the previous file intact and complete."""
+    target = tmp_path / "calibration.json"
+    write_json_atomic(target, {"v": 1})
+    code = textwrap.dedent(f"""
+        import os
+        from surfaceinspect.atomic import atomic_open
+        with atomic_open({str(target)!r}, "w") as h:
+            h.write('{{"v": 2, "half')
+            h.flush()
+            os._exit(9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], check=False)
+    assert proc.returncode == 9
+    assert json.loads(target.read_text()) == {"v": 1}

@@ -1,0 +1,75 @@
+"""A tiny deterministic detector for engine and CLI tests (registered only inside the tests).
+
+Per-pixel Gaussian of the good images (mean and std after 4x4 average pooling); the map is the
+channel-mean absolute z-score, the score its maximum. "Training" walks the images one step at a
+time for ``epochs`` epochs, accumulating sums, so checkpoints and resume can be exercised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from surfaceinspect.config import MethodConfig
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress
+
+
+@dataclass
+class ToyConfig(MethodConfig):
+    method: ClassVar[str] = "toy"
+    epochs: int = 2
+    lr: float = 1.0
+    pool: int = 4
+    fail_at_step: int = -1  # raise KeyboardInterrupt at this global step (simulates a kill)
+
+
+class ToyDetector(Detector):
+    name = "toy"
+    config_cls = ToyConfig
+
+    def __init__(self, run_config, device) -> None:
+        super().__init__(run_config, device)
+        s = self.image_size // self.config.pool
+        self.mean = torch.zeros(3, s, s)
+        self.std = torch.ones(3, s, s)
+
+    def _pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(images.float(), self.config.pool)
+
+    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+        n = images.shape[0]
+        total = n * self.config.epochs
+        state = context.resume_state or {"step": 0, "sum": torch.zeros_like(self.mean), "sq": torch.zeros_like(self.mean)}
+        step, acc, sq = int(state["step"]), state["sum"].clone(), state["sq"].clone()
+        while step < total:
+            x = self._pooled(images[step % n : step % n + 1] / 255.0)[0]
+            acc += x
+            sq += x * x
+            step += 1
+            if step == self.config.fail_at_step:
+                raise KeyboardInterrupt
+
+            def state_fn(step=step, acc=acc, sq=sq):
+                return {"step": step, "sum": acc.clone(), "sq": sq.clone()}
+
+            context.report(TrainProgress("train", step, total, loss=float(x.mean())), state_fn)
+        self.mean = acc / total
+        self.std = (sq / total - self.mean**2).clamp_min(1e-6).sqrt() + 0.02
+        return {"steps": step, "epochs": self.config.epochs, "seconds": context.elapsed_s()}
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        z = ((self._pooled(images) - self.mean) / self.std).abs().mean(1, keepdim=True)
+        z = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+        maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return Prediction(scores=maps.flatten(1).max(1).values.float(), maps=maps.float())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != {"mean", "std"} or state["mean"].shape != self.mean.shape:
+            raise RuntimeError("toy state does not fit")
+        self.mean, self.std = state["mean"].clone(), state["std"].clone()
