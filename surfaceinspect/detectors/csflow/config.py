@@ -1,0 +1,111 @@
+"""CS-Flow hyperparameters (defaults follow the paper, except the backbone, which must work offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from surfaceinspect.config import CommonConfig, MethodConfig
+from surfaceinspect.errors import ConfigError
+
+from .backbones import BACKBONES, available_backbones, resolve_weights
+
+MAP_MODES = ("largest", "product")
+FEATURE_CACHES = ("memory", "disk", "none")
+DOWNSCALE_MODES = ("bilinear", "bicubic", "area", "nearest")
+
+
+def valid_sizes(multiple: int, near: int, count: int = 3) -> list[int]:
+    """A few valid image sizes around ``near`` (multiples of ``multiple``)."""
+    low = max(multiple, near // multiple * multiple)
+    sizes = {low, low + multiple, max(multiple, low - multiple), low + 2 * multiple}
+    return sorted(sizes)[: count + 1]
+
+
+@dataclass
+class CSFlowConfig(MethodConfig):
+    """CS-Flow settings. ``epochs``/``lr`` come from MethodConfig; everything else is here."""
+
+    method: ClassVar[str] = "csflow"
+
+    epochs: int = 240  # paper: 4 meta-epochs x 60
+    lr: float = 2e-4
+    # Feature extractor
+    backbone: str = "efficientnet_lite0"  # efficientnet_b5 (paper) | efficientnet_lite0/1/2 (offline)
+    backbone_weights: str = ""  # weights file; "" = torch hub cache (B5) or the installed package (Lite)
+    feature_stage: int = 6  # EfficientNet stage whose output is used (paper: 6 -> 304 ch, stride 32 on B5)
+    n_scales: int = 3  # image scales 1, 1/2, 1/4
+    downscale_mode: str = "bilinear"  # how the image is shrunk for the smaller scales
+    # Flow
+    n_blocks: int = 4
+    hidden_channels: int = 1024
+    kernel_sizes: tuple[int, ...] = (3, 3, 3, 5)  # one per block
+    clamp: float = 3.0  # soft clamp of the log-scales
+    leaky_slope: float = 0.1
+    # Optimiser (Adam)
+    eps: float = 1e-4
+    weight_decay: float = 1e-5
+    # tuple[float, ...] (length checked in validate): config.py's fixed-length tuple coercion swaps type and value.
+    betas: tuple[float, ...] = (0.9, 0.999)  # the authors' code uses Adam's defaults; anomalib (0.5, 0.9)
+    grad_clip: float = 1.0  # max gradient norm
+    # Scoring
+    map_mode: str = "largest"  # largest: largest scale (paper) | product: geometric mean over scales
+    map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of image_size (0 = off)
+    # Runtime
+    feature_cache: str = "memory"  # memory | disk | none (recompute features every epoch)
+    cache_dir: str = ""  # where feature_cache=disk writes (default: the system temp folder)
+    channels_last: bool = True  # memory layout for convolutions on the CPU
+
+    def size_multiple(self) -> int:
+        """Image sizes must be a multiple of this so that every scale gives exact half-size maps."""
+        spec = BACKBONES[self.backbone]
+        return spec.stride(self.feature_stage) * 2 ** (self.n_scales - 1)
+
+    def validate(self, common: CommonConfig) -> None:
+        super().validate(common)
+        if self.backbone not in BACKBONES:
+            raise ConfigError(
+                f"csflow.backbone={self.backbone!r} is unknown; choose one of: {', '.join(available_backbones())}"
+            )
+        if not 1 <= self.feature_stage <= 7:
+            raise ConfigError(f"csflow.feature_stage={self.feature_stage}: use a stage between 1 and 7 (paper: 6)")
+        if not 1 <= self.n_scales <= 5:
+            raise ConfigError(f"csflow.n_scales={self.n_scales}: use 1 to 5 (paper: 3)")
+        if self.n_blocks < 1:
+            raise ConfigError(f"csflow.n_blocks={self.n_blocks}: use at least 1 (paper: 4)")
+        if len(self.kernel_sizes) != self.n_blocks:
+            raise ConfigError(
+                f"csflow.kernel_sizes has {len(self.kernel_sizes)} entries but n_blocks={self.n_blocks}; "
+                f"give one odd kernel size per block, e.g. {[3] * (self.n_blocks - 1) + [5]}"
+            )
+        if any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ConfigError(f"csflow.kernel_sizes={list(self.kernel_sizes)}: use odd sizes such as 3 or 5")
+        if self.hidden_channels < 1:
+            raise ConfigError(f"csflow.hidden_channels={self.hidden_channels}: use at least 1 (paper: 1024)")
+        if self.clamp < 0:
+            raise ConfigError(f"csflow.clamp={self.clamp}: use a value >= 0 (paper: 3; 0 disables clamping)")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ConfigError("csflow.eps and csflow.grad_clip must be > 0 and csflow.weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"csflow.betas={list(self.betas)}: use two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.map_mode not in MAP_MODES:
+            raise ConfigError(f"csflow.map_mode={self.map_mode!r}: use one of: {', '.join(MAP_MODES)}")
+        if self.map_sigma < 0:
+            raise ConfigError(f"csflow.map_sigma={self.map_sigma}: use a value >= 0")
+        if self.feature_cache not in FEATURE_CACHES:
+            raise ConfigError(f"csflow.feature_cache={self.feature_cache!r}: use one of: {', '.join(FEATURE_CACHES)}")
+        if self.downscale_mode not in DOWNSCALE_MODES:
+            raise ConfigError(
+                f"csflow.downscale_mode={self.downscale_mode!r}: use one of: {', '.join(DOWNSCALE_MODES)}"
+            )
+        multiple = self.size_multiple()
+        if common.image_size % multiple:
+            raise ConfigError(
+                f"common.image_size={common.image_size} does not suit csflow with {self.backbone} stage "
+                f"{self.feature_stage} at {self.n_scales} scales: use a multiple of {multiple}, e.g. "
+                f"{', '.join(str(s) for s in valid_sizes(multiple, common.image_size))}"
+            )
+
+    def check_weights(self) -> None:
+        """Raise BackboneWeightsError (one line) now if the backbone's pretrained weights are absent."""
+        resolve_weights(self.backbone, self.backbone_weights or None)
