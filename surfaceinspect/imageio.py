@@ -11,7 +11,9 @@ Choices worth knowing:
   This is what ``PIL.Image.convert("RGB")`` (and so the usual torchvision/MVTec pipelines) does,
   and compositing would need an arbitrary background colour that differs between tools.
 * Grayscale becomes three identical channels; palette images are expanded to RGB.
-* 16-bit samples are scaled by 1/65535, 8-bit by 1/255; float TIFFs are clipped to [0, 1].
+* 16-bit samples are scaled by 1/65535, 8-bit by 1/255; float TIFFs are clipped to [0, 1] and
+  32-bit integer images are clipped to [0, 65535] and treated as 16-bit.
+* Formats Pillow cannot open (e.g. 12-bit JPEG, float colour TIFF) raise :class:`ImageReadError`.
 * ICC colour profiles are ignored (pixel values are used as stored).
 * Truncation detection relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being False (the Pillow
   default); code that sets it to True globally would make truncated files decode silently.
@@ -80,7 +82,7 @@ def _open_checked(path: Path, data: bytes, max_pixels: int) -> Image.Image:
         raise _fail(path, "image dimensions are absurdly large") from None
     except MemoryError:
         raise
-    except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...) on bad headers
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types (SyntaxError, struct.error, ...)
         raise _fail(path, f"corrupt image header ({exc})") from None
     w, h = im.size
     if w <= 0 or h <= 0:
@@ -122,7 +124,7 @@ def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 def _orientation(im: Image.Image) -> int:
     try:
         value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block should not make an otherwise good image unreadable
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good image unreadable
         return 1
     return value if 1 <= value <= 8 else 1
 
@@ -164,7 +166,7 @@ def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.nd
         if "truncated" in msg or "incomplete" in msg:
             raise _fail(path, "truncated file (image data ends early)") from None
         raise _fail(path, f"corrupt image data ({msg})") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, SyntaxError, zlib.error, ...
         raise _fail(path, f"corrupt image data ({exc})") from None
 
     orientation = _orientation(im)
@@ -182,7 +184,7 @@ def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.nd
             arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except MemoryError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any conversion failure means an unsupported pixel layout
         raise _fail(path, f"unsupported pixel format {im.mode} ({exc})") from None
     return np.ascontiguousarray(_to_rgb(apply_orientation(arr, orientation)))
 
