@@ -88,17 +88,22 @@ def _train_child(args: dict[str, Any], queue: Any) -> None:
         )
         started = time.monotonic()
         result = engine.train(
-            Path(args["dataset"]), run_config, reporter=reporter, run_dir=Path(args["run_dir"]),
+            Path(args["dataset"]),
+            run_config,
+            reporter=reporter,
+            run_dir=Path(args["run_dir"]),
             files=[Path(p) for p in args["train_files"]],
         )
-        queue.put({
-            "ok": True,
-            "run_dir": str(result.run_dir),
-            "train_seconds": round(time.monotonic() - started, 2),
-            "summary": result.summary,
-            "peak_rss_train_mb": _peak_rss_mb(),
-            "threads": torch.get_num_threads(),
-        })
+        queue.put(
+            {
+                "ok": True,
+                "run_dir": str(result.run_dir),
+                "train_seconds": round(time.monotonic() - started, 2),
+                "summary": result.summary,
+                "peak_rss_train_mb": _peak_rss_mb(),
+                "threads": torch.get_num_threads(),
+            }
+        )
     except SurfaceInspectError as exc:
         queue.put({"ok": False, "error": str(exc)})
     except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
@@ -216,8 +221,12 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
         errors = []
         with reporter.progress(f"evaluate {args['label']}", len(samples)) as bar:
             for result in engine.run_inference(
-                [s.path for s in samples], Path(args["dataset"]), model.detector, model.calibration,
-                batch_size=common.batch_size, workers=common.workers,
+                [s.path for s in samples],
+                Path(args["dataset"]),
+                model.detector,
+                model.calibration,
+                batch_size=common.batch_size,
+                workers=common.workers,
             ):
                 bar.update(advance=1)
                 if result.record.verdict == "error":
@@ -229,8 +238,15 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
             raise ConfigError(f"{len(errors)} test images could not be scored, first: {errors[0]}")
         timings["end_to_end_images_per_s"] = round(len(samples) / (time.monotonic() - started), 3)
         accuracy = _evaluate(samples, scores, maps, model.calibration.image_threshold, args["has_masks"])
-        queue.put({"ok": True, "timings": timings, "accuracy": accuracy,
-                   "calibration": model.calibration.to_dict(), "config": model.metadata["config"]})
+        queue.put(
+            {
+                "ok": True,
+                "timings": timings,
+                "accuracy": accuracy,
+                "calibration": model.calibration.to_dict(),
+                "config": model.metadata["config"],
+            }
+        )
     except SurfaceInspectError as exc:
         queue.put({"ok": False, "error": str(exc)})
     except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
@@ -304,7 +320,10 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
             label = f"{root.name}/{method}"
             reporter.info(f"[bold]benchmark {label}[/bold]: {len(train_files)} train, {len(samples)} test images")
             entry: dict[str, Any] = {
-                "dataset": root.name, "dataset_root": str(root), "method": method, "profile": options.profile,
+                "dataset": root.name,
+                "dataset_root": str(root),
+                "method": method,
+                "profile": options.profile,
                 "n_train_images": len(train_files),
                 "n_test_good": sum(not s.is_anomalous for s in samples),
                 "n_test_defective": sum(s.is_anomalous for s in samples),
@@ -314,11 +333,19 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
                 run_dir = options.model_dir or Path(tmp) / "run"
                 common = {"quiet": reporter.quiet, "device": options.device, "quick": options.quick}
                 if options.model_dir is None:
-                    trained = _run_child(_train_child, {
-                        **common, "method": method, "profile": options.profile,
-                        "config_file": options.config_file, "sets": options.sets, "dataset": str(root),
-                        "run_dir": str(run_dir), "train_files": [str(p) for p in train_files],
-                    })
+                    trained = _run_child(
+                        _train_child,
+                        {
+                            **common,
+                            "method": method,
+                            "profile": options.profile,
+                            "config_file": options.config_file,
+                            "sets": options.sets,
+                            "dataset": str(root),
+                            "run_dir": str(run_dir),
+                            "train_files": [str(p) for p in train_files],
+                        },
+                    )
                     if not trained["ok"]:
                         raise ConfigError(f"benchmark {label}: training failed: {trained['error']}")
                     summary = trained["summary"]
@@ -334,11 +361,19 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
                         "n_calibration_images": None,
                         "summary": summary,
                     }
-                evaluated = _run_child(_eval_child, {
-                    **common, "run_dir": str(run_dir), "dataset": str(root), "label": label,
-                    "has_masks": ds.has_masks,
-                    "samples": [(str(s.path), s.defect_type, s.is_anomalous, str(s.mask_path or "")) for s in samples],
-                })
+                evaluated = _run_child(
+                    _eval_child,
+                    {
+                        **common,
+                        "run_dir": str(run_dir),
+                        "dataset": str(root),
+                        "label": label,
+                        "has_masks": ds.has_masks,
+                        "samples": [
+                            (str(s.path), s.defect_type, s.is_anomalous, str(s.mask_path or "")) for s in samples
+                        ],
+                    },
+                )
             if not evaluated["ok"]:
                 raise ConfigError(f"benchmark {label}: evaluation failed: {evaluated['error']}")
             accuracy = evaluated["accuracy"]
@@ -348,8 +383,10 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
             entry["config"] = evaluated["config"]
             entry["accuracy"] = accuracy
             entry["inference"] = evaluated["timings"]
-            entry["calibration"] = {k: evaluated["calibration"][k] for k in ("mode", "n_good", "image_threshold",
-                                                                               "achievable_false_reject_rate")}
+            entry["calibration"] = {
+                k: evaluated["calibration"][k]
+                for k in ("mode", "n_good", "image_threshold", "achievable_false_reject_rate")
+            }
             if "training" in entry:
                 entry["training"]["n_calibration_images"] = evaluated["calibration"]["n_good"]
             report["entries"].append(entry)
@@ -362,8 +399,11 @@ def _write_outputs(report: dict[str, Any], rocs: dict[str, Any], out_dir: Path) 
     from surfaceinspect.rendering import plot_roc
 
     for dataset, curves in rocs.items():
-        plot_roc({m: (np.array(f), np.array(t), a) for m, (f, t, a) in curves.items()},
-                 out_dir / f"roc_{dataset}.png", title=f"Image-level ROC — {dataset}")
+        plot_roc(
+            {m: (np.array(f), np.array(t), a) for m, (f, t, a) in curves.items()},
+            out_dir / f"roc_{dataset}.png",
+            title=f"Image-level ROC — {dataset}",
+        )
     write_json_atomic(out_dir / "report.json", report)
     write_text_atomic(out_dir / "report.md", report_markdown(report, sorted(rocs)))
 
@@ -383,12 +423,13 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
         "# surfaceinspect benchmark",
         "",
         f"{report['created']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · "
-        f"CUDA: {m['cuda'] or 'none'} · surfaceinspect {m['surfaceinspect']}" + (" · QUICK MODE" if report["quick"] else ""),
+        f"CUDA: {m['cuda'] or 'none'} · surfaceinspect {m['surfaceinspect']}"
+        + (" · QUICK MODE" if report["quick"] else ""),
         "",
         "## Accuracy",
         "",
-        "| dataset | method | profile | image AUROC | image AP | F1 @ calibrated thr | best F1 | pixel AUROC | AUPRO@0.3 "
-        "| FRR on test good | recall |",
+        "| dataset | method | profile | image AUROC | image AP | F1 @ calibrated thr | best F1 | pixel AUROC "
+        "| AUPRO@0.3 | FRR on test good | recall |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["entries"]:
@@ -398,28 +439,38 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
             f"{_fmt(a['f1_calibrated'])} | {_fmt(a['f1_best'])} | {_fmt(a['pixel_auroc'])} | {_fmt(a['aupro'])} | "
             f"{_fmt(a['false_reject_rate_test'])} | {_fmt(a['recall_test'])} |"
         )
-    lines += ["", "## Per defect type (each type against the good test images)", "",
-              "| dataset | method | defect type | n | image AUROC | recall @ thr | pixel AUROC | AUPRO@0.3 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per defect type (each type against the good test images)",
+        "",
+        "| dataset | method | defect type | n | image AUROC | recall @ thr | pixel AUROC | AUPRO@0.3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in report["entries"]:
         for t, a in e["accuracy"]["per_defect_type"].items():
             lines.append(
                 f"| {e['dataset']} | {e['method']} | {t} | {a['n']} | {_fmt(a['image_auroc'])} | "
                 f"{_fmt(a['recall_test'])} | {_fmt(a.get('pixel_auroc'))} | {_fmt(a.get('aupro'))} |"
             )
-    lines += ["", "## Cost", "",
-              "| dataset | method | train s | train img/s (1st / later epochs) | peak RSS train MB | infer img/s b=1 "
-              "| infer img/s batched (b) | latency p50 / p95 ms | end-to-end img/s | peak RSS infer MB | threads |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| dataset | method | train s | train img/s (1st / later epochs) | peak RSS train MB | infer img/s b=1 "
+        "| infer img/s batched (b) | latency p50 / p95 ms | end-to-end img/s | peak RSS infer MB | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in report["entries"]:
         t = e.get("training", {})
         i = e["inference"]
         lines.append(
             f"| {e['dataset']} | {e['method']} | {_fmt(t.get('train_seconds'), 0)} | "
-            f"{_fmt(t.get('train_images_per_s_first_epoch'), 2)} / {_fmt(t.get('train_images_per_s_later_epochs'), 2)} | "
+            f"{_fmt(t.get('train_images_per_s_first_epoch'), 2)} / "
+            f"{_fmt(t.get('train_images_per_s_later_epochs'), 2)} | "
             f"{_fmt(t.get('peak_rss_train_mb'), 0)} | {_fmt(i['inference_images_per_s_batch1'], 2)} | "
             f"{_fmt(i['inference_images_per_s_batched'], 2)} ({i['batched_batch_size']}) | "
-            f"{_fmt(i['latency_ms_p50'], 1)} / {_fmt(i['latency_ms_p95'], 1)} | {_fmt(i['end_to_end_images_per_s'], 2)} | "
+            f"{_fmt(i['latency_ms_p50'], 1)} / {_fmt(i['latency_ms_p95'], 1)} | "
+            f"{_fmt(i['end_to_end_images_per_s'], 2)} | "
             f"{_fmt(i['peak_rss_inference_mb'], 0)} | {_fmt(t.get('threads'))} |"
         )
     if roc_datasets:
@@ -430,14 +481,31 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
 def summary_table(report: dict[str, Any]) -> Table:
     """A compact rich table of the report for the terminal."""
     table = Table(title="benchmark" + (" (quick)" if report["quick"] else ""))
-    for column in ("dataset", "method", "image AUROC", "pixel AUROC", "AUPRO", "F1@thr", "train s", "img/s b=1",
-                   "img/s batched"):
+    for column in (
+        "dataset",
+        "method",
+        "image AUROC",
+        "pixel AUROC",
+        "AUPRO",
+        "F1@thr",
+        "train s",
+        "img/s b=1",
+        "img/s batched",
+    ):
         table.add_column(column, justify="right" if column[0] in "iptFA" else "left")
     for e in report["entries"]:
         a, i, t = e["accuracy"], e["inference"], e.get("training", {})
-        table.add_row(e["dataset"], e["method"], _fmt(a["image_auroc"]), _fmt(a["pixel_auroc"]), _fmt(a["aupro"]),
-                      _fmt(a["f1_calibrated"]), _fmt(t.get("train_seconds"), 0),
-                      _fmt(i["inference_images_per_s_batch1"], 2), _fmt(i["inference_images_per_s_batched"], 2))
+        table.add_row(
+            e["dataset"],
+            e["method"],
+            _fmt(a["image_auroc"]),
+            _fmt(a["pixel_auroc"]),
+            _fmt(a["aupro"]),
+            _fmt(a["f1_calibrated"]),
+            _fmt(t.get("train_seconds"), 0),
+            _fmt(i["inference_images_per_s_batch1"], 2),
+            _fmt(i["inference_images_per_s_batched"], 2),
+        )
     return table
 
 

@@ -317,6 +317,7 @@ def score(
     if fmt is not None and fmt not in ("csv", "jsonl"):
         raise typer.BadParameter("--format must be csv or jsonl")
     reporter = _reporter(quiet)
+    engine.require_input(images_dir)
     loaded = engine.load(model, device=device or "auto")
     reporter.info(
         f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
@@ -384,6 +385,7 @@ def heatmap(
     from surfaceinspect.records import RecordWriter
 
     reporter = _reporter(quiet)
+    engine.require_input(images_dir)
     loaded = engine.load(model, device=device or "auto")
     reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})")
     writer = RecordWriter.open(output)
@@ -435,6 +437,7 @@ def recalibrate(
     from surfaceinspect import engine
 
     reporter = _reporter(quiet)
+    engine.require_input(folder)
     loaded = engine.load(model, device=device or "auto")
     old = loaded.calibration.image_threshold
     cal = engine.recalibrate(

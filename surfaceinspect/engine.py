@@ -43,6 +43,13 @@ MAX_LISTED_FAILURES = 10
 # Helpers
 
 
+def require_input(path: Path) -> Path:
+    """Fail early (before loading a model) when the image file or folder does not exist."""
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; give an image file or a folder of images")
+    return path
+
+
 def relative_name(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` (POSIX), or its name when ``root`` is the file itself."""
     try:

@@ -42,8 +42,9 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     """A small MVTec-layout dataset with obvious defects (generated once per session)."""
     from surfaceinspect.synthetic import make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("synthetic"), n_train=30, n_test_good=8,
-                        n_test_defect_per_type=3, size=96, seed=1)
+    return make_dataset(
+        tmp_path_factory.mktemp("synthetic"), n_train=30, n_test_good=8, n_test_defect_per_type=3, size=96, seed=1
+    )
 
 
 def shared_dataset(name: str) -> Path:

@@ -71,13 +71,14 @@ def test_method_mismatch_and_bad_yaml(toy_method, tmp_path):
 def test_parse_set_option():
     assert parse_set_option("a.b.c=1.5") == {"a": {"b": {"c": 1.5}}}
     assert parse_set_option("common.device=cpu") == {"common": {"device": "cpu"}}
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_set_option("nonsense")
 
 
 def test_round_trip_of_effective_config(toy_method):
-    from surfaceinspect.config import run_config_from_dict
     from toy_detector import ToyConfig
+
+    from surfaceinspect.config import run_config_from_dict
 
     run = engine.resolve_run_config("toy", "cpu", None, {"seed": 3}, {}, [])
     again = run_config_from_dict(ToyConfig, run.to_dict())

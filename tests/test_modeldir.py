@@ -27,10 +27,14 @@ def test_round_trip_gives_identical_scores(trained_toy, synthetic_dataset):
     files = sorted((synthetic_dataset / "test").rglob("*.png"))[:6]
     a = engine.load(trained_toy)
     b = engine.load(trained_toy)
-    ra = [r.record.score for r in engine.run_inference(files, synthetic_dataset, a.detector, a.calibration,
-                                                       batch_size=4, workers=0)]
-    rb = [r.record.score for r in engine.run_inference(files, synthetic_dataset, b.detector, b.calibration,
-                                                       batch_size=4, workers=0)]
+    ra = [
+        r.record.score
+        for r in engine.run_inference(files, synthetic_dataset, a.detector, a.calibration, batch_size=4, workers=0)
+    ]
+    rb = [
+        r.record.score
+        for r in engine.run_inference(files, synthetic_dataset, b.detector, b.calibration, batch_size=4, workers=0)
+    ]
     assert ra == rb
     meta = json.loads((trained_toy / "metadata.json").read_text())
     assert meta["method"] == "toy" and meta["format_version"] == modeldir.FORMAT_VERSION

@@ -1,12 +1,13 @@
 """A tiny deterministic detector for engine and CLI tests (registered only inside the tests).
 
-Per-pixel Gaussian of the good images (mean and std after 4x4 average pooling); the map is the
+Per-pixel mean of the good images after 4x4 average pooling, one global spread; the map is the
 channel-mean absolute z-score, the score its maximum. "Training" walks the images one step at a
 time for ``epochs`` epochs, accumulating sums, so checkpoints and resume can be exercised.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,8 @@ class ToyConfig(MethodConfig):
     lr: float = 1.0
     pool: int = 4
     fail_at_step: int = -1  # raise KeyboardInterrupt at this global step (simulates a kill)
+    step_delay_s: float = 0.0  # slow training down so a test can kill it mid-run
+    predict_delay_s: float = 0.0  # slow scoring down so a test can kill it mid-run
 
 
 class ToyDetector(Detector):
@@ -42,14 +45,19 @@ class ToyDetector(Detector):
     def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
         n = images.shape[0]
         total = n * self.config.epochs
-        state = context.resume_state or {"step": 0, "sum": torch.zeros_like(self.mean), "sq": torch.zeros_like(self.mean)}
+        state = context.resume_state or {
+            "step": 0,
+            "sum": torch.zeros_like(self.mean),
+            "sq": torch.zeros_like(self.mean),
+        }
         step, acc, sq = int(state["step"]), state["sum"].clone(), state["sq"].clone()
         while step < total:
             x = self._pooled(images[step % n : step % n + 1] / 255.0)[0]
             acc += x
             sq += x * x
             step += 1
-            if step == self.config.fail_at_step:
+            time.sleep(self.config.step_delay_s)
+            if step == self.config.fail_at_step and context.resume_state is None:
                 raise KeyboardInterrupt
 
             def state_fn(step=step, acc=acc, sq=sq):
@@ -57,10 +65,12 @@ class ToyDetector(Detector):
 
             context.report(TrainProgress("train", step, total, loss=float(x.mean())), state_fn)
         self.mean = acc / total
-        self.std = (sq / total - self.mean**2).clamp_min(1e-6).sqrt() + 0.02
+        # one robust spread for the whole image: per-pixel estimates from a few images are too noisy
+        self.std = (sq / total - self.mean**2).clamp_min(1e-6).mean().sqrt().expand_as(self.mean).clone() + 0.01
         return {"steps": step, "epochs": self.config.epochs, "seconds": context.elapsed_s()}
 
     def predict(self, images: torch.Tensor) -> Prediction:
+        time.sleep(self.config.predict_delay_s)
         z = ((self._pooled(images) - self.mean) / self.std).abs().mean(1, keepdim=True)
         z = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
         maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
