@@ -161,17 +161,19 @@ def _thresholds(pairs: list[tuple[np.ndarray, np.ndarray]], num_thresholds: int 
     return np.unique(np.quantile(sample, np.linspace(0.0, 1.0, num_thresholds), method="nearest"))
 
 
-def _count_at_or_above(values: np.ndarray, thresholds: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """For each threshold t_k, the (weighted) number of values >= t_k (thresholds ascending)."""
-    # Bin k holds values in [t_k, t_{k+1}); values below t_0 go to bin -1 and are dropped.
-    idx = np.searchsorted(thresholds, values, side="right") - 1
-    keep = idx >= 0
-    counts = np.bincount(idx[keep], weights=None if weights is None else weights[keep], minlength=thresholds.size)
-    return np.cumsum(counts[::-1])[::-1]
+def _count_at_or_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each threshold t_k, the number of ``values`` >= t_k.
+
+    Sorting the values and searching the (few) thresholds in them is an order of magnitude
+    faster than searching every value among the thresholds (cache-friendly, O(n log n) with a
+    tiny constant), and needs no memory beyond one sorted copy of one image's pixels.
+    """
+    ordered = np.sort(values, axis=None)
+    return ordered.size - np.searchsorted(ordered, thresholds, side="left")
 
 
 def pixel_auroc(
-    masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_exact_pixels: int = 16_000_000, num_bins: int = 65_536
+    masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_exact_pixels: int = 2_000_000, num_bins: int = 65_536
 ) -> float:
     """Pixel-level AUROC with all pixels of all images pooled.
 
@@ -193,13 +195,15 @@ def pixel_auroc(
         s = np.concatenate([a.ravel() for _, a in pairs])
         return float(skm.roc_auc_score(y, s))
     edges = _thresholds(pairs, num_bins)
-    pos = np.zeros(edges.size)
-    neg = np.zeros(edges.size)
+    # Bin k holds scores in [edges[k], edges[k+1]); scores below edges[0] join bin 0.
+    pos_ge = np.zeros(edges.size)
+    neg_ge = np.zeros(edges.size)
     for m, a in pairs:
-        idx = np.clip(np.searchsorted(edges, a.ravel(), side="right") - 1, 0, edges.size - 1)
-        mk = m.ravel()
-        pos += np.bincount(idx[mk], minlength=edges.size)
-        neg += np.bincount(idx[~mk], minlength=edges.size)
+        pos_ge += _count_at_or_above(a[m], edges)
+        neg_ge += _count_at_or_above(a[~m], edges)
+    pos_ge[0], neg_ge[0] = n_pos, n_all - n_pos
+    pos = pos_ge - np.append(pos_ge[1:], 0.0)
+    neg = neg_ge - np.append(neg_ge[1:], 0.0)
     # Mann-Whitney U over bins (descending score): a positive beats every negative in lower bins,
     # ties within a bin count one half.
     neg_below = np.cumsum(neg) - neg
@@ -228,13 +232,11 @@ def pro_curve(
     thresholds = _thresholds(pairs, num_thresholds)
     fp = np.zeros(thresholds.size)
     overlap = np.zeros(thresholds.size)
-    for (m, a), (lab, n) in zip(pairs, labelled, strict=True):
+    for (m, a), (lab, _) in zip(pairs, labelled, strict=True):
         fp += _count_at_or_above(a[~m], thresholds)
-        if n:
-            region_ids = lab[m]
-            areas = np.bincount(region_ids, minlength=n + 1).astype(np.float64)
-            # Each region pixel weighs 1/area of its region, so summing gives region overlap fractions.
-            overlap += _count_at_or_above(a[m], thresholds, weights=1.0 / areas[region_ids])
+        for r, box in enumerate(ndimage.find_objects(lab), start=1):
+            region = a[box][lab[box] == r]
+            overlap += _count_at_or_above(region, thresholds) / region.size
     # Threshold +inf gives (0, 0) and -inf gives (1, 1); the latter matters when quantile
     # thresholds do not reach the smallest pixel value.
     fpr = np.concatenate([[0.0], (fp / n_normal)[::-1], [1.0]])

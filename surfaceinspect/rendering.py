@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import html
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,35 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+_ASCII_FALLBACK = {"—": "-", "–": "-", "−": "-", "×": "x", "≥": ">=", "≤": "<=", "→": "->", "µ": "u"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _has_glyph(font: Any, char: str) -> bool:
+    # Pillow's built-in font covers basic Latin only; a missing glyph renders as the same box as
+    # a private-use code point.
+    def signature(c: str) -> tuple:
+        mask = font.getmask(c)
+        return mask.size, bytes(mask)
+
+    return char.isspace() or signature(char) != signature("\U0010fff0")
+
+
+def _printable(font: Any, text: str) -> str:
+    """Replace characters the font cannot draw (dashes, accents, math signs) by ASCII look-alikes."""
+    out = []
+    for char in text:
+        if _has_glyph(font, char):
+            out.append(char)
+            continue
+        plain = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+        if plain and plain != char and all(_has_glyph(font, c) for c in plain):
+            out.append(plain)
+        else:
+            out.append(_ASCII_FALLBACK.get(char, "?"))
+    return "".join(out)
+
+
 def _text_width(font: Any, text: str) -> float:
     return float(font.getlength(text)) if hasattr(font, "getlength") else float(font.getbbox(text)[2])
 
@@ -124,7 +154,8 @@ def render_overlay(
     to it bilinearly). ``alpha`` is the overlay opacity at the threshold (0.5); it rises by 0.3
     towards map value 1, while below the threshold it stays under ``0.3 * alpha`` and pixels
     below 0.25 are not tinted at all. ``verdict`` ('good' or 'defect') picks the banner accent
-    colour; tokens of ``label`` equal to the verdict are drawn in that colour too. The banner
+    colour; tokens of ``label`` equal to the verdict are drawn in that colour too (and the verdict
+    is put in front of the label when the label does not contain it). The banner
     sits at the top unless that would hide more above-threshold pixels than the bottom.
     """
     if verdict not in ("good", "defect"):
@@ -141,6 +172,8 @@ def render_overlay(
     out = img.astype(np.float32) * (1.0 - op) + colorize(m).astype(np.float32) * op
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
+    if verdict not in label.lower().split():
+        label = f"{verdict.upper()}  {label}"  # the verdict is always spelled out, not only colour-coded
     binary = (m >= THRESHOLD).astype(np.uint8)
     layout = _banner_layout(h, w, label)
     band_h = layout["band_h"]
@@ -179,7 +212,7 @@ def _banner_layout(h: int, w: int, label: str) -> dict[str, Any]:
     pad = max(3, size // 3)
     bar = max(3, size // 4)
     font = _font(size)
-    lines = _wrap(font, label, w - bar - 2 * pad)
+    lines = _wrap(font, _printable(font, label), w - bar - 2 * pad)
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, size // 4)
     line_h = ascent + descent
     band_h = min(h, len(lines) * line_h + 2 * pad)
@@ -389,13 +422,15 @@ def plot_roc(
         if ok:
             pts = np.rint(to_px(fpr, tpr) * (1 << shift)).astype(np.int32)
             cv2.polylines(img, [pts.reshape(-1, 1, 2)], False, color, 3, cv2.LINE_AA, shift)
-        legend.append((f"{name}  AUROC {_fmt(auc, 3) if ok else 'n/a'}", color if ok else (200, 200, 200)))
+        shown = f"{float(auc):.3f}" if ok and math.isfinite(float(auc)) else "n/a"
+        text = f"{_printable(_font(18), str(name))}  AUROC {shown}"
+        legend.append((text, color if ok else (200, 200, 200)))
 
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
     dark = (30, 30, 30)
     f_title, f_label, f_tick = _font(24), _font(18), _font(15)
-    draw.text((width / 2, top / 2), title, font=f_title, fill=dark, anchor="mm")
+    draw.text((width / 2, top / 2), _printable(f_title, title), font=f_title, fill=dark, anchor="mm")
     for k in range(6):
         g = k / 5
         gx, gy = to_px([g], [g])[0]

@@ -146,3 +146,22 @@ def test_banner_moves_to_bottom_when_defect_at_top():
     assert not accent[:50].any() and accent[-5:].all()
     # The defect at the top stays visible (tinted, not darkened by the banner).
     assert int(out[5, 60, 0]) > int(out[5, 60, 2]) + 60
+
+
+def test_verdict_is_spelled_out_when_label_lacks_it():
+    img = np.full((120, 200, 3), 90, np.uint8)
+
+    def red_text_pixels(label: str, verdict: str = "defect") -> int:
+        out = render_overlay(img, np.zeros((120, 200)), label, verdict).astype(int)
+        band = out[: _band_height(out, verdict), 10:]
+        # Light red text pixels (the verdict word), distinct from the white label text.
+        return int(np.sum((band[..., 0] > 200) & (band[..., 1] < 150)))
+
+    assert red_text_pixels("score 0.83  (raw 1.2)") > 20
+    assert red_text_pixels("score 0.83  DEFECT") > 20
+    assert red_text_pixels("score 0.83  (raw 1.2)", verdict="good") == 0
+
+
+def test_unsupported_characters_fall_back_to_ascii():
+    font = rendering._font(20)
+    assert rendering._printable(font, "ROC — café ×2 ≥ 1") == "ROC - cafe x2 >= 1"
