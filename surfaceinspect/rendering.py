@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import html
 import math
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -115,19 +116,29 @@ def _text_width(font: Any, text: str) -> float:
 
 
 def _wrap(font: Any, text: str, width: float) -> list[str]:
-    """Greedy word wrap; runs of spaces between words are kept inside a line."""
-    words = text.split(" ")
+    """Greedy wrap that breaks at runs of 2+ spaces first (keeps "score 0.83" together),
+    and inside a chunk at single spaces only when the chunk alone is too wide."""
+    chunks = [c for c in re.split(r" {2,}", text.strip()) if c]
     lines: list[str] = []
     line = ""
-    for word in words:
-        candidate = word if not line else f"{line} {word}"
-        if line and word and _text_width(font, candidate) > width:
-            lines.append(line.rstrip())
-            line = word
-        else:
+    for chunk in chunks:
+        candidate = f"{line}  {chunk}" if line else chunk
+        if _text_width(font, candidate) <= width:
             line = candidate
-    lines.append(line.rstrip())
-    return [ln for ln in lines if ln] or [""]
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for word in chunk.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and _text_width(font, candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+    if line:
+        lines.append(line)
+    return lines or [""]
 
 
 def _as_rgb(image_rgb: np.ndarray) -> np.ndarray:
@@ -206,13 +217,21 @@ def _dilate(binary: np.ndarray, radius: int) -> np.ndarray:
 
 def _banner_layout(h: int, w: int, label: str) -> dict[str, Any]:
     """Font and band geometry for an image of h x w pixels."""
-    # Font size follows the image size (readable from 100 px to several thousand px);
-    # long labels wrap instead of shrinking below a legible size.
-    size = int(np.clip(round(0.045 * min(h, w) + 0.012 * max(h, w)), 10, 80))
-    pad = max(3, size // 3)
-    bar = max(3, size // 4)
-    font = _font(size)
-    lines = _wrap(font, _printable(font, label), w - bar - 2 * pad)
+    # Font size follows the image size (readable from 100 px to several thousand px). A label that
+    # does not fit on one line may shrink the font a little (never below 9 px), then wraps.
+    base = int(np.clip(round(0.045 * min(h, w) + 0.012 * max(h, w)), 10, 80))
+    for size in range(base, max(9, round(0.8 * base)) - 1, -1):
+        pad, bar = max(2, size // 4), max(3, size // 4)
+        font = _font(size)
+        text = _printable(font, label)
+        if _text_width(font, text) <= w - bar - 2 * pad:
+            lines = [text]
+            break
+    else:
+        size = base
+        pad, bar = max(2, size // 4), max(3, size // 4)
+        font = _font(size)
+        lines = _wrap(font, _printable(font, label), w - bar - 2 * pad)
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, size // 4)
     line_h = ascent + descent
     band_h = min(h, len(lines) * line_h + 2 * pad)
@@ -307,6 +326,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "n/a" if math.isnan(f) else f"{f:.{digits}g}"
 
 
+def _fmt_fixed(value: Any) -> str:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if math.isnan(f) else f"{f:.3f}"
+
+
 def _sort_key(entry: Mapping[str, Any]) -> tuple[bool, float]:
     score = float(entry["score"])
     return (math.isnan(score), -score if not math.isnan(score) else 0.0)
@@ -338,7 +365,7 @@ def write_index_html(
             f'<img src="{img}" alt="{src}" loading="lazy"></a>'
             f'<div class="meta"><div class="row"><span class="badge {verdict}">{verdict.upper()}</span>'
             f'<span class="score" title="raw score">{_fmt(e["score"])}</span></div>'
-            f'<div class="row small"><span>normalised {_fmt(e["score_normalized"], 3)}</span>'
+            f'<div class="row small"><span>normalised {_fmt_fixed(e["score_normalized"])}</span>'
             f"<span>{n_regions} region{'' if n_regions == 1 else 's'}</span></div>"
             f'<div class="src" title="{src}">{src}</div></div></article>'
         )
