@@ -52,6 +52,11 @@ def _lut() -> np.ndarray:
     return np.stack([np.interp(pos, grid, turbo[:, c]) for c in range(3)], axis=1).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def _lut_u8() -> np.ndarray:
+    return np.rint(_lut()).astype(np.uint8)
+
+
 def _clean_map(norm_map: np.ndarray) -> np.ndarray:
     m = np.asarray(norm_map, dtype=np.float32)
     if m.ndim != 2:
@@ -62,8 +67,8 @@ def _clean_map(norm_map: np.ndarray) -> np.ndarray:
 def colorize(norm_map: np.ndarray) -> np.ndarray:
     """Colour a normalised map (0.5 = threshold) as uint8 HxWx3 RGB: blues below 0.5, yellow-to-red above."""
     m = _clean_map(norm_map)
-    idx = np.rint(m * (_LUT_SIZE - 1)).astype(np.int32)
-    return np.rint(_lut()[idx]).astype(np.uint8)
+    idx = (m * (_LUT_SIZE - 1) + 0.5).astype(np.int32)
+    return _lut_u8()[idx]
 
 
 def _opacity(m: np.ndarray, alpha: float) -> np.ndarray:
@@ -179,9 +184,14 @@ def render_overlay(
     if m.shape != (h, w):
         m = np.clip(cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
-    op = _opacity(m, alpha)[:, :, None]
-    out = img.astype(np.float32) * (1.0 - op) + colorize(m).astype(np.float32) * op
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    # out = img + (colour - img) * opacity, in place on one float32 buffer (large images).
+    base = img.astype(np.float32)
+    blend = colorize(m).astype(np.float32)
+    blend -= base
+    blend *= _opacity(m, alpha)[:, :, None]
+    blend += base
+    blend += 0.5  # round; the result stays within [0, 255] as a convex combination
+    out = blend.astype(np.uint8)
 
     if verdict not in label.lower().split():
         label = f"{verdict.upper()}  {label}"  # the verdict is always spelled out, not only colour-coded

@@ -178,3 +178,28 @@ def test_aupro_nan_without_regions():
     assert math.isnan(metrics.aupro(masks, maps))
     with pytest.raises(ValueError, match="fpr_limit"):
         metrics.aupro(AUPRO_MASKS, AUPRO_MAPS, fpr_limit=0.0)
+
+
+@pytest.mark.realdata
+def test_pixel_metrics_on_real_mtd_masks():
+    """Magnetic Tile Defects masks: varying image sizes and 4 defective images with empty masks."""
+    from conftest import shared_dataset
+
+    from surfaceinspect.datasets import load_mvtec
+    from surfaceinspect.imageio import image_size, read_mask
+
+    ds = load_mvtec(shared_dataset("mtd"))
+    masks = [read_mask(s.mask_path) if s.mask_path else np.zeros(image_size(s.path), bool) for s in ds.test]
+    assert len({m.shape for m in masks}) > 10
+    assert sum(s.is_anomalous and not m.any() for s, m in zip(ds.test, masks, strict=True)) == 4
+    perfect = [m.astype(np.float32) for m in masks]
+    assert metrics.pixel_auroc(masks, perfect) == pytest.approx(1.0)
+    assert metrics.aupro(masks, perfect) == pytest.approx(1.0)
+    # A noisy map on every 12th image (keeps the test fast): binned pixel AUROC within 1e-3 of exact.
+    rng = np.random.default_rng(0)
+    sub = masks[::12]
+    noisy = [m * 0.6 + rng.normal(0, 0.3, m.shape).astype(np.float32) for m in sub]
+    exact = metrics.pixel_auroc(sub, noisy, max_exact_pixels=10**9)
+    assert 0.85 < exact < 0.99
+    assert metrics.pixel_auroc(sub, noisy, max_exact_pixels=0) == pytest.approx(exact, abs=1e-3)
+    assert 0.5 < metrics.aupro(sub, noisy) < 0.95
