@@ -188,9 +188,8 @@ def _evaluate(
             "recall_test": float(np.mean(score_arr[[i for i in idx if labels[i]]] >= threshold)),
         }
         if has_masks:
-            type_idx = [i for i in idx if labels[i]]
             entry["pixel_auroc"] = metrics.pixel_auroc([masks[i] for i in idx], [maps[i] for i in idx])
-            entry["aupro"] = metrics.aupro([masks[i] for i in type_idx], [maps[i] for i in type_idx], fpr_limit=0.3)
+            entry["aupro"] = metrics.aupro([masks[i] for i in idx], [maps[i] for i in idx], fpr_limit=0.3)
         per_type[defect_type] = entry
     out["per_defect_type"] = per_type
     roc_fpr, roc_tpr = metrics.roc_curve(labels, score_arr)

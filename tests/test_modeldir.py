@@ -123,3 +123,12 @@ def test_atomic_write_survives_hard_kill(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], check=False)
     assert proc.returncode == 9
     assert json.loads(target.read_text()) == {"v": 1}
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
