@@ -114,6 +114,11 @@ class Detector(ABC):
     def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
         """Train on good images ``(N, 3, S, S)`` uint8; return a JSON-able training summary.
 
+        The summary carries at least these keys (the benchmark reads them): ``seconds`` (wall time
+        of fit), ``epochs``, ``steps``, ``final_loss``, ``images_per_s_first_epoch`` (including
+        one-off work such as feature extraction) and ``images_per_s_later_epochs`` (None if only
+        one epoch ran); detectors may add their own keys.
+
         Must call ``context.report`` regularly, honour ``context.resume_state`` (continue from a
         checkpoint dict produced by the ``state_fn`` it passed to ``report``) and
         ``context.time_budget_s`` (> 0: shorten the schedule to fit it).
