@@ -1,0 +1,121 @@
+"""DRAEM hyperparameters (defaults = the paper's setting; profiles override them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from surfaceinspect.config import CommonConfig, MethodConfig
+from surfaceinspect.errors import ConfigError
+
+# Names accepted by ``anomaly_source`` besides a folder path. "builtin" is the measured default
+# (benchmarks/results/draem.md); the others are kept selectable for the ablation.
+BUILTIN_SOURCES = ("builtin", "fractal", "structured", "self")
+DEFAULT_BUILTIN = "fractal"
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DraemConfig(MethodConfig):
+    """DRAEM (Zavrtanik et al., ICCV 2021). Defaults follow the paper (256 px, 700 epochs)."""
+
+    method: ClassVar[str] = "draem"
+    epochs: int = 700
+    lr: float = 1e-4
+    steps: int = 0  # >0: train exactly this many optimiser steps instead of ``epochs`` passes
+    # Learning-rate drops as fractions of the schedule: paper x0.1 at epochs 400 and 600 of 700.
+    lr_milestones: tuple[float, ...] = (400 / 700, 600 / 700)
+    lr_gamma: float = 0.1
+    # Networks: paper widths 128 (reconstructive) / 64 (discriminative); levels = conv blocks,
+    # each level after the first halves the resolution (paper: 5 and 6 levels).
+    recon_width: int = 128
+    disc_width: int = 64
+    recon_levels: int = 5
+    disc_levels: int = 6
+    # Loss: L2 + (1 - SSIM) + focal.
+    ssim_window: int = 11
+    focal_gamma: float = 2.0
+    focal_weight: float = 1.0
+    # Anomaly synthesis.
+    anomaly_prob: float = 0.5  # share of training samples that get a synthetic anomaly
+    opacity_range: tuple[float, float] = (0.1, 1.0)  # beta: weight of the texture inside the mask
+    perlin_scale_range: tuple[int, int] = (0, 5)  # noise periods 2^a x 2^b over the image, a,b in range
+    perlin_threshold: float = 0.5
+    augment_ops: int = 3  # random ops applied to each anomaly-source texture
+    anomaly_source: str = "builtin"  # builtin | fractal | structured | self | path/to/folder/of/images
+    # When every training image is grey (R = G = B), make the pasted textures grey too, so that colour
+    # alone never gives a synthetic anomaly away (the paper's DTD textures are colour photos).
+    match_grayscale: bool = True
+    # Scoring.
+    smoothing_kernel: int = 21  # mean filter on the anomaly map before taking its maximum
+    # Inference speed path (CPU): BatchNorm folded into convs, channels_last, optional bf16 autocast.
+    inference_bf16: bool = False
+    fuse_bn: bool = True
+
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this (one halving per network level)."""
+        return 2 ** (max(self.recon_levels, self.disc_levels) - 1)
+
+    def validate(self, common: CommonConfig) -> None:
+        super().validate(common)
+        p = self.method
+        if self.steps < 0:
+            raise ConfigError(f"{p}.steps={self.steps}: use 0 (train for {p}.epochs) or a positive number of steps")
+        for name in ("recon_width", "disc_width"):
+            if getattr(self, name) < 4:
+                raise ConfigError(f"{p}.{name}={getattr(self, name)}: use at least 4 (paper: 128 / 64)")
+        for name in ("recon_levels", "disc_levels"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{p}.{name}={getattr(self, name)}: use 2..8 (paper: 5 / 6)")
+        if any(not 0.0 < f < 1.0 for f in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise ConfigError(f"{p}.lr_milestones={list(self.lr_milestones)}: use increasing fractions in (0, 1)")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ConfigError(f"{p}.lr_gamma={self.lr_gamma}: use a value in (0, 1], e.g. 0.1")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise ConfigError(f"{p}.ssim_window={self.ssim_window}: use an odd number >= 3 (paper: 11)")
+        if self.smoothing_kernel < 1 or self.smoothing_kernel % 2 == 0:
+            raise ConfigError(f"{p}.smoothing_kernel={self.smoothing_kernel}: use an odd number >= 1 (paper: 21)")
+        if self.focal_gamma < 0 or self.focal_weight < 0:
+            raise ConfigError(f"{p}.focal_gamma and {p}.focal_weight must be >= 0")
+        if not 0.0 <= self.anomaly_prob <= 1.0:
+            raise ConfigError(f"{p}.anomaly_prob={self.anomaly_prob}: use a value in [0, 1] (paper: 0.5)")
+        lo, hi = self.opacity_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"{p}.opacity_range={[lo, hi]}: use [low, high] with 0 <= low <= high <= 1")
+        a, b = self.perlin_scale_range
+        if not 0 <= a <= b <= 8:
+            raise ConfigError(f"{p}.perlin_scale_range={[a, b]}: use [low, high] with 0 <= low <= high <= 8")
+        if not -1.0 < self.perlin_threshold < 1.0:
+            raise ConfigError(f"{p}.perlin_threshold={self.perlin_threshold}: use a value in (-1, 1) (paper: 0.5)")
+        if not 0 <= self.augment_ops <= 10:
+            raise ConfigError(f"{p}.augment_ops={self.augment_ops}: use 0..10 (paper: 3)")
+        self._validate_size(common.image_size)
+        self._validate_source()
+
+    def _validate_size(self, size: int) -> None:
+        m = self.size_multiple()
+        if size % m:
+            lower, upper = (size // m) * m, (size // m + 1) * m
+            nearby = " or ".join(str(s) for s in (lower, upper) if s >= m)
+            raise ConfigError(
+                f"common.image_size={size}: DRAEM halves the image {m.bit_length() - 1} times, so the size must be a "
+                f"multiple of {m}; use {nearby}"
+            )
+
+    def _validate_source(self) -> None:
+        src = self.anomaly_source
+        if src in BUILTIN_SOURCES:
+            return
+        path = Path(src).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{self.method}.anomaly_source={src!r} is neither a folder nor one of {', '.join(BUILTIN_SOURCES)}; "
+                "point it at a folder of texture images (e.g. your DTD copy) or use builtin"
+            )
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*") if f.is_file()):
+            raise ConfigError(
+                f"{self.method}.anomaly_source={src!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "add texture images or use builtin"
+            )
