@@ -310,6 +310,24 @@ def test_save_load_through_safetensors_gives_identical_scores(tmp_path):
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
+def test_feature_norm_standardises_and_round_trips(tmp_path):
+    images = texture_images(10, 64, False, seed=1)
+    det = make_detector(feature_norm="channel", epochs=1)
+    det.fit(images, TrainContext())
+    assert det.norm is not None and len(det.norm) == 3
+    with torch.inference_mode():
+        feats = det._layout(det.extractor(images.float() / 255))
+    for f in feats:  # the training features, standardised per channel
+        assert f.mean(dim=(0, 2, 3)).abs().max().item() < 1e-3
+        live = f.std(dim=(0, 2, 3)) > 1e-3
+        assert torch.allclose(f.std(dim=(0, 2, 3), unbiased=False)[live], torch.ones(int(live.sum())), atol=1e-3)
+    probe = texture_images(2, 64, True, seed=2).float() / 255
+    save_file(det.state_dict(), tmp_path / "m.safetensors")
+    fresh = make_detector(feature_norm="channel", epochs=1)
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    assert torch.equal(det.predict(probe).scores, fresh.predict(probe).scores)
+
+
 def test_non_finite_features_raise_training_error(monkeypatch):
     det = make_detector()
     real_forward = bb.MultiScaleFeatures.forward

@@ -109,9 +109,11 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (asymmetric for stride 2), as the Lite weights expect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
+        if sh == sw == 1:  # SAME with stride 1 and an odd kernel is symmetric: let the conv pad (no copy)
+            return F.conv2d(x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation, self.groups)
+        ih, iw = x.shape[-2:]
         ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if ph or pw:

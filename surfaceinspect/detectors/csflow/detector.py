@@ -77,6 +77,13 @@ class FeatureStore:
             for store in self.arrays:
                 store.flush()
 
+    @classmethod
+    def from_arrays(cls, arrays: list[torch.Tensor], device: torch.device) -> FeatureStore:
+        """A store over features computed elsewhere (e.g. cached by a benchmark)."""
+        store = cls.__new__(cls)
+        store.mode, store.device, store._tmpdir, store.arrays = "memory", device, None, list(arrays)
+        return store
+
     def _allocate(self, n: int, shapes: list[torch.Size], cache_dir: str) -> None:
         if self.mode == "memory":
             self.arrays = [torch.empty((n, *shape), dtype=torch.float32) for shape in shapes]
@@ -118,6 +125,32 @@ class FeatureStore:
             self._tmpdir = None
 
 
+def channel_statistics(
+    store: FeatureStore, n: int, batch_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-scale, per-channel mean and std of the training features, shaped ``(1, C, 1, 1)``."""
+    sums: list[torch.Tensor] = []
+    sqs: list[torch.Tensor] = []
+    counts: list[int] = []
+    for start in range(0, n, batch_size):
+        feats = store.get(torch.arange(start, min(start + batch_size, n)))
+        if not sums:
+            sums = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
+            sqs = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
+            counts = [0] * len(feats)
+        for i, f in enumerate(feats):
+            f = f.double()
+            sums[i] += f.sum(dim=(0, 2, 3))
+            sqs[i] += f.pow(2).sum(dim=(0, 2, 3))
+            counts[i] += f.shape[0] * f.shape[2] * f.shape[3]
+    out = []
+    for s, q, c in zip(sums, sqs, counts, strict=True):
+        mean = s / c
+        std = (q / c - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)  # dead channels: no division blow-up
+        out.append((mean.float().view(1, -1, 1, 1).to(device), std.float().view(1, -1, 1, 1).to(device)))
+    return out
+
+
 class CSFlowDetector(Detector):
     """Fully convolutional cross-scale normalizing flow on frozen EfficientNet features."""
 
@@ -128,6 +161,7 @@ class CSFlowDetector(Detector):
         super().__init__(run_config, device)
         self.extractor: MultiScaleFeatures | None = None
         self.flow: CSFlow | None = None
+        self.norm: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per-scale (mean, std), feature_norm
 
     @property
     def config(self) -> CSFlowConfig:
@@ -163,6 +197,8 @@ class CSFlowDetector(Detector):
 
     def _layout(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         feats = [f.to(self.device, non_blocking=True) for f in feats]
+        if self.norm is not None:
+            feats = [(f - m) / s for f, (m, s) in zip(feats, self.norm, strict=True)]
         if self.config.channels_last and self.device.type == "cpu":
             feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
         return feats
@@ -193,6 +229,7 @@ class CSFlowDetector(Detector):
             self.extractor, images, cfg.feature_cache, bs, self.device, cfg.cache_dir, feature_progress
         )
         feature_s = time.monotonic() - t0
+        self.norm = channel_statistics(store, n, bs, self.device) if cfg.feature_norm == "channel" else None
         try:
             summary = self._train(store, n, bs, context)
         finally:
@@ -314,8 +351,11 @@ class CSFlowDetector(Detector):
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
-        zs = self.latents(images)
-        size = images.shape[-1]
+        return self.prediction_from_latents(self.latents(images), images.shape[-1])
+
+    @torch.inference_mode()
+    def prediction_from_latents(self, zs: list[torch.Tensor], size: int) -> Prediction:
+        """Image scores (mean z^2/2 over positions, channels, scales) and ``size x size`` maps."""
         energy = [z.float().pow(2).mul_(0.5) for z in zs]
         total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
         count = sum(e[0].numel() for e in energy)
@@ -344,12 +384,24 @@ class CSFlowDetector(Detector):
         for prefix, module in (("flow.", self.flow), ("backbone.", self.extractor.trunk)):
             for key, value in module.state_dict().items():
                 out[prefix + key] = value.detach().cpu().contiguous().clone()
+        for i, (mean, std) in enumerate(self.norm or []):
+            out[f"norm.mean.{i}"] = mean.detach().cpu().contiguous().clone()
+            out[f"norm.std.{i}"] = std.detach().cpu().contiguous().clone()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._set_threads()
         self._build(pretrained=False)
         assert self.extractor is not None and self.flow is not None
+        self.norm = None
+        if self.config.feature_norm == "channel":
+            try:
+                self.norm = [
+                    (state[f"norm.mean.{i}"].to(self.device), state[f"norm.std.{i}"].to(self.device))
+                    for i in range(self.config.n_scales)
+                ]
+            except KeyError as exc:
+                raise ModelDirError(f"the saved CS-Flow weights lack {exc.args[0]}; retrain the model") from None
         flow_state = {k.removeprefix("flow."): v for k, v in state.items() if k.startswith("flow.")}
         trunk_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         try:
