@@ -72,8 +72,9 @@ class DraemDetector(Detector):
         cfg, common = self.cfg, self.run_config.common
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"fit() expects uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        threads_before = torch.get_num_threads()
         if common.threads > 0:
-            torch.set_num_threads(common.threads)
+            torch.set_num_threads(common.threads)  # restored on return: the setting is process-wide
         n, batch = images.shape[0], common.batch_size
         nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
         grey = cfg.match_grayscale and is_grayscale(nhwc)
@@ -137,6 +138,7 @@ class DraemDetector(Detector):
         parts: dict[str, float] = {}
         t_start = time.monotonic()
         t_probe: float | None = None
+        t_epoch1: float | None = None
         budget_s = float(context.time_budget_s or 0.0)
         context.report(TrainProgress("train", step, total), state_fn)
         try:
@@ -161,6 +163,8 @@ class DraemDetector(Detector):
                 optimizer.step()
                 step += 1
                 recent = [*recent[-49:], float(loss.detach())]
+                if step - start_step == steps_per_epoch:
+                    t_epoch1 = time.monotonic()
 
                 # Time budget: time a few steps after the first (which pays one-off costs), then
                 # shorten the schedule (milestones stay at the same fractions) to end in time.
@@ -183,7 +187,13 @@ class DraemDetector(Detector):
             del loader
             self.model.eval()
             self._fast = None
-        seconds = time.monotonic() - t_start
+            torch.set_num_threads(threads_before)
+        t_end = time.monotonic()
+        seconds = t_end - t_start
+        done = step - start_step
+        first = min(done, steps_per_epoch) * batch
+        first_s = (t_epoch1 or t_end) - t_start
+        later_s = t_end - t_epoch1 if t_epoch1 is not None else 0.0
         return {
             "steps": step,
             "planned_steps": planned,
@@ -191,7 +201,12 @@ class DraemDetector(Detector):
             "final_loss": float(np.mean(recent)) if recent else None,
             "final_loss_parts": parts,
             "seconds": round(seconds_before + seconds, 1),
-            "images_per_s": round((step - start_step) * batch / max(seconds, 1e-9), 3),
+            "images_per_s": round(done * batch / max(seconds, 1e-9), 3),
+            # "first epoch" = the first pass of this call (it includes worker start-up and warm-up).
+            "images_per_s_first_epoch": round(first / max(first_s, 1e-9), 3) if done else None,
+            "images_per_s_later_epochs": (
+                round((done - steps_per_epoch) * batch / later_s, 3) if later_s > 0 and done > steps_per_epoch else None
+            ),
             "resumed_from_step": start_step if resume is not None else None,
             "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
             "grey_textures": grey,
