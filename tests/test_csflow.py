@@ -389,7 +389,7 @@ def test_time_budget_shortens_training():
     det = make_detector(epochs=1000)
     summary = det.fit(texture_images(8, 64, False, seed=1), TrainContext(time_budget_s=3.0))
     assert 1 <= summary["epochs"] < 1000
-    assert summary["train_seconds"] < 10
+    assert summary["train_seconds"] < 30  # budget 3 s plus at most one epoch overshoot (slack for busy CPUs)
 
 
 @pytest.mark.realdata
