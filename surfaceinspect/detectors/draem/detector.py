@@ -30,6 +30,8 @@ from surfaceinspect.errors import ModelDirError, TrainingError
 STATE_VERSION = 1
 # Steps timed (after one warm-up step) before a time budget shortens the schedule.
 BUDGET_PROBE_STEPS = 5
+# Probes (of BUDGET_PROBE_STEPS steps each) in the window the step time is measured over.
+BUDGET_WINDOW = 6
 # Fraction of the remaining budget the schedule may fill (the rest absorbs timing noise).
 BUDGET_SAFETY = 0.95
 # Input range accepted by predict(): [0, 1] plus rounding slack. ImageNet-normalised images
@@ -137,7 +139,7 @@ class DraemDetector(Detector):
         recent: list[float] = []
         parts: dict[str, float] = {}
         t_start = time.monotonic()
-        t_probe: float | None = None
+        probes: list[tuple[int, float]] = []  # (step, time) every BUDGET_PROBE_STEPS steps
         t_epoch1: float | None = None
         budget_s = float(context.time_budget_s or 0.0)
         context.report(TrainProgress("train", step, total), state_fn)
@@ -168,16 +170,23 @@ class DraemDetector(Detector):
 
                 # Time budget: time a few steps after the first (which pays one-off costs), then
                 # shorten the schedule (milestones stay at the same fractions) to end in time.
+                # The estimate is redone every few steps over a recent window, so the schedule follows
+                # the machine's load (it may grow back, never beyond the planned steps).
                 done = step - start_step
-                if budget_s > 0 and done == 1:
-                    t_probe = time.monotonic()
-                if budget_s > 0 and t_probe is not None and done > 1 and (done - 1) % BUDGET_PROBE_STEPS == 0:
-                    per_step = (time.monotonic() - t_probe) / (done - 1)
-                    remaining = budget_s * BUDGET_SAFETY - context.elapsed_s()
-                    fit_total = step + max(0, int(remaining / per_step))
-                    if fit_total < total:
-                        total = max(step, fit_total)
-                        budget_note = f"schedule shortened from {planned} to {total} steps to fit the time budget"
+                if budget_s > 0 and done >= 1 and (done - 1) % BUDGET_PROBE_STEPS == 0:
+                    probes.append((step, time.monotonic()))
+                    if len(probes) > 1:
+                        (s0, t0), (s1, t1) = probes[max(0, len(probes) - 1 - BUDGET_WINDOW)], probes[-1]
+                        per_step = (t1 - t0) / (s1 - s0)
+                        remaining = budget_s * BUDGET_SAFETY - context.elapsed_s()
+                        new_total = min(planned, step + max(0, int(remaining / per_step)))
+                        if new_total != total:
+                            total = new_total
+                            budget_note = (
+                                f"schedule set to {total} of {planned} planned steps to fit the time budget"
+                                if total < planned
+                                else ""
+                            )
 
                 context.report(
                     TrainProgress("train", step, total, float(loss.detach()), {"lr": lr, **parts}),
