@@ -50,9 +50,9 @@ def main() -> None:
         size = args.size
         cfg = CSFlowConfig(backbone=args.backbone, feature_stage=args.stage, hidden_channels=args.hidden)
         common = CommonConfig(image_size=size, batch_size=args.batch, threads=args.threads)
-        run = RunConfig("csflow", "b5-sized", common, cfg)
+        run = RunConfig("csflow", "custom", common, cfg)
+        run.validate()
     run.method_config.channels_last = not args.no_channels_last
-    run.validate() if not args.profile else None
     det = CSFlowDetector(run, torch.device("cpu"))
     det._build(pretrained=False)
     assert det.flow is not None and det.extractor is not None

@@ -105,9 +105,7 @@ def main() -> None:
                 curve.append((epoch, round(auroc, 4), round(elapsed, 1)))
                 print(f"epoch {epoch}: image AUROC {auroc:.4f}  loss {p.loss:.3f}  train {elapsed:.0f}s", flush=True)
 
-    summary = det._train(
-        train_store, n, min(args.batch, n), TrainContext(on_progress)
-    )
+    summary = det._train(train_store, n, min(args.batch, n), TrainContext(on_progress))
     train_s = time.monotonic() - t_train - eval_s
     img, pix = evaluate(True)
     curve.append((args.epochs, round(img, 4), round(train_s, 1)))
