@@ -67,8 +67,9 @@ def _quick_subset(ds: MVTecDataset) -> tuple[list[Path], list[TestSample]]:
     train = sorted(rng.permutation(np.array(ds.train_good, dtype=object))[:QUICK_TRAIN_IMAGES].tolist())
     good = [s for s in ds.test if not s.is_anomalous][:QUICK_TEST_PER_CLASS]
     defects = [s for s in ds.test if s.is_anomalous]
-    step = max(1, len(defects) // QUICK_TEST_PER_CLASS)
-    return train, good + defects[::step][:QUICK_TEST_PER_CLASS]
+    # evenly spaced over the (type-sorted) list, so every defect type is represented
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(defects) - 1, QUICK_TEST_PER_CLASS)}) if defects else []
+    return train, good + [defects[i] for i in picks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +83,8 @@ def _train_child(args: dict[str, Any], queue: Any) -> None:
         reporter = Reporter(quiet=args["quiet"])
         sets = list(args["sets"])
         if args["quick"]:
-            sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1"]
+            # The time budget is what every detector honours (DRAEM profiles count steps, not epochs).
+            sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1", "common.time_budget_min=0.25"]
         run_config = engine.resolve_run_config(
             args["method"], args["profile"], args["config_file"], {"device": args["device"]}, {}, sets
         )

@@ -97,6 +97,13 @@ class MethodConfig:
         if self.lr <= 0:
             raise ConfigError(f"{self.method}.lr={self.lr}: must be > 0")
 
+    def check_resources(self) -> None:
+        """Raise now if a file this method needs for training is missing (e.g. pretrained weights).
+
+        Called by ``train`` before any image is read, so a missing file fails in seconds, not after
+        the data has been loaded. Not part of ``validate``: a trained model needs no such file.
+        """
+
 
 @dataclass
 class RunConfig:

@@ -265,11 +265,13 @@ def train(
         train_files = [data_dir / f for f in checkpoint.train_files]
         calib_files = [data_dir / f for f in checkpoint.calibration_files]
         resume_state = checkpoint.detector_state
+        run_config.method_config.check_resources()
         run_dir = resume_dir
         reporter.info(f"resuming {run_dir} ({method}, data {data_dir})")
     else:
         if data_dir is None or run_config is None:
             raise ConfigError("train needs a folder of good images (or --resume RUN_DIR)")
+        run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
         files = list(files) if files is not None else discover_images(data_dir)
         if not files:
             raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")

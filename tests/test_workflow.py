@@ -371,3 +371,14 @@ def test_resume_latest_finds_the_interrupted_run_in_the_runs_folder(toy_method, 
     result = run_cli("train", "--resume", "latest", "-q")
     assert result.exit_code == 0, result.output
     assert modeldir.latest_run().parent == isolated_runs
+
+
+def test_missing_backbone_weights_fail_before_reading_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "not_read.png").write_text("train must fail on the weights before it reads any image")
+    result = CliRunner().invoke(app, ["train", "-m", "csflow", str(good), "--profile", "paper", "--device", "cpu"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "efficientnet_b5" in result.output and "--backbone-weights" in result.output
+    assert "not_read.png" not in result.output

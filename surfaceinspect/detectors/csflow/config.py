@@ -113,6 +113,6 @@ class CSFlowConfig(MethodConfig):
                 f"{', '.join(str(s) for s in valid_sizes(multiple, common.image_size))}"
             )
 
-    def check_weights(self) -> None:
+    def check_resources(self) -> None:
         """Raise BackboneWeightsError (one line) now if the backbone's pretrained weights are absent."""
         resolve_weights(self.backbone, self.backbone_weights or None)

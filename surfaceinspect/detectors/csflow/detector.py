@@ -208,7 +208,7 @@ class CSFlowDetector(Detector):
     def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
         cfg = self.config
         common = self.run_config.common
-        cfg.check_weights()  # fail with the one-line message before any work
+        cfg.check_resources()  # fail with the one-line message before any work
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"fit expects uint8 images (N, 3, S, S), got {tuple(images.shape)} {images.dtype}")
         if len(images) == 0:
