@@ -68,7 +68,7 @@ def _quick_subset(ds: MVTecDataset) -> tuple[list[Path], list[TestSample]]:
     good = [s for s in ds.test if not s.is_anomalous][:QUICK_TEST_PER_CLASS]
     defects = [s for s in ds.test if s.is_anomalous]
     # evenly spaced over the (type-sorted) list, so every defect type is represented
-    picks = sorted({int(round(i)) for i in np.linspace(0, len(defects) - 1, QUICK_TEST_PER_CLASS)}) if defects else []
+    picks = np.unique(np.linspace(0, len(defects) - 1, QUICK_TEST_PER_CLASS).round().astype(int)) if defects else []
     return train, good + [defects[i] for i in picks]
 
 
