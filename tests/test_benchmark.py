@@ -40,6 +40,7 @@ def test_quick_benchmark_report_has_every_field(synthetic_dataset, tmp_path):
         assert set(acc["per_defect_type"]) == {"dent", "scratch", "stain"}
         assert entry["inference"]["inference_images_per_s_batch1"] > 0
         assert entry["training"]["peak_rss_train_mb"] > 100
+        assert entry["training"]["train_images_per_s_first_epoch"] > 0
     md = (out / "report.md").read_text()
     assert "| synthetic0 | draem |" in md and "## Cost" in md
     assert (out / "roc_synthetic0.png").stat().st_size > 1000

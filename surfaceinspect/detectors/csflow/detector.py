@@ -234,11 +234,14 @@ class CSFlowDetector(Detector):
             summary = self._train(store, n, bs, context)
         finally:
             store.close()
+        first_epoch_s = summary.pop("first_epoch_seconds")
         summary.update(
             backbone=cfg.backbone,
             feature_stage=cfg.feature_stage,
             feature_seconds=round(feature_s, 2),
             feature_cache=cfg.feature_cache,
+            # the first epoch pays for feature extraction, later ones only touch the flow
+            images_per_s_first_epoch=round(n / (feature_s + first_epoch_s), 2) if first_epoch_s else None,
         )
         return summary
 
@@ -324,15 +327,17 @@ class CSFlowDetector(Detector):
                 total_epochs = max(epoch, min(total_epochs, fit))
         flow.eval()
         train_s = time.monotonic() - train_t0
-        later = epoch_times[1:] or epoch_times
+        later = epoch_times[1:]
         return {
+            "seconds": round(context.elapsed_s(), 2),
             "epochs": epoch,
             "epochs_configured": cfg.epochs,
             "steps": step,
             "final_loss": loss_value,
             "train_seconds": round(train_s, 2),
             "train_images_per_s": round(images_seen / train_s, 2) if train_s > 0 else None,
-            "later_epoch_images_per_s": round(n / (sum(later) / len(later)), 2) if later else None,
+            "first_epoch_seconds": epoch_times[0] if epoch_times else None,
+            "images_per_s_later_epochs": round(n / (sum(later) / len(later)), 2) if later else None,
         }
 
     # ------------------------------------------------------------------ inference

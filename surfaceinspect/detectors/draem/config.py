@@ -10,7 +10,7 @@ from surfaceinspect.config import CommonConfig, MethodConfig
 from surfaceinspect.errors import ConfigError
 
 # Names accepted by ``anomaly_source`` besides a folder path. "builtin" is the measured default
-# (benchmarks/results/draem.md); the others are kept selectable for the ablation.
+# (BENCHMARKS.md, DRAEM section); the others are kept selectable for the ablation.
 BUILTIN_SOURCES = ("builtin", "fractal", "structured", "self")
 DEFAULT_BUILTIN = "fractal"
 
