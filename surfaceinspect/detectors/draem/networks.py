@@ -40,15 +40,19 @@ class Up(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), conv_bn_relu(cin, cout))
 
 
+def encoder_blocks(in_channels: int, channels: list[int]) -> nn.ModuleList:
+    """One DoubleConv per level (both subnetworks share this encoder layout; max-pool between levels)."""
+    widths = [in_channels, *channels]
+    return nn.ModuleList(DoubleConv(widths[i], widths[i + 1]) for i in range(len(channels)))
+
+
 class ReconstructiveNet(nn.Module):
     """Encoder-decoder without skips that maps an (augmented) image to its anomaly-free version."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, width: int = 128, levels: int = 5) -> None:
         super().__init__()
         ch = [width * m for m in _mults(levels)]
-        self.encoder = nn.ModuleList(
-            [DoubleConv(in_channels, ch[0])] + [DoubleConv(ch[i - 1], ch[i]) for i in range(1, levels)]
-        )
+        self.encoder = encoder_blocks(in_channels, ch)
         # Decoder level j (coarse to fine): upsample, then a block that narrows to out[j] = ch[j-1]
         # (authors: 8bw -> 4bw -> 2bw -> bw -> bw for 5 levels).
         ups, blocks, c = [], [], ch[-1]
@@ -74,9 +78,7 @@ class DiscriminativeNet(nn.Module):
     def __init__(self, in_channels: int = 6, out_channels: int = 2, width: int = 64, levels: int = 6) -> None:
         super().__init__()
         ch = [width * m for m in _mults(levels)]
-        self.encoder = nn.ModuleList(
-            [DoubleConv(in_channels, ch[0])] + [DoubleConv(ch[i - 1], ch[i]) for i in range(1, levels)]
-        )
+        self.encoder = encoder_blocks(in_channels, ch)
         # Decoder level j (coarse to fine): upsample to out[j] = ch[j-1] channels, concatenate the
         # encoder's skip (ch[j]) and fuse (authors: 8bw, 4bw, 2bw, bw, bw for 6 levels).
         ups, blocks, c = [], [], ch[-1]
