@@ -14,7 +14,6 @@ and AUPRO (FPR limit 0.3); overall and per defect type (each type against the go
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import multiprocessing
 import platform
 import resource
@@ -125,8 +124,7 @@ def _time_inference(detector: Any, images: torch.Tensor, n_single: int) -> dict[
         start = time.perf_counter()
         detector.predict(images[i % len(images)].unsqueeze(0))
         latencies.append(time.perf_counter() - start)
-    batch = images[:batch_size] if len(images) >= batch_size else images.repeat(batch_size // len(images) + 1, 1, 1, 1)
-    batch = batch[:batch_size]
+    batch = images.repeat(batch_size // len(images) + 1, 1, 1, 1)[:batch_size]
     detector.predict(batch)
     rounds = max(2, n_single // batch_size)
     start = time.perf_counter()
@@ -508,8 +506,3 @@ def summary_table(report: dict[str, Any]) -> Table:
             _fmt(i["inference_images_per_s_batched"], 2),
         )
     return table
-
-
-def load_report(path: Path) -> dict[str, Any]:
-    """Read a report.json back."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))

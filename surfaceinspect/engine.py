@@ -234,7 +234,6 @@ class TrainResult:
     run_dir: Path
     summary: dict[str, Any]
     calibration: Calibration
-    failures: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def train(
@@ -358,7 +357,7 @@ def train(
     modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary["total_seconds"] = round(time.monotonic() - started, 2)
-    return TrainResult(run_dir, summary, calibration, failures)
+    return TrainResult(run_dir, summary, calibration)
 
 
 # ---------------------------------------------------------------------------------------------

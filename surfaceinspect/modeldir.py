@@ -32,7 +32,7 @@ from safetensors.torch import save as safetensors_save
 
 import surfaceinspect
 from surfaceinspect.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from surfaceinspect.config import RunConfig, run_config_from_dict
+from surfaceinspect.config import run_config_from_dict
 from surfaceinspect.detectors import Detector, get_detector_class
 from surfaceinspect.errors import ConfigError, ModelDirError
 
@@ -276,10 +276,3 @@ def find_resumable(root: Path | None = None) -> Path:
     if not candidates:
         raise ModelDirError(f"no interrupted training run under {root}; pass the run directory to --resume")
     return max(candidates, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)
-
-
-def run_config_of(run_dir: Path) -> RunConfig:
-    """The stored effective config of a finished run."""
-    metadata = read_metadata(run_dir)
-    cls = get_detector_class(str(metadata.get("method")))
-    return run_config_from_dict(cls.config_cls, metadata["config"])
