@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ from surfaceinspect.datasets import load_mvtec  # noqa: E402
 from surfaceinspect.imageio import read_image, read_mask, resize_image  # noqa: E402
 from surfaceinspect.metrics import image_auroc, pixel_auroc  # noqa: E402
 
-DATA = {"mtd": Path("/work/shared/data/mtd"), "bottle": Path("/work/shared/data/mvtec_bottle")}
+# ../shared/data beside the checkout, or SURFACEINSPECT_DATA (e.g. a copy on another machine).
+DATA_ROOT = Path(os.environ.get("SURFACEINSPECT_DATA", ROOT.parent / "shared" / "data"))
+DATA = {"mtd": DATA_ROOT / "mtd", "bottle": DATA_ROOT / "mvtec_bottle"}
 CACHE = Path("/tmp/csflow_bench_cache")
 
 

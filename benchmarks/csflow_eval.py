@@ -28,13 +28,14 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. --set csflow.epochs=10")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default="/tmp/csflow_eval.jsonl")
     args = ap.parse_args()
     layers = [parse_set_option(s) for s in args.set] + [{"common": {"threads": args.threads}}]
     run = build_run_config(CSFlowConfig, args.profile, layers)
     size = run.common.image_size
     data = load_split(args.data, size)
-    det = CSFlowDetector(run, torch.device("cpu"))
+    det = CSFlowDetector(run, torch.device(args.device))
     last = {}
 
     def on_progress(p) -> None:
@@ -68,6 +69,7 @@ def main() -> None:
         "predict_img_per_s_batch8": round(len(test) / predict_s, 2),
         "peak_rss_gb": round(peak_rss_gb(), 2),
         "threads": args.threads,
+        "device": args.device,
         "summary": summary,
     }
     print(json.dumps(result), flush=True)

@@ -6,6 +6,7 @@ absent (e.g. a GPU machine used for the source ablation): build it once with the
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -23,7 +24,9 @@ from surfaceinspect.config import CommonConfig, RunConfig, dataclass_from_dict, 
 from surfaceinspect.detectors.base import TrainContext, TrainProgress  # noqa: E402
 from surfaceinspect.detectors.draem import DraemConfig, DraemDetector  # noqa: E402
 
-DATA = {"mtd": Path("/work/shared/data/mtd"), "bottle": Path("/work/shared/data/mvtec_bottle")}
+# ../shared/data beside the checkout, or SURFACEINSPECT_DATA (e.g. a copy on another machine).
+DATA_ROOT = Path(os.environ.get("SURFACEINSPECT_DATA", ROOT.parent / "shared" / "data"))
+DATA = {"mtd": DATA_ROOT / "mtd", "bottle": DATA_ROOT / "mvtec_bottle"}
 CACHE = Path("/tmp/draem_bench_cache")
 
 
