@@ -255,7 +255,7 @@ def train(
     """
     reporter = reporter or Reporter(quiet=True)
     started = time.monotonic()
-    resume_state = None
+    resume_state, seconds_before = None, 0.0
     if resume_dir is not None:
         checkpoint = modeldir.load_checkpoint(resume_dir)
         method = str(checkpoint.run_config["method"])
@@ -264,6 +264,7 @@ def train(
         train_files = [data_dir / f for f in checkpoint.train_files]
         calib_files = [data_dir / f for f in checkpoint.calibration_files]
         resume_state = checkpoint.detector_state
+        seconds_before = checkpoint.train_seconds
         run_config.method_config.check_resources()
         run_dir = resume_dir
         reporter.info(f"resuming {run_dir} ({method}, data {data_dir})")
@@ -313,7 +314,9 @@ def train(
     def write_checkpoint(state: dict[str, Any]) -> None:
         modeldir.save_checkpoint(
             run_dir,
-            modeldir.TrainCheckpoint(run_config.to_dict(), str(data_dir), rel_train, rel_calib, state),
+            modeldir.TrainCheckpoint(
+                run_config.to_dict(), str(data_dir), rel_train, rel_calib, state, context.elapsed_s()
+            ),
         )
 
     view = TrainProgressView(reporter)
@@ -323,6 +326,7 @@ def train(
         checkpoint_every_s=common.checkpoint_every_s,
         resume_state=resume_state,
         time_budget_s=common.time_budget_min * 60.0,
+        elapsed_before_s=seconds_before,
     )
     try:
         summary = detector.fit(images, context)

@@ -229,6 +229,8 @@ class TrainCheckpoint:
     train_files: list[str]
     calibration_files: list[str]
     detector_state: dict[str, Any]
+    # Training seconds spent before this checkpoint, so a resumed run keeps its time budget.
+    train_seconds: float = 0.0
 
 
 def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
@@ -242,6 +244,7 @@ def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
             "train_files": checkpoint.train_files,
             "calibration_files": checkpoint.calibration_files,
             "detector_state": checkpoint.detector_state,
+            "train_seconds": checkpoint.train_seconds,
         },
         buffer,
     )
@@ -266,6 +269,7 @@ def load_checkpoint(run_dir: Path) -> TrainCheckpoint:
         train_files=list(raw["train_files"]),
         calibration_files=list(raw["calibration_files"]),
         detector_state=raw["detector_state"],
+        train_seconds=float(raw.get("train_seconds", 0.0)),
     )
 
 

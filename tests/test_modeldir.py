@@ -13,6 +13,7 @@ import torch
 
 from surfaceinspect import engine, modeldir
 from surfaceinspect.atomic import atomic_open, write_json_atomic
+from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.errors import ModelDirError
 
 
@@ -96,6 +97,17 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
     torch.save({"format_version": modeldir.FORMAT_VERSION, "x": Evil()}, tmp_path / "checkpoint.pt")
     with pytest.raises(ModelDirError, match="cannot be loaded safely"):
         modeldir.load_checkpoint(tmp_path)
+
+
+def test_checkpoint_keeps_training_time_and_context_counts_it(tmp_path):
+    state = {"step": 3, "w": torch.ones(2)}
+    checkpoint = modeldir.TrainCheckpoint({"method": "toy"}, "/data", ["a.png"], [], state, train_seconds=12.5)
+    modeldir.save_checkpoint(tmp_path, checkpoint)
+    loaded = modeldir.load_checkpoint(tmp_path)
+    assert loaded.train_seconds == 12.5 and loaded.detector_state["step"] == 3
+    # A resumed run's context starts from the time already spent, so its budget covers both parts.
+    context = TrainContext(time_budget_s=60.0, elapsed_before_s=loaded.train_seconds)
+    assert 12.5 <= context.elapsed_s() < 13.5
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

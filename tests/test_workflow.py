@@ -302,11 +302,14 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_method, synthetic_datas
     checkpoint = modeldir.load_checkpoint(killed_dir)
     done = int(checkpoint.detector_state["step"])
     assert 0 < done < 48
+    assert checkpoint.train_seconds >= 0.05 * (done - 1)  # the checkpoint knows the time already spent
 
     result = run_cli("train", "--resume", killed_dir, "-q")
     assert result.exit_code == 0, result.output
     meta = json.loads((killed_dir / "metadata.json").read_text())
     assert meta["training"]["resumed"] is True
+    # The resumed run counts the time before the kill (its time budget covers both parts).
+    assert meta["training"]["seconds"] >= checkpoint.train_seconds
     assert not (killed_dir / "checkpoint.pt").exists()
 
     result = run_cli(

@@ -49,7 +49,9 @@ class TrainContext:
 
     A detector calls :meth:`report` after each step; when a checkpoint is due the context calls
     ``state_fn`` and passes the result to the engine's checkpoint writer. On resume,
-    :attr:`resume_state` holds the dict of the last checkpoint (as saved by ``state_fn``).
+    :attr:`resume_state` holds the dict of the last checkpoint (as saved by ``state_fn``), and
+    :meth:`elapsed_s` counts the training time spent before the interruption too, so that a
+    resumed run ends within the same ``time_budget_s`` as an uninterrupted one.
     """
 
     def __init__(
@@ -59,17 +61,20 @@ class TrainContext:
         checkpoint_every_s: float = 120.0,
         resume_state: dict[str, Any] | None = None,
         time_budget_s: float = 0.0,
+        elapsed_before_s: float = 0.0,
     ) -> None:
         self._on_progress = on_progress
         self._on_checkpoint = on_checkpoint
         self.checkpoint_every_s = checkpoint_every_s
         self.resume_state = resume_state
         self.time_budget_s = time_budget_s
+        self.elapsed_before_s = elapsed_before_s
         self.started = time.monotonic()
         self._last_checkpoint = self.started
 
     def elapsed_s(self) -> float:
-        return time.monotonic() - self.started
+        """Training seconds so far, including those before a resume."""
+        return self.elapsed_before_s + time.monotonic() - self.started
 
     def report(self, progress: TrainProgress, state_fn: Callable[[], dict[str, Any]] | None = None) -> None:
         """Report progress; write a checkpoint from ``state_fn()`` if one is due."""
