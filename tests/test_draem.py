@@ -227,6 +227,24 @@ def test_bn_fusion_keeps_outputs() -> None:
     torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_activation_checkpointing_gives_identical_gradients_and_batchnorm_statistics() -> None:
+    torch.manual_seed(0)
+    plain = DraemModel(8, 4, 3, 3)
+    init_weights(plain)
+    ckpt = DraemModel(8, 4, 3, 3, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 3, 24, 24)
+    for model in (plain, ckpt):
+        model.train()
+        rec, logits = model(x)
+        (rec.square().mean() + logits.square().mean()).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    # BatchNorm counted the batch once, although the checkpointed blocks ran their forward twice.
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+
+
 def test_invalid_image_size_is_rejected_with_nearby_sizes() -> None:
     with pytest.raises(ConfigError, match=r"multiple of 32; use 96 or 128"):
         DraemConfig().validate(CommonConfig(image_size=100))

@@ -55,7 +55,13 @@ class DraemDetector(Detector):
         super().__init__(run_config, device)
         cfg = self.cfg
         torch.manual_seed(run_config.common.seed)  # identical initial weights for a given seed
-        self.model = DraemModel(cfg.recon_width, cfg.disc_width, cfg.recon_levels, cfg.disc_levels)
+        self.model = DraemModel(
+            cfg.recon_width,
+            cfg.disc_width,
+            cfg.recon_levels,
+            cfg.disc_levels,
+            checkpointing=cfg.activation_checkpointing,
+        )
         init_weights(self.model)
         self.model.to(device)
         self.model.eval()

@@ -7,13 +7,21 @@ Layout follows the authors' model (paper widths: reconstructive 128, discriminat
 * discriminative: a U-Net with skips over ``levels`` blocks (paper: 6), input = reconstruction
   concatenated with the image (6 channels), 2-channel logits.
 Convs have no bias because BatchNorm follows each of them (the authors' convs carry a redundant one).
+
+``checkpointing=True`` trades compute for memory in training: each block keeps only its input and
+recomputes its activations in the backward pass (about one extra forward, the activations of the
+full-resolution 128-channel levels no longer held at once).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _mults(levels: int) -> list[int]:
@@ -40,6 +48,30 @@ class Up(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), conv_bn_relu(cin, cout))
 
 
+@contextlib.contextmanager
+def _keep_batchnorm_buffers(block: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update of a recomputed block: BatchNorm must count each batch once."""
+    saved = [(b, b.clone()) for m in block.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, old in saved:
+                buf.copy_(old)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``block(x)``, or with activation checkpointing while training (identical values and gradients)."""
+    if not (checkpointing and block.training and torch.is_grad_enabled()):
+        return block(x)
+    return checkpoint(
+        block,
+        x,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_buffers(block)),
+    )
+
+
 def encoder_blocks(in_channels: int, channels: list[int]) -> nn.ModuleList:
     """One DoubleConv per level (both subnetworks share this encoder layout; max-pool between levels)."""
     widths = [in_channels, *channels]
@@ -49,8 +81,16 @@ def encoder_blocks(in_channels: int, channels: list[int]) -> nn.ModuleList:
 class ReconstructiveNet(nn.Module):
     """Encoder-decoder without skips that maps an (augmented) image to its anomaly-free version."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, width: int = 128, levels: int = 5) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        width: int = 128,
+        levels: int = 5,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         ch = [width * m for m in _mults(levels)]
         self.encoder = encoder_blocks(in_channels, ch)
         # Decoder level j (coarse to fine): upsample, then a block that narrows to out[j] = ch[j-1]
@@ -65,18 +105,27 @@ class ReconstructiveNet(nn.Module):
         self.head = nn.Conv2d(ch[0], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cp = self.checkpointing
         for i, block in enumerate(self.encoder):
-            x = block(F.max_pool2d(x, 2) if i else x)
+            x = run_block(block, F.max_pool2d(x, 2) if i else x, cp)
         for up, block in zip(self.ups, self.decoder, strict=True):
-            x = block(up(x))
+            x = run_block(block, run_block(up, x, cp), cp)
         return self.head(x)
 
 
 class DiscriminativeNet(nn.Module):
     """U-Net that segments the anomaly from (reconstruction, image); returns 2-channel logits."""
 
-    def __init__(self, in_channels: int = 6, out_channels: int = 2, width: int = 64, levels: int = 6) -> None:
+    def __init__(
+        self,
+        in_channels: int = 6,
+        out_channels: int = 2,
+        width: int = 64,
+        levels: int = 6,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         ch = [width * m for m in _mults(levels)]
         self.encoder = encoder_blocks(in_channels, ch)
         # Decoder level j (coarse to fine): upsample to out[j] = ch[j-1] channels, concatenate the
@@ -91,12 +140,12 @@ class DiscriminativeNet(nn.Module):
         self.head = nn.Conv2d(ch[0], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        cp, skips = self.checkpointing, []
         for i, block in enumerate(self.encoder):
-            x = block(F.max_pool2d(x, 2) if i else x)
+            x = run_block(block, F.max_pool2d(x, 2) if i else x, cp)
             skips.append(x)
         for up, block, skip in zip(self.ups, self.decoder, reversed(skips[:-1]), strict=True):
-            x = block(torch.cat((up(x), skip), dim=1))
+            x = run_block(block, torch.cat((run_block(up, x, cp), skip), dim=1), cp)
         return self.head(x)
 
 
@@ -110,10 +159,11 @@ class DraemModel(nn.Module):
         recon_levels: int = 5,
         disc_levels: int = 6,
         in_channels: int = 3,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.recon = ReconstructiveNet(in_channels, in_channels, recon_width, recon_levels)
-        self.disc = DiscriminativeNet(2 * in_channels, 2, disc_width, disc_levels)
+        self.recon = ReconstructiveNet(in_channels, in_channels, recon_width, recon_levels, checkpointing)
+        self.disc = DiscriminativeNet(2 * in_channels, 2, disc_width, disc_levels, checkpointing)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rec = self.recon(x)
