@@ -51,6 +51,7 @@ class BenchmarkOptions:
     config_file: Path | None = None
     sets: list[str] = field(default_factory=list)
     model_dir: Path | None = None
+    keep_models: Path | None = None  # train into <keep_models>/<dataset>-<method> instead of a temporary folder
     quick: bool = False
     device: str | None = None
 
@@ -302,6 +303,8 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
 
     if options.model_dir is not None and (len(options.datasets) != 1 or len(options.methods) != 1):
         raise ConfigError("--model evaluates one trained run: give one dataset and one --method")
+    if options.model_dir is not None and options.keep_models is not None:
+        raise ConfigError("--keep-models keeps the runs that benchmark trains; with --model nothing is trained")
     for method in options.methods:
         get_detector_class(method)  # fail early on a typo
     loaded = [(root, load_mvtec(root)) for root in options.datasets]
@@ -329,7 +332,12 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
                 "has_masks": ds.has_masks,
             }
             with tempfile.TemporaryDirectory(prefix="si-bench-") as tmp:
-                run_dir = options.model_dir or Path(tmp) / "run"
+                if options.model_dir is not None:
+                    run_dir = options.model_dir
+                elif options.keep_models is not None:
+                    run_dir = options.keep_models / f"{root.name}-{method}"
+                else:
+                    run_dir = Path(tmp) / "run"
                 common = {"quiet": reporter.quiet, "device": options.device, "quick": options.quick}
                 if options.model_dir is None:
                     trained = _run_child(

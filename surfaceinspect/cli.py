@@ -480,6 +480,13 @@ def benchmark(
     model: Annotated[
         Path | None, typer.Option("--model", help="Evaluate this trained run instead of training (one dataset).")
     ] = None,
+    keep_models: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep-models",
+            help="Keep the trained runs in DIR/<dataset>-<method> (usable with score, heatmap, --model).",
+        ),
+    ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Few images and steps: checks the pipeline in about a minute.")
     ] = False,
@@ -504,6 +511,7 @@ def benchmark(
         config_file=config,
         sets=set_ or [],
         model_dir=model,
+        keep_models=keep_models,
         quick=quick,
         device=device,
     )

@@ -52,8 +52,14 @@ def test_dataset_without_masks_skips_pixel_metrics(synthetic_dataset, tmp_path):
     shutil.copytree(synthetic_dataset, data, ignore=shutil.ignore_patterns("ground_truth"))
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["benchmark", str(data), "--method", "csflow", "--quick", "--out", str(out),
-                                      "--device", "cpu", "-q"], catch_exceptions=False)
+                                      "--device", "cpu", "-q", "--keep-models", str(tmp_path / "models")],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    # --keep-models leaves a complete run directory that score can use
+    kept = tmp_path / "models" / "nomask-csflow"
+    assert (kept / "metadata.json").is_file() and (kept / "calibration.json").is_file()
+    scored = CliRunner().invoke(app, ["score", str(data / "test" / "good"), "--model", str(kept), "--json", "-q"])
+    assert scored.exit_code in (0, 1) and scored.stdout.count('"verdict"') == 8, scored.output
     entry = json.loads((out / "report.json").read_text())["entries"][0]
     assert entry["has_masks"] is False
     assert entry["accuracy"]["pixel_auroc"] is None and entry["accuracy"]["aupro"] is None
