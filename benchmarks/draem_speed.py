@@ -77,7 +77,9 @@ def infer(args: argparse.Namespace) -> dict:
 
 
 def train(args: argparse.Namespace) -> dict:
-    det = DraemDetector(run_config(args, steps=args.steps), torch.device("cpu"))
+    det = DraemDetector(
+        run_config(args, steps=args.steps, activation_checkpointing=args.checkpointing), torch.device("cpu")
+    )
     marks: list[float] = []
 
     def on_progress(p: TrainProgress) -> None:
@@ -94,6 +96,7 @@ def train(args: argparse.Namespace) -> dict:
         "widths": args.widths,
         "batch": args.batch,
         "workers": args.workers,
+        "activation_checkpointing": args.checkpointing,
         "step_s": [round(t, 2) for t in step_times],
         "train img/s (median steady step)": round(args.batch / sorted(steady)[len(steady) // 2], 3),
         "peak_rss_gb": round(peak_rss_gb(), 2),
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="train: draem.activation_checkpointing=true")
     args = ap.parse_args()
     if args.batch is None:
         args.batch = 1 if args.mode == "infer" else 8
