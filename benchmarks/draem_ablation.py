@@ -1,7 +1,7 @@
 """Run several DRAEM trainings (draem_eval.py) side by side and print a markdown table.
 
 Each experiment is a name plus ``--set`` overrides on top of a base profile. Used for the choice of
-the built-in anomaly source and of the cpu profile (BENCHMARKS.md, DRAEM section), e.g.
+the built-in anomaly source and of the cpu profile (BENCHMARKS.md, sections 3 and 5), e.g.
 
     .venv/bin/python benchmarks/draem_ablation.py --set sources --jobs 2 --out /tmp/draem_abl
     python3 benchmarks/draem_ablation.py --set sources --device cuda --jobs 4 --cache-dir .draem_cache

@@ -11,7 +11,7 @@ from surfaceinspect.errors import ConfigError
 
 # Names accepted by ``anomaly_source`` besides a folder path. "builtin" is the measured default:
 # with the cpu profile's schedule on MTD, "self" scored image / pixel AUROC 0.729 / 0.649 against
-# 0.707 / 0.591 (fractal) and 0.610 / 0.517 (structured) (BENCHMARKS.md, DRAEM section); the others
+# 0.707 / 0.591 (fractal) and 0.610 / 0.517 (structured) (BENCHMARKS.md, section 3); the others
 # stay selectable.
 BUILTIN_SOURCES = ("builtin", "fractal", "structured", "self")
 DEFAULT_BUILTIN = "self"

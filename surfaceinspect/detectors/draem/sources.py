@@ -1,9 +1,9 @@
 """Anomaly sources: where the texture pasted into synthetic anomalies comes from.
 
 The paper uses the DTD texture set (5640 photos). A user can point ``draem.anomaly_source`` at any
-folder (their DTD copy, ImageNet crops, ...). Without one, a built-in procedural source is used,
-so nothing has to be downloaded. Which built-in is the default was decided by measurement on MTD
-(BENCHMARKS.md, DRAEM section); all of them stay selectable by name.
+folder (their DTD copy, ImageNet crops, ...). Without one, a built-in source is used, so nothing
+has to be downloaded. Which built-in is the default was decided by measurement on MTD
+(BENCHMARKS.md, section 3): ``self``; all of them stay selectable by name.
 
 Every source is a picklable object with ``sample(rng, size) -> float32 (size, size, 3) in [0, 1]``;
 all randomness comes from ``rng`` so a sample is reproducible from its seed.
