@@ -169,7 +169,12 @@ def train(
     workers: WorkersOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (0 = all cores).")] = None,
     anomaly_source: Annotated[
-        str | None, typer.Option("--anomaly-source", help="DRAEM: folder of texture images (e.g. DTD) or 'builtin'.")
+        str | None,
+        typer.Option(
+            "--anomaly-source",
+            help="DRAEM: folder of texture images (e.g. DTD), or builtin (= self: transformed crops of the "
+            "good images), fractal, structured.",
+        ),
     ] = None,
     backbone_weights: Annotated[
         Path | None,
