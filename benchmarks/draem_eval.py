@@ -27,9 +27,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
-    ap.add_argument(
-        "--eval-kernels", type=int, nargs="*", default=[], help="also score with these anomaly-map mean-filter sizes"
-    )
     args = ap.parse_args()
 
     overrides = list(args.overrides)
@@ -46,9 +43,6 @@ def main() -> None:
     )
     det, summary = train(run, split["train"], args.device)
     metrics = evaluate(det, split)
-    for k in args.eval_kernels:  # same trained model, other smoothing of the anomaly map
-        det.cfg.smoothing_kernel = k
-        metrics[f"kernel_{k}"] = evaluate(det, split)
     result = {
         "data": args.data,
         "profile": run.profile,

@@ -101,7 +101,6 @@ class DraemDetector(Detector):
         planned = total
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         step, budget_note = 0, ""
-        seconds_before = 0.0
         resume = context.resume_state
         if resume is not None:
             if int(resume.get("version", -1)) != STATE_VERSION:
@@ -111,7 +110,6 @@ class DraemDetector(Detector):
             step = int(resume["step"])
             total = int(resume["scheduler"]["total_steps"])
             planned = int(resume["scheduler"].get("planned_steps", total))
-            seconds_before = float(resume.get("seconds", 0.0))
             torch.set_rng_state(resume["rng"])
         start_step = step
         loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
@@ -128,7 +126,6 @@ class DraemDetector(Detector):
                     "gamma": cfg.lr_gamma,
                 },
                 "step": step,
-                "seconds": seconds_before + (time.monotonic() - t_start),
                 "rng": torch.get_rng_state(),
             }
 
@@ -215,7 +212,7 @@ class DraemDetector(Detector):
             "epochs": round(step * batch / n, 3),
             "final_loss": float(np.mean(recent)) if recent else None,
             "final_loss_parts": parts,
-            "seconds": round(seconds_before + seconds, 1),
+            "seconds": round(context.elapsed_s(), 1),  # includes the time before a resume (engine)
             "images_per_s": round(done * batch / max(seconds, 1e-9), 3),
             # "first epoch" = the first pass of this call (it includes worker start-up and warm-up).
             "images_per_s_first_epoch": round(first / max(first_s, 1e-9), 3) if done else None,
