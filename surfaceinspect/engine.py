@@ -329,7 +329,7 @@ def train(
         elapsed_before_s=seconds_before,
     )
     try:
-        summary = detector.fit(images, context)
+        summary = detector.fit(images, context).to_dict()
     finally:
         view.close()
     del images
@@ -376,11 +376,17 @@ class LoadedModel:
     metadata: dict[str, Any]
 
 
-def load(model_dir: str | Path | None, device: str = "auto", threads: int = 0) -> LoadedModel:
-    """Load a finished run (``None`` = the latest) with its calibration."""
+def load(
+    model_dir: str | Path | None, device: str = "auto", threads: int = 0, inference_sets: Sequence[str] = ()
+) -> LoadedModel:
+    """Load a finished run (``None`` = the latest) with its calibration.
+
+    ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
+    stored calibration then no longer matches the scores, so callers recalibrate.
+    """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
-    detector, metadata = modeldir.load_model(run_dir, resolve_device(device))
+    detector, metadata = modeldir.load_model(run_dir, resolve_device(device), inference_sets)
     calibration = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
     return LoadedModel(run_dir, detector, calibration, metadata)
 

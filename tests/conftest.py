@@ -20,6 +20,17 @@ def isolated_runs(tmp_path_factory, monkeypatch):
     return home / "runs"
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """One torch thread per test (the engine sets threads per command; tests calling fit directly do not)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def toy_method(tmp_path_factory, monkeypatch):
     """Register the toy detector with cpu and paper profiles; returns its method name."""

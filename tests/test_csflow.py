@@ -278,7 +278,7 @@ def test_short_training_separates_good_from_defective():
     det = make_detector(size=size, epochs=16, hidden_channels=32)
     progress = []
     summary = det.fit(train, TrainContext(on_progress=progress.append))
-    assert summary["epochs"] == 16 and math.isfinite(summary["final_loss"])
+    assert summary.epochs == 16 and math.isfinite(summary.final_loss)
     assert {p.phase for p in progress} == {"features", "train"}
     losses = [p.loss for p in progress if p.phase == "train"]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
@@ -376,7 +376,7 @@ def test_checkpoint_resume_matches_uninterrupted_run():
         first.fit(images, TrainContext(on_checkpoint=on_checkpoint, checkpoint_every_s=1e-9))
     resumed = make_detector(epochs=3, batch_size=4)
     summary = resumed.fit(images, TrainContext(resume_state=saved[-1]))
-    assert summary["steps"] == full_steps(12, 4, 3)
+    assert summary.steps == full_steps(12, 4, 3)
     a, b = full.predict(probe), resumed.predict(probe)
     assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
 
@@ -388,8 +388,8 @@ def full_steps(n: int, bs: int, epochs: int) -> int:
 def test_time_budget_shortens_training():
     det = make_detector(epochs=1000)
     summary = det.fit(texture_images(8, 64, False, seed=1), TrainContext(time_budget_s=3.0))
-    assert 1 <= summary["epochs"] < 1000
-    assert summary["train_seconds"] < 30  # budget 3 s plus at most one epoch overshoot (slack for busy CPUs)
+    assert 1 <= summary.epochs < 1000
+    assert summary.seconds < 30  # budget 3 s plus at most one epoch overshoot (slack for busy CPUs)
 
 
 @pytest.mark.realdata
@@ -408,4 +408,4 @@ def test_real_mtd_images_train_when_present():
         imgs.append(torch.from_numpy(cv2.resize(im, (64, 64), interpolation=cv2.INTER_AREA)).permute(2, 0, 1))
     det = make_detector(epochs=1)
     summary = det.fit(torch.stack(imgs), TrainContext())
-    assert math.isfinite(summary["final_loss"])
+    assert math.isfinite(summary.final_loss)

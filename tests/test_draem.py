@@ -322,12 +322,12 @@ def test_resume_continues_identically() -> None:
 
     full = DraemDetector(tiny_run(32, steps=6), torch.device("cpu"))
     summary = full.fit(images, TrainContext(on_checkpoint=on_checkpoint, checkpoint_every_s=0.0))
-    assert summary["steps"] == 6 and 3 in saved
+    assert summary.steps == 6 and 3 in saved
 
     state = torch.load(io.BytesIO(saved[3]), weights_only=True)  # plain tensors and numbers only
     resumed = DraemDetector(tiny_run(32, steps=6), torch.device("cpu"))
     summary2 = resumed.fit(images, TrainContext(resume_state=state))
-    assert summary2["steps"] == 6 and summary2["resumed_from_step"] == 3
+    assert summary2.steps == 6 and summary2.resumed_from_step == 3
     a, b = full.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
@@ -336,8 +336,8 @@ def test_resume_continues_identically() -> None:
 def test_time_budget_shortens_schedule() -> None:
     det = DraemDetector(tiny_run(32, steps=100_000), torch.device("cpu"))
     summary = det.fit(random_uint8(8, 32), TrainContext(time_budget_s=3.0))
-    assert summary["steps"] < 100_000
-    assert "to fit the time budget" in summary["time_budget"]
+    assert summary.steps < 100_000
+    assert "to fit the time budget" in summary.schedule_note
 
 
 def _textures_with_defects(n: int, size: int, defective: bool, seed: int) -> torch.Tensor:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from surfaceinspect.config import MethodConfig
-from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ToyDetector(Detector):
     def _pooled(self, images: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(images.float(), self.config.pool)
 
-    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         n = images.shape[0]
         total = n * self.config.epochs
         state = context.resume_state or {
@@ -67,7 +67,13 @@ class ToyDetector(Detector):
         self.mean = acc / total
         # one robust spread for the whole image: per-pixel estimates from a few images are too noisy
         self.std = (sq / total - self.mean**2).clamp_min(1e-6).mean().sqrt().expand_as(self.mean).clone() + 0.01
-        return {"steps": step, "epochs": self.config.epochs, "seconds": context.elapsed_s()}
+        return TrainSummary(
+            steps=step,
+            planned_steps=total,
+            epochs=float(self.config.epochs),
+            seconds=context.elapsed_s(),
+            final_loss=None,
+        )
 
     def predict(self, images: torch.Tensor) -> Prediction:
         time.sleep(self.config.predict_delay_s)

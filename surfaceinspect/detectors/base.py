@@ -14,6 +14,7 @@ Conventions shared by all detectors:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -31,6 +32,32 @@ class Prediction:
 
     scores: torch.Tensor  # (B,)
     maps: torch.Tensor  # (B, S, S)
+
+
+@dataclass
+class TrainSummary:
+    """What :meth:`Detector.fit` reports about a finished training (stored in ``metadata.json``).
+
+    Every detector fills the same fields, so the engine and the benchmark read them without knowing
+    the method; method-specific facts (backbone, anomaly source, ...) go into ``details``.
+    """
+
+    steps: int  # optimiser steps done in total (before a resume included)
+    planned_steps: int  # steps the configuration asked for (``steps < planned_steps``: budget or early stop)
+    epochs: float  # passes over the training images (fractional where steps do not fill an epoch)
+    seconds: float  # training wall time, including the time spent before a resume
+    final_loss: float | None
+    images_per_s: float | None = None  # training throughput of this call
+    images_per_s_first_epoch: float | None = None  # includes one-off work (feature extraction, warm-up)
+    images_per_s_later_epochs: float | None = None  # None if only one epoch ran
+    resumed_from_step: int | None = None
+    schedule_note: str | None = None  # why the schedule differs from the plan (time budget, early stop)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-able dict: the standard fields, then ``details``."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "details"}
+        return {**out, **self.details}
 
 
 @dataclass

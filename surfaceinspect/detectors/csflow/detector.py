@@ -6,6 +6,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from surfaceinspect.config import RunConfig
-from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
+from surfaceinspect.detectors.schedule import Throughput, TimeBudget
 from surfaceinspect.errors import ModelDirError, TrainingError
 
 from .backbones import BACKBONES, MultiScaleFeatures, build_trunk
@@ -151,6 +153,17 @@ def channel_statistics(
     return out
 
 
+@dataclass
+class _Position:
+    """Where flow training stands: the resumable part of the schedule."""
+
+    epoch: int  # epochs completed
+    batch: int  # batches done in the current epoch
+    step: int  # optimiser steps done
+    total_epochs: int  # epochs to train (the plan, or fewer to fit a time budget)
+    perm: torch.Tensor  # image order of the current epoch
+
+
 class CSFlowDetector(Detector):
     """Fully convolutional cross-scale normalizing flow on frozen EfficientNet features."""
 
@@ -172,6 +185,16 @@ class CSFlowDetector(Detector):
     def _build(self, pretrained: bool) -> None:
         cfg = self.config
         spec = BACKBONES[cfg.backbone]
+        with torch.random.fork_rng(devices=[]):  # the flow's initial weights from the seed alone
+            torch.manual_seed(self.run_config.common.seed)
+            self._build_modules(cfg, spec, pretrained)
+        self.extractor.to(self.device)
+        self.flow.to(self.device)
+        if cfg.channels_last and self.device.type == "cpu":
+            self.extractor.to(memory_format=torch.channels_last)
+            self.flow.to(memory_format=torch.channels_last)
+
+    def _build_modules(self, cfg: CSFlowConfig, spec: Any, pretrained: bool) -> None:
         trunk = build_trunk(cfg.backbone, cfg.feature_stage, cfg.backbone_weights or None, pretrained=pretrained)
         self.extractor = MultiScaleFeatures(trunk, spec.mean, spec.std, cfg.n_scales, cfg.downscale_mode)
         self.flow = CSFlow(
@@ -184,16 +207,6 @@ class CSFlowDetector(Detector):
             n_scales=cfg.n_scales,
             seed=self.run_config.common.seed,
         )
-        self.extractor.to(self.device)
-        self.flow.to(self.device)
-        if cfg.channels_last and self.device.type == "cpu":
-            self.extractor.to(memory_format=torch.channels_last)
-            self.flow.to(memory_format=torch.channels_last)
-
-    def _set_threads(self) -> None:
-        threads = self.run_config.common.threads
-        if threads > 0:
-            torch.set_num_threads(threads)
 
     def _layout(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         feats = [f.to(self.device, non_blocking=True) for f in feats]
@@ -205,21 +218,17 @@ class CSFlowDetector(Detector):
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         cfg = self.config
-        common = self.run_config.common
         cfg.check_resources()  # fail with the one-line message before any work
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"fit expects uint8 images (N, 3, S, S), got {tuple(images.shape)} {images.dtype}")
         if len(images) == 0:
             raise TrainingError("no training images; add good images to the training folder")
-        self._set_threads()
-        torch.manual_seed(common.seed)
         self._build(pretrained=True)
-        assert self.extractor is not None and self.flow is not None
+        assert self.extractor is not None
         n = len(images)
-        bs = min(common.batch_size, n)
-
+        bs = min(self.run_config.common.batch_size, n)
         t0 = time.monotonic()
 
         def feature_progress(done: int, total: int) -> None:
@@ -231,114 +240,115 @@ class CSFlowDetector(Detector):
         feature_s = time.monotonic() - t0
         self.norm = channel_statistics(store, n, bs, self.device) if cfg.feature_norm == "channel" else None
         try:
-            summary = self._train(store, n, bs, context)
+            summary = self._train_flow(store, n, bs, context, feature_s)
         finally:
             store.close()
-        first_epoch_s = summary.pop("first_epoch_seconds")
-        summary.update(
+        summary.details.update(
             backbone=cfg.backbone,
             feature_stage=cfg.feature_stage,
             feature_seconds=round(feature_s, 2),
             feature_cache=cfg.feature_cache,
-            # the first epoch pays for feature extraction, later ones only touch the flow
-            images_per_s_first_epoch=round(n / (feature_s + first_epoch_s), 2) if first_epoch_s else None,
         )
         return summary
 
-    def _train(self, store: FeatureStore, n: int, bs: int, context: TrainContext) -> dict[str, Any]:
+    def _train_flow(
+        self, store: FeatureStore, n: int, bs: int, context: TrainContext, feature_s: float
+    ) -> TrainSummary:
+        """Train the flow on the stored features (epochs of shuffled batches), resumable mid-epoch."""
         cfg = self.config
         flow = self.flow
         assert flow is not None
         optimizer = torch.optim.Adam(
             flow.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        gen = torch.Generator().manual_seed(self.run_config.common.seed)
         steps_per_epoch = math.ceil(n / bs)
-        epoch, batch_in_epoch, step = 0, 0, 0
-        perm = torch.randperm(n, generator=gen)
-        total_epochs = cfg.epochs
-        state = context.resume_state
-        if state:
-            flow.load_state_dict(state["flow"])
-            optimizer.load_state_dict(state["optimizer"])
-            epoch, batch_in_epoch, step = int(state["epoch"]), int(state["batch_in_epoch"]), int(state["step"])
-            total_epochs = int(state.get("total_epochs", total_epochs))
-            perm = state["perm"]
-            gen.set_state(state["rng"])
+        gen = torch.Generator().manual_seed(self.run_config.common.seed)
+        pos = _Position(epoch=0, batch=0, step=0, total_epochs=cfg.epochs, perm=torch.randperm(n, generator=gen))
+        if context.resume_state:
+            pos = self._restore(context.resume_state, optimizer, gen)
+        start_step = pos.step
+        budget = TimeBudget(
+            context.time_budget_s, cfg.epochs * steps_per_epoch, context.elapsed_s, granularity=steps_per_epoch
+        )
+        # The first epoch of a fresh run pays for the feature extraction.
+        meter = Throughput(steps_per_epoch, one_off_s=feature_s if start_step == 0 else 0.0)
 
         def state_fn() -> dict[str, Any]:
             return {
                 "flow": flow.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "step": step,
-                "total_epochs": total_epochs,
-                "perm": perm,
+                "epoch": pos.epoch,
+                "batch_in_epoch": pos.batch,
+                "step": pos.step,
+                "total_epochs": pos.total_epochs,
+                "perm": pos.perm,
                 "rng": gen.get_state(),
             }
 
         flow.train()
-        train_t0 = time.monotonic()
-        epoch_times: list[float] = []
         loss_value = float("nan")
-        images_seen = 0
-        while epoch < total_epochs:
-            epoch_t0 = time.monotonic()
-            epoch_loss, epoch_batches = 0.0, 0
-            while batch_in_epoch < steps_per_epoch:
-                idx = perm[batch_in_epoch * bs : (batch_in_epoch + 1) * bs]
-                feats = self._layout(store.get(idx))
-                zs, logdet = flow(feats)
-                loss = nll_per_dim(zs, logdet)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"CS-Flow loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower csflow.lr "
-                        f"(now {cfg.lr}) or csflow.clamp (now {cfg.clamp}), or check the training images"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
-                optimizer.step()
-                loss_value = loss.item()
-                epoch_loss += loss_value
-                epoch_batches += 1
-                images_seen += len(idx)
-                batch_in_epoch += 1
-                step += 1
-                context.report(
-                    TrainProgress(
-                        phase="train",
-                        step=step,
-                        total=total_epochs * steps_per_epoch,
-                        loss=loss_value,
-                        info={"epoch": epoch + 1, "epochs": total_epochs},
-                    ),
-                    state_fn,
-                )
-            epoch += 1
-            batch_in_epoch = 0
-            perm = torch.randperm(n, generator=gen)
-            epoch_times.append(time.monotonic() - epoch_t0)
-            if context.time_budget_s > 0 and epoch < total_epochs:
-                # Later epochs only touch the flow; the last epoch's time predicts the next ones.
-                remaining = context.time_budget_s - context.elapsed_s()
-                fit = epoch + max(0, int(remaining // max(epoch_times[-1], 1e-6)))
-                total_epochs = max(epoch, min(total_epochs, fit))
+        while pos.epoch < pos.total_epochs:
+            idx = pos.perm[pos.batch * bs : (pos.batch + 1) * bs]
+            loss_value = self._train_step(store.get(idx), optimizer, pos)
+            meter.step_done(len(idx))
+            pos.step += 1
+            pos.batch += 1
+            if pos.batch == steps_per_epoch:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+                pos.perm = torch.randperm(n, generator=gen)
+            pos.total_epochs = budget.update(pos.step, pos.total_epochs * steps_per_epoch) // steps_per_epoch
+            context.report(
+                TrainProgress(
+                    phase="train",
+                    step=pos.step,
+                    total=pos.total_epochs * steps_per_epoch,
+                    loss=loss_value,
+                    info={"epoch": min(pos.epoch + 1, pos.total_epochs), "epochs": pos.total_epochs},
+                ),
+                state_fn,
+            )
         flow.eval()
-        train_s = time.monotonic() - train_t0
-        later = epoch_times[1:]
-        return {
-            "seconds": round(context.elapsed_s(), 2),
-            "epochs": epoch,
-            "epochs_configured": cfg.epochs,
-            "steps": step,
-            "final_loss": loss_value,
-            "train_seconds": round(train_s, 2),
-            "train_images_per_s": round(images_seen / train_s, 2) if train_s > 0 else None,
-            "first_epoch_seconds": epoch_times[0] if epoch_times else None,
-            "images_per_s_later_epochs": round(n / (sum(later) / len(later)), 2) if later else None,
-        }
+        return TrainSummary(
+            steps=pos.step,
+            planned_steps=cfg.epochs * steps_per_epoch,
+            epochs=pos.epoch,
+            seconds=round(context.elapsed_s(), 2),
+            final_loss=loss_value,
+            resumed_from_step=start_step if context.resume_state else None,
+            schedule_note=budget.note(pos.total_epochs * steps_per_epoch, "epochs", steps_per_epoch),
+            **meter.rates(),
+        )
+
+    def _restore(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, gen: torch.Generator) -> _Position:
+        """Load a checkpoint's flow and optimiser state; the position it was written at."""
+        assert self.flow is not None
+        self.flow.load_state_dict(state["flow"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        return _Position(
+            epoch=int(state["epoch"]),
+            batch=int(state["batch_in_epoch"]),
+            step=int(state["step"]),
+            total_epochs=int(state.get("total_epochs", self.config.epochs)),
+            perm=state["perm"],
+        )
+
+    def _train_step(self, feats: list[torch.Tensor], optimizer: torch.optim.Optimizer, pos: _Position) -> float:
+        """One optimiser step of the flow on a batch of features; returns the loss."""
+        assert self.flow is not None
+        zs, logdet = self.flow(self._layout(feats))
+        loss = nll_per_dim(zs, logdet)
+        if not torch.isfinite(loss):
+            cfg = self.config
+            raise TrainingError(
+                f"CS-Flow loss became {loss.item()} at epoch {pos.epoch + 1}, step {pos.step + 1}; lower csflow.lr "
+                f"(now {cfg.lr}) or csflow.clamp (now {cfg.clamp}), or check the training images"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
+        optimizer.step()
+        return loss.item()
 
     # ------------------------------------------------------------------ inference
 
@@ -395,7 +405,6 @@ class CSFlowDetector(Detector):
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._set_threads()
         self._build(pretrained=False)
         assert self.extractor is not None and self.flow is not None
         self.norm = None

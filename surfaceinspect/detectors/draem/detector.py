@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from surfaceinspect.config import RunConfig
-from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
 from surfaceinspect.detectors.draem.config import DEFAULT_BUILTIN, DraemConfig
 from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.detectors.draem.networks import DraemModel, fuse_conv_bn, init_weights
@@ -25,15 +25,10 @@ from surfaceinspect.detectors.draem.synthesis import (
     is_grayscale,
     worker_init,
 )
+from surfaceinspect.detectors.schedule import Throughput, TimeBudget
 from surfaceinspect.errors import ModelDirError, TrainingError
 
 STATE_VERSION = 1
-# Steps timed (after one warm-up step) before a time budget shortens the schedule.
-BUDGET_PROBE_STEPS = 5
-# Probes (of BUDGET_PROBE_STEPS steps each) in the window the step time is measured over.
-BUDGET_WINDOW = 6
-# Fraction of the remaining budget the schedule may fill (the rest absorbs timing noise).
-BUDGET_SAFETY = 0.95
 # Input range accepted by predict(): [0, 1] plus rounding slack. ImageNet-normalised images
 # reach about -2.1 .. 2.6 and would silently ruin the scores.
 INPUT_SLACK = 0.02
@@ -45,6 +40,15 @@ def lr_at(step: int, total: int, base_lr: float, milestones: tuple[float, ...], 
     return base_lr * gamma**drops
 
 
+@dataclass
+class _Position:
+    """Where training stands: the resumable part of the schedule."""
+
+    step: int  # optimiser steps done
+    total: int  # steps to train (the plan, or fewer to fit a time budget)
+    planned: int  # steps the configuration asked for
+
+
 class DraemDetector(Detector):
     """DRAEM: learn to restore and segment synthetic anomalies; score = max of the smoothed mask."""
 
@@ -54,15 +58,16 @@ class DraemDetector(Detector):
     def __init__(self, run_config: RunConfig, device: torch.device) -> None:
         super().__init__(run_config, device)
         cfg = self.cfg
-        torch.manual_seed(run_config.common.seed)  # identical initial weights for a given seed
-        self.model = DraemModel(
-            cfg.recon_width,
-            cfg.disc_width,
-            cfg.recon_levels,
-            cfg.disc_levels,
-            checkpointing=cfg.activation_checkpointing,
-        )
-        init_weights(self.model)
+        with torch.random.fork_rng(devices=[]):  # initial weights from the seed alone, global RNG untouched
+            torch.manual_seed(run_config.common.seed)
+            self.model = DraemModel(
+                cfg.recon_width,
+                cfg.disc_width,
+                cfg.recon_levels,
+                cfg.disc_levels,
+                checkpointing=cfg.activation_checkpointing,
+            )
+            init_weights(self.model)
         self.model.to(device)
         self.model.eval()
         self._fast: torch.nn.Module | None = None  # fused inference copy, rebuilt when weights change
@@ -76,14 +81,85 @@ class DraemDetector(Detector):
     # ------------------------------------------------------------------------------------------
     # training
 
-    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         cfg, common = self.cfg, self.run_config.common
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"fit() expects uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
-        threads_before = torch.get_num_threads()
-        if common.threads > 0:
-            torch.set_num_threads(common.threads)  # restored on return: the setting is process-wide
         n, batch = images.shape[0], common.batch_size
+        dataset, grey = self._synthesis_dataset(images)
+        steps_per_epoch = math.ceil(n / batch)
+        planned = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        position = self._restore(context.resume_state, optimizer) or _Position(0, planned, planned)
+        start_step = position.step
+        loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
+        budget = TimeBudget(context.time_budget_s, position.planned, context.elapsed_s)
+        meter = Throughput(steps_per_epoch)
+
+        def state_fn() -> dict[str, Any]:
+            return {
+                "version": STATE_VERSION,
+                "model": self.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {
+                    "total_steps": position.total,
+                    "planned_steps": position.planned,
+                    "milestones": list(cfg.lr_milestones),
+                    "gamma": cfg.lr_gamma,
+                },
+                "step": position.step,
+            }
+
+        loader = DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=GlobalIndexSampler(position.step * batch),
+            num_workers=common.workers,
+            worker_init_fn=worker_init if common.workers > 0 else None,
+            prefetch_factor=4 if common.workers > 0 else None,
+        )
+        recent: list[float] = []
+        parts: dict[str, float] = {}
+        self.model.train()
+        self._fast = None
+        context.report(TrainProgress("train", position.step, position.total), state_fn)
+        try:
+            for batch_data in loader:
+                if position.step >= position.total:
+                    break
+                lr = lr_at(position.step, position.total, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
+                loss, parts = self._train_step(batch_data, optimizer, loss_fn, lr, position.step)
+                position.step += 1
+                meter.step_done(batch)
+                recent = [*recent[-49:], loss]
+                # The milestones stay at the same fractions of a shortened schedule.
+                position.total = budget.update(position.step, position.total)
+                context.report(
+                    TrainProgress("train", position.step, position.total, loss, {"lr": lr, **parts}), state_fn
+                )
+        finally:
+            del loader
+            self.model.eval()
+            self._fast = None
+        return TrainSummary(
+            steps=position.step,
+            planned_steps=position.planned,
+            epochs=round(position.step * batch / n, 3),
+            seconds=round(context.elapsed_s(), 1),
+            final_loss=float(np.mean(recent)) if recent else None,
+            resumed_from_step=start_step if context.resume_state is not None else None,
+            schedule_note=budget.note(position.total),
+            **meter.rates(),
+            details={
+                "final_loss_parts": parts,
+                "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
+                "grey_textures": grey,
+            },
+        )
+
+    def _synthesis_dataset(self, images: torch.Tensor) -> tuple[SynthesisDataset, bool]:
+        """The endless dataset of (good, augmented, mask) samples; also whether textures are made grey."""
+        cfg = self.cfg
         nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
         grey = cfg.match_grayscale and is_grayscale(nhwc)
         params = SynthesisParams(
@@ -94,136 +170,45 @@ class DraemDetector(Detector):
             augment_ops=cfg.augment_ops,
             grayscale=grey,
         )
-        dataset = SynthesisDataset(nhwc, make_source(cfg.anomaly_source, nhwc), params, common.seed)
+        source = make_source(cfg.anomaly_source, nhwc)
+        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed), grey
 
-        steps_per_epoch = math.ceil(n / batch)
-        total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-        planned = total
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        step, budget_note = 0, ""
-        resume = context.resume_state
-        if resume is not None:
-            if int(resume.get("version", -1)) != STATE_VERSION:
-                raise TrainingError("the checkpoint was written by another DRAEM version; start training afresh")
-            self.model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            step = int(resume["step"])
-            total = int(resume["scheduler"]["total_steps"])
-            planned = int(resume["scheduler"].get("planned_steps", total))
-            torch.set_rng_state(resume["rng"])
-        start_step = step
-        loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
+    def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
+        """Load a checkpoint's weights and optimiser state; the position it was written at."""
+        if state is None:
+            return None
+        if int(state.get("version", -1)) != STATE_VERSION:
+            raise TrainingError("the checkpoint was written by another DRAEM version; start training afresh")
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        total = int(state["scheduler"]["total_steps"])
+        return _Position(int(state["step"]), total, int(state["scheduler"].get("planned_steps", total)))
 
-        def state_fn() -> dict[str, Any]:
-            return {
-                "version": STATE_VERSION,
-                "model": self.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {
-                    "total_steps": total,
-                    "planned_steps": planned,
-                    "milestones": list(cfg.lr_milestones),
-                    "gamma": cfg.lr_gamma,
-                },
-                "step": step,
-                "rng": torch.get_rng_state(),
-            }
-
-        loader = DataLoader(
-            dataset,
-            batch_size=batch,
-            sampler=GlobalIndexSampler(step * batch),
-            num_workers=common.workers,
-            worker_init_fn=worker_init if common.workers > 0 else None,
-            prefetch_factor=4 if common.workers > 0 else None,
-        )
-        self.model.train()
-        self._fast = None
-        recent: list[float] = []
-        parts: dict[str, float] = {}
-        t_start = time.monotonic()
-        probes: list[tuple[int, float]] = []  # (step, time) every BUDGET_PROBE_STEPS steps
-        t_epoch1: float | None = None
-        budget_s = float(context.time_budget_s or 0.0)
-        context.report(TrainProgress("train", step, total), state_fn)
-        try:
-            for batch_data in loader:
-                if step >= total:
-                    break
-                lr = lr_at(step, total, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                image = batch_data["image"].to(self.device, non_blocking=True)
-                augmented = batch_data["augmented"].to(self.device, non_blocking=True)
-                mask = batch_data["mask"].to(self.device, non_blocking=True)
-                rec, logits = self.model(augmented)
-                loss, parts = loss_fn(rec, image, logits, mask)
-                if "nonfinite" in parts:
-                    raise TrainingError(
-                        f"DRAEM loss became non-finite at step {step + 1} ({parts}); lower draem.lr "
-                        f"(now {cfg.lr:g}) or check the training images"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                recent = [*recent[-49:], float(loss.detach())]
-                if step - start_step == steps_per_epoch:
-                    t_epoch1 = time.monotonic()
-
-                # Time budget: time a few steps after the first (which pays one-off costs), then
-                # shorten the schedule (milestones stay at the same fractions) to end in time.
-                # The estimate is redone every few steps over a recent window, so the schedule follows
-                # the machine's load (it may grow back, never beyond the planned steps).
-                done = step - start_step
-                if budget_s > 0 and done >= 1 and (done - 1) % BUDGET_PROBE_STEPS == 0:
-                    probes.append((step, time.monotonic()))
-                    if len(probes) > 1:
-                        (s0, t0), (s1, t1) = probes[max(0, len(probes) - 1 - BUDGET_WINDOW)], probes[-1]
-                        per_step = (t1 - t0) / (s1 - s0)
-                        remaining = budget_s * BUDGET_SAFETY - context.elapsed_s()
-                        new_total = min(planned, step + max(0, int(remaining / per_step)))
-                        if new_total != total:
-                            total = new_total
-                            budget_note = (
-                                f"schedule set to {total} of {planned} planned steps to fit the time budget"
-                                if total < planned
-                                else ""
-                            )
-
-                context.report(
-                    TrainProgress("train", step, total, float(loss.detach()), {"lr": lr, **parts}),
-                    state_fn,
-                )
-        finally:
-            del loader
-            self.model.eval()
-            self._fast = None
-            torch.set_num_threads(threads_before)
-        t_end = time.monotonic()
-        seconds = t_end - t_start
-        done = step - start_step
-        first = min(done, steps_per_epoch) * batch
-        first_s = (t_epoch1 or t_end) - t_start
-        later_s = t_end - t_epoch1 if t_epoch1 is not None else 0.0
-        return {
-            "steps": step,
-            "planned_steps": planned,
-            "epochs": round(step * batch / n, 3),
-            "final_loss": float(np.mean(recent)) if recent else None,
-            "final_loss_parts": parts,
-            "seconds": round(context.elapsed_s(), 1),  # includes the time before a resume (engine)
-            "images_per_s": round(done * batch / max(seconds, 1e-9), 3),
-            # "first epoch" = the first pass of this call (it includes worker start-up and warm-up).
-            "images_per_s_first_epoch": round(first / max(first_s, 1e-9), 3) if done else None,
-            "images_per_s_later_epochs": (
-                round((done - steps_per_epoch) * batch / later_s, 3) if later_s > 0 and done > steps_per_epoch else None
-            ),
-            "resumed_from_step": start_step if resume is not None else None,
-            "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
-            "grey_textures": grey,
-            "time_budget": budget_note or None,
-        }
+    def _train_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        loss_fn: DraemLoss,
+        lr: float,
+        step: int,
+    ) -> tuple[float, dict[str, float]]:
+        """One optimiser step on a synthesised batch; returns the loss and its parts."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        image = batch["image"].to(self.device, non_blocking=True)
+        augmented = batch["augmented"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        rec, logits = self.model(augmented)
+        loss, parts = loss_fn(rec, image, logits, mask)
+        if "nonfinite" in parts:
+            raise TrainingError(
+                f"DRAEM loss became non-finite at step {step + 1} ({parts}); lower draem.lr (now {self.cfg.lr:g}) "
+                "or check the training images"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach()), parts
 
     # ------------------------------------------------------------------------------------------
     # inference
