@@ -54,9 +54,11 @@ class BenchmarkOptions:
     keep_models: Path | None = None  # train into <keep_models>/<dataset>-<method> instead of a temporary folder
     quick: bool = False
     device: str | None = None
+    seeds: list[int] = field(default_factory=list)  # train once per seed (common.seed); [] = the config's seed
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024, 1)
@@ -102,7 +104,7 @@ def _train_child(args: dict[str, Any], queue: Any) -> None:
                 "run_dir": str(result.run_dir),
                 "train_seconds": round(time.monotonic() - started, 2),
                 "summary": result.summary,
-                "peak_rss_train_mb": _peak_rss_mb(),
+                "peak_rss_train_mb": peak_rss_mb(),
                 "threads": torch.get_num_threads(),
             }
         )
@@ -204,7 +206,11 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
         from surfaceinspect.data import iterate_images, stack_images
 
         reporter = Reporter(quiet=args["quiet"])
-        model = engine.load(Path(args["run_dir"]), device=args["device"] or "auto")
+        model = engine.load(
+            Path(args["run_dir"]), device=args["device"] or "auto", inference_sets=args["inference_sets"]
+        )
+        if args["inference_sets"]:
+            model.calibration = _recalibrate_on_held_out(model, reporter)
         samples = [TestSample(Path(p), t, a, Path(m) if m else None) for p, t, a, m in args["samples"]]
         common = model.detector.run_config.common
         n_single = QUICK_TIMING_IMAGES if args["quick"] else TIMING_IMAGES
@@ -214,7 +220,7 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
             for batch in iterate_images(timing_paths, common.image_size, common.batch_size, 0)
         ]
         timings = _time_inference(model.detector, torch.cat(timing_images), n_single)
-        timings["peak_rss_inference_mb"] = _peak_rss_mb()
+        timings["peak_rss_inference_mb"] = peak_rss_mb()
         scores: list[float] = []
         maps: list[np.ndarray | None] = []
         started = time.monotonic()
@@ -244,13 +250,28 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
                 "timings": timings,
                 "accuracy": accuracy,
                 "calibration": model.calibration.to_dict(),
-                "config": model.metadata["config"],
+                "config": model.detector.run_config.to_dict(),  # effective: overrides included
             }
         )
     except SurfaceInspectError as exc:
         queue.put({"ok": False, "error": str(exc)})
     except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _recalibrate_on_held_out(model: Any, reporter: Reporter) -> Any:
+    """Calibrate again on the run's own held-out images (other inference settings change the scores)."""
+    from surfaceinspect import engine
+
+    root = Path(model.metadata["dataset"]["root"])
+    held_out = [root / name for name in model.metadata.get("calibration_files", [])]
+    if not held_out:
+        raise ConfigError(
+            f"{model.run_dir} was calibrated on a labelled folder, so its held-out images are unknown; "
+            "inference settings can only be changed on runs calibrated on held-out good images"
+        )
+    config = model.detector.run_config
+    return engine.calibrate_detector(model.detector, held_out, root, config, reporter, source=f"held-out of {root}")
 
 
 def _run_child(target: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -298,15 +319,8 @@ def machine_info(device: str | None) -> dict[str, Any]:
 
 
 def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, Any]:
-    """Run every dataset x method; write report.json, report.md and roc_<dataset>.png to ``out_dir``."""
-    from surfaceinspect.detectors import get_detector_class
-
-    if options.model_dir is not None and (len(options.datasets) != 1 or len(options.methods) != 1):
-        raise ConfigError("--model evaluates one trained run: give one dataset and one --method")
-    if options.model_dir is not None and options.keep_models is not None:
-        raise ConfigError("--keep-models keeps the runs that benchmark trains; with --model nothing is trained")
-    for method in options.methods:
-        get_detector_class(method)  # fail early on a typo
+    """Run every dataset x method (x seed); write report.json, report.md and roc_<dataset>.png to ``out_dir``."""
+    _check_options(options)
     loaded = [(root, load_mvtec(root)) for root in options.datasets]
     options.out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -314,92 +328,167 @@ def run_benchmark(options: BenchmarkOptions, reporter: Reporter) -> dict[str, An
         "quick": options.quick,
         "machine": machine_info(options.device),
         "entries": [],
+        "aggregates": [],
     }
     rocs: dict[str, dict[str, tuple[list[float], list[float], float]]] = {}
     for root, ds in loaded:
         train_files, samples = _quick_subset(ds) if options.quick else (list(ds.train_good), list(ds.test))
         for method in options.methods:
-            label = f"{root.name}/{method}"
-            reporter.info(f"[bold]benchmark {label}[/bold]: {len(train_files)} train, {len(samples)} test images")
-            entry: dict[str, Any] = {
-                "dataset": root.name,
-                "dataset_root": str(root),
-                "method": method,
-                "profile": options.profile,
-                "n_train_images": len(train_files),
-                "n_test_good": sum(not s.is_anomalous for s in samples),
-                "n_test_defective": sum(s.is_anomalous for s in samples),
-                "has_masks": ds.has_masks,
-            }
-            with tempfile.TemporaryDirectory(prefix="si-bench-") as tmp:
-                if options.model_dir is not None:
-                    run_dir = options.model_dir
-                elif options.keep_models is not None:
-                    run_dir = options.keep_models / f"{root.name}-{method}"
-                else:
-                    run_dir = Path(tmp) / "run"
-                common = {"quiet": reporter.quiet, "device": options.device, "quick": options.quick}
-                if options.model_dir is None:
-                    trained = _run_child(
-                        _train_child,
-                        {
-                            **common,
-                            "method": method,
-                            "profile": options.profile,
-                            "config_file": options.config_file,
-                            "sets": options.sets,
-                            "dataset": str(root),
-                            "run_dir": str(run_dir),
-                            "train_files": [str(p) for p in train_files],
-                        },
-                    )
-                    if not trained["ok"]:
-                        raise ConfigError(f"benchmark {label}: training failed: {trained['error']}")
-                    summary = trained["summary"]
-                    entry["training"] = {
-                        "train_seconds": trained["train_seconds"],
-                        "fit_seconds": summary.get("seconds"),
-                        "epochs": summary.get("epochs"),
-                        "steps": summary.get("steps"),
-                        "train_images_per_s_first_epoch": summary.get("images_per_s_first_epoch"),
-                        "train_images_per_s_later_epochs": summary.get("images_per_s_later_epochs"),
-                        "peak_rss_train_mb": trained["peak_rss_train_mb"],
-                        "threads": trained["threads"],
-                        "n_calibration_images": None,
-                        "summary": summary,
-                    }
-                evaluated = _run_child(
-                    _eval_child,
-                    {
-                        **common,
-                        "run_dir": str(run_dir),
-                        "dataset": str(root),
-                        "label": label,
-                        "has_masks": ds.has_masks,
-                        "samples": [
-                            (str(s.path), s.defect_type, s.is_anomalous, str(s.mask_path or "")) for s in samples
-                        ],
-                    },
-                )
-            if not evaluated["ok"]:
-                raise ConfigError(f"benchmark {label}: evaluation failed: {evaluated['error']}")
-            accuracy = evaluated["accuracy"]
-            fpr, tpr = accuracy.pop("_roc")
-            rocs.setdefault(root.name, {})[method] = (fpr, tpr, accuracy["image_auroc"])
-            entry["profile"] = evaluated["config"].get("profile", options.profile)
-            entry["config"] = evaluated["config"]
-            entry["accuracy"] = accuracy
-            entry["inference"] = evaluated["timings"]
-            entry["calibration"] = {
-                k: evaluated["calibration"][k]
-                for k in ("mode", "n_good", "image_threshold", "achievable_false_reject_rate")
-            }
-            if "training" in entry:
-                entry["training"]["n_calibration_images"] = evaluated["calibration"]["n_good"]
-            report["entries"].append(entry)
-            write_json_atomic(options.out_dir / "report.json", report)  # partial results survive a crash
+            for seed in options.seeds or [None]:
+                entry, roc = _benchmark_one(options, reporter, root, ds, method, seed, train_files, samples)
+                name = method if seed is None or len(options.seeds) == 1 else f"{method} seed {seed}"
+                rocs.setdefault(root.name, {})[name] = roc
+                report["entries"].append(entry)
+                report["aggregates"] = aggregate_seeds(report["entries"])
+                write_json_atomic(options.out_dir / "report.json", report)  # partial results survive a crash
     _write_outputs(report, rocs, options.out_dir)
     return report
+
+
+def _check_options(options: BenchmarkOptions) -> None:
+    from surfaceinspect.detectors import get_detector_class
+
+    if options.model_dir is not None and (len(options.datasets) != 1 or len(options.methods) != 1):
+        raise ConfigError("--model evaluates one trained run: give one dataset and one --method")
+    if options.model_dir is not None and options.keep_models is not None:
+        raise ConfigError("--keep-models keeps the runs that benchmark trains; with --model nothing is trained")
+    if options.model_dir is not None and options.seeds:
+        raise ConfigError("--seed trains once per seed; with --model nothing is trained")
+    if len(set(options.seeds)) != len(options.seeds):
+        raise ConfigError(f"--seed given twice with the same value ({options.seeds}); give each seed once")
+    for method in options.methods:
+        get_detector_class(method)  # fail early on a typo
+
+
+def _benchmark_one(
+    options: BenchmarkOptions,
+    reporter: Reporter,
+    root: Path,
+    ds: MVTecDataset,
+    method: str,
+    seed: int | None,
+    train_files: list[Path],
+    samples: list[TestSample],
+) -> tuple[dict[str, Any], tuple[list[float], list[float], float]]:
+    """Train (unless --model) and evaluate one dataset x method x seed; the report entry and ROC curve."""
+    label = f"{root.name}/{method}" + (f"/seed {seed}" if seed is not None else "")
+    reporter.info(f"[bold]benchmark {label}[/bold]: {len(train_files)} train, {len(samples)} test images")
+    entry: dict[str, Any] = {
+        "dataset": root.name,
+        "dataset_root": str(root),
+        "method": method,
+        "profile": options.profile,
+        "seed": seed,
+        "n_train_images": len(train_files),
+        "n_test_good": sum(not s.is_anomalous for s in samples),
+        "n_test_defective": sum(s.is_anomalous for s in samples),
+        "has_masks": ds.has_masks,
+    }
+    common = {"quiet": reporter.quiet, "device": options.device, "quick": options.quick}
+    with tempfile.TemporaryDirectory(prefix="si-bench-") as tmp:
+        if options.model_dir is not None:
+            run_dir = options.model_dir
+        elif options.keep_models is not None:
+            suffix = f"-seed{seed}" if seed is not None and len(options.seeds) > 1 else ""
+            run_dir = options.keep_models / f"{root.name}-{method}{suffix}"
+        else:
+            run_dir = Path(tmp) / "run"
+        if options.model_dir is None:
+            sets = list(options.sets) + ([f"common.seed={seed}"] if seed is not None else [])
+            trained = _run_child(
+                _train_child,
+                {
+                    **common,
+                    "method": method,
+                    "profile": options.profile,
+                    "config_file": options.config_file,
+                    "sets": sets,
+                    "dataset": str(root),
+                    "run_dir": str(run_dir),
+                    "train_files": [str(p) for p in train_files],
+                },
+            )
+            if not trained["ok"]:
+                raise ConfigError(f"benchmark {label}: training failed: {trained['error']}")
+            entry["training"] = _training_entry(trained)
+        evaluated = _run_child(
+            _eval_child,
+            {
+                **common,
+                "run_dir": str(run_dir),
+                "dataset": str(root),
+                "label": label,
+                "has_masks": ds.has_masks,
+                "inference_sets": list(options.sets) if options.model_dir is not None else [],
+                "samples": [(str(s.path), s.defect_type, s.is_anomalous, str(s.mask_path or "")) for s in samples],
+            },
+        )
+    if not evaluated["ok"]:
+        raise ConfigError(f"benchmark {label}: evaluation failed: {evaluated['error']}")
+    accuracy = evaluated["accuracy"]
+    fpr, tpr = accuracy.pop("_roc")
+    entry["profile"] = evaluated["config"].get("profile", options.profile)
+    entry["seed"] = evaluated["config"]["common"]["seed"]
+    entry["config"] = evaluated["config"]
+    entry["accuracy"] = accuracy
+    entry["inference"] = evaluated["timings"]
+    entry["calibration"] = {
+        k: evaluated["calibration"][k] for k in ("mode", "n_good", "image_threshold", "achievable_false_reject_rate")
+    }
+    if "training" in entry:
+        entry["training"]["n_calibration_images"] = evaluated["calibration"]["n_good"]
+    return entry, (fpr, tpr, accuracy["image_auroc"])
+
+
+def _training_entry(trained: dict[str, Any]) -> dict[str, Any]:
+    summary = trained["summary"]
+    return {
+        "train_seconds": trained["train_seconds"],
+        "fit_seconds": summary.get("seconds"),
+        "epochs": summary.get("epochs"),
+        "steps": summary.get("steps"),
+        "train_images_per_s_first_epoch": summary.get("images_per_s_first_epoch"),
+        "train_images_per_s_later_epochs": summary.get("images_per_s_later_epochs"),
+        "peak_rss_train_mb": trained["peak_rss_train_mb"],
+        "threads": trained["threads"],
+        "n_calibration_images": None,
+        "summary": summary,
+    }
+
+
+AGGREGATED = ("image_auroc", "pixel_auroc", "aupro", "f1_calibrated")
+
+
+def aggregate_seeds(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, standard deviation, min and max over seeds of each dataset x method run more than once."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault((e["dataset"], e["method"]), []).append(e)
+    out = []
+    for (dataset, method), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        stats: dict[str, Any] = {}
+        for key in AGGREGATED:
+            values = [r["accuracy"][key] for r in runs if r["accuracy"].get(key) is not None]
+            if values:
+                stats[key] = {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    "min": float(np.min(values)),
+                    "max": float(np.max(values)),
+                }
+        seconds = [r["training"]["train_seconds"] for r in runs if "training" in r]
+        out.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "seeds": [r["seed"] for r in runs],
+                "accuracy": stats,
+                "train_seconds_mean": float(np.mean(seconds)) if seconds else None,
+            }
+        )
+    return out
 
 
 def _write_outputs(report: dict[str, Any], rocs: dict[str, Any], out_dir: Path) -> None:
@@ -423,6 +512,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _fmt_stats(stats: dict[str, float] | None) -> str:
+    if not stats:
+        return "—"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['min']:.3f} – {stats['max']:.3f})"
+
+
 def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = None) -> str:
     """The tables of ``report.md``."""
     m = report["machine"]
@@ -435,43 +530,61 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
         "",
         "## Accuracy",
         "",
-        "| dataset | method | profile | image AUROC | image AP | F1 @ calibrated thr | best F1 | pixel AUROC "
+        "| dataset | method | profile | seed | image AUROC | image AP | F1 @ calibrated thr | best F1 | pixel AUROC "
         "| AUPRO@0.3 | FRR on test good | recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["entries"]:
         a = e["accuracy"]
         lines.append(
-            f"| {e['dataset']} | {e['method']} | {e['profile']} | {_fmt(a['image_auroc'])} | {_fmt(a['image_ap'])} | "
+            f"| {e['dataset']} | {e['method']} | {e['profile']} | {_fmt(e.get('seed'))} | {_fmt(a['image_auroc'])} | "
+            f"{_fmt(a['image_ap'])} | "
             f"{_fmt(a['f1_calibrated'])} | {_fmt(a['f1_best'])} | {_fmt(a['pixel_auroc'])} | {_fmt(a['aupro'])} | "
             f"{_fmt(a['false_reject_rate_test'])} | {_fmt(a['recall_test'])} |"
         )
+    if report.get("aggregates"):
+        lines += [
+            "",
+            "## Across seeds (mean ± std, min – max)",
+            "",
+            "| dataset | method | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | F1 @ calibrated thr "
+            "| train s (mean) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g in report["aggregates"]:
+            cells = [_fmt_stats(g["accuracy"].get(key)) for key in AGGREGATED]
+            lines.append(
+                f"| {g['dataset']} | {g['method']} | {', '.join(str(x) for x in g['seeds'])} | "
+                + " | ".join(cells)
+                + f" | {_fmt(g['train_seconds_mean'], 0)} |"
+            )
     lines += [
         "",
         "## Per defect type (each type against the good test images)",
         "",
-        "| dataset | method | defect type | n | image AUROC | recall @ thr | pixel AUROC | AUPRO@0.3 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | method | seed | defect type | n | image AUROC | recall @ thr | pixel AUROC | AUPRO@0.3 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["entries"]:
         for t, a in e["accuracy"]["per_defect_type"].items():
             lines.append(
-                f"| {e['dataset']} | {e['method']} | {t} | {a['n']} | {_fmt(a['image_auroc'])} | "
-                f"{_fmt(a['recall_test'])} | {_fmt(a.get('pixel_auroc'))} | {_fmt(a.get('aupro'))} |"
+                f"| {e['dataset']} | {e['method']} | {_fmt(e.get('seed'))} | {t} | {a['n']} | "
+                f"{_fmt(a['image_auroc'])} | {_fmt(a['recall_test'])} | {_fmt(a.get('pixel_auroc'))} | "
+                f"{_fmt(a.get('aupro'))} |"
             )
     lines += [
         "",
         "## Cost",
         "",
-        "| dataset | method | train s | train img/s (1st / later epochs) | peak RSS train MB | infer img/s b=1 "
+        "| dataset | method | seed | train s | train img/s (1st / later epochs) | peak RSS train MB | infer img/s b=1 "
         "| infer img/s batched (b) | latency p50 / p95 ms | end-to-end img/s | peak RSS infer MB | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["entries"]:
         t = e.get("training", {})
         i = e["inference"]
         lines.append(
-            f"| {e['dataset']} | {e['method']} | {_fmt(t.get('train_seconds'), 0)} | "
+            f"| {e['dataset']} | {e['method']} | {_fmt(e.get('seed'))} | {_fmt(t.get('train_seconds'), 0)} | "
             f"{_fmt(t.get('train_images_per_s_first_epoch'), 2)} / "
             f"{_fmt(t.get('train_images_per_s_later_epochs'), 2)} | "
             f"{_fmt(t.get('peak_rss_train_mb'), 0)} | {_fmt(i['inference_images_per_s_batch1'], 2)} | "
@@ -491,6 +604,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     for column in (
         "dataset",
         "method",
+        "seed",
         "image AUROC",
         "pixel AUROC",
         "AUPRO",
@@ -505,6 +619,7 @@ def summary_table(report: dict[str, Any]) -> Table:
         table.add_row(
             e["dataset"],
             e["method"],
+            _fmt(e.get("seed")),
             _fmt(a["image_auroc"]),
             _fmt(a["pixel_auroc"]),
             _fmt(a["aupro"]),
@@ -512,5 +627,17 @@ def summary_table(report: dict[str, Any]) -> Table:
             _fmt(t.get("train_seconds"), 0),
             _fmt(i["inference_images_per_s_batch1"], 2),
             _fmt(i["inference_images_per_s_batched"], 2),
+        )
+    for g in report.get("aggregates", []):
+        acc = g["accuracy"]
+        table.add_row(
+            g["dataset"],
+            g["method"],
+            "mean",
+            *(f"{acc[k]['mean']:.3f}±{acc[k]['std']:.3f}" if k in acc else "—" for k in AGGREGATED[:3]),
+            f"{acc['f1_calibrated']['mean']:.3f}" if "f1_calibrated" in acc else "—",
+            _fmt(g["train_seconds_mean"], 0),
+            "",
+            "",
         )
     return table

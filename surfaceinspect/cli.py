@@ -469,6 +469,8 @@ def recalibrate(
         "Examples:\n\n"
         "  surfaceinspect benchmark ../shared/data/mtd --method draem --method csflow --out bench/\n\n"
         "  surfaceinspect benchmark DATA --method csflow --model runs/csflow-... --out bench/  (no training)\n\n"
+        "  surfaceinspect benchmark DATA -m draem --model RUN --set draem.smoothing_kernel=11 --out b/  (re-score)\n\n"
+        "  surfaceinspect benchmark DATA -m csflow --seed 0 --seed 1 --seed 2 --out bench/   (mean and spread)\n\n"
         "  surfaceinspect benchmark DATA --method draem --quick --out /tmp/bench   (about a minute)"
     )
 )
@@ -495,10 +497,22 @@ def benchmark(
     quick: Annotated[
         bool, typer.Option("--quick", help="Few images and steps: checks the pipeline in about a minute.")
     ] = False,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--seed",
+            help="Train once per seed (repeatable: --seed 0 --seed 1 --seed 2); the report adds mean, std, "
+            "min and max over the seeds. [default: the config's common.seed, once]",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train, calibrate and evaluate methods on datasets: accuracy, speed and memory in one report.
+
+    With --model RUN nothing is trained: the run is evaluated as it is, or, with --set on its
+    inference settings (e.g. --set draem.smoothing_kernel=11), re-scored and recalibrated on its
+    own held-out images, without changing the run's files.
 
     Accuracy: image AUROC/AP, F1 at the calibrated threshold and best F1, pixel AUROC and AUPRO
     (where masks exist), per defect type and overall. Cost: training time and images/s,
@@ -519,6 +533,7 @@ def benchmark(
         keep_models=keep_models,
         quick=quick,
         device=device,
+        seeds=seed or [],
     )
     report = run_benchmark(options, reporter)
     if not quiet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +88,9 @@ class MethodConfig:
     """Base of every method's hyperparameters. Subclasses add fields and override ``validate``."""
 
     method: ClassVar[str] = ""
+    # Settings that change how a trained model scores but not its weights (e.g. map smoothing).
+    # Only these may be overridden on a trained model (``benchmark --model RUN --set ...``).
+    inference_keys: ClassVar[frozenset[str]] = frozenset()
     epochs: int = 1
     lr: float = 1e-4
 
@@ -324,3 +328,34 @@ def run_config_from_dict(method_config_cls: type[MethodConfig], data: dict[str, 
     common = dataclass_from_dict(CommonConfig, data.get("common") or {}, prefix="common")
     method_cfg = dataclass_from_dict(method_config_cls, data.get(method) or {}, prefix=method)
     return RunConfig(method=method, profile=str(data.get("profile", "")), common=common, method_config=method_cfg)
+
+
+def with_inference_overrides(run_config: RunConfig, sets: Sequence[str]) -> RunConfig:
+    """A trained model's config with inference settings replaced by ``--set section.key=value`` items.
+
+    Only the method's ``inference_keys`` may change (anything else would not match the weights);
+    the result is validated like any configuration.
+    """
+    if not sets:
+        return run_config
+    overrides: dict[str, Any] = {}
+    for item in sets:
+        overrides = deep_merge(overrides, parse_set_option(item))
+    method_cls = type(run_config.method_config)
+    changes = overrides.pop(run_config.method, {})
+    if not isinstance(changes, dict):
+        changes, wrong = {}, [run_config.method]
+    else:
+        wrong = [f"{run_config.method}.{key}" for key in changes if key not in method_cls.inference_keys]
+    wrong += [str(section) for section in overrides]  # common.* or another method's section
+    if wrong:
+        allowed = ", ".join(f"{run_config.method}.{k}" for k in sorted(method_cls.inference_keys)) or "none"
+        raise ConfigError(
+            f"--set {wrong[0]}: a trained model only takes its inference settings ({allowed}); "
+            "retrain to change anything else"
+        )
+    data = {**dataclasses.asdict(run_config.method_config), **changes}
+    method_cfg = dataclass_from_dict(method_cls, data, prefix=run_config.method)
+    updated = RunConfig(run_config.method, run_config.profile, run_config.common, method_cfg)
+    updated.validate()
+    return updated

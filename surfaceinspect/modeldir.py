@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from safetensors.torch import save as safetensors_save
 
 import surfaceinspect
 from surfaceinspect.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from surfaceinspect.config import run_config_from_dict
+from surfaceinspect.config import run_config_from_dict, with_inference_overrides
 from surfaceinspect.detectors import Detector, get_detector_class
 from surfaceinspect.errors import ConfigError, ModelDirError
 
@@ -183,8 +184,13 @@ def read_metadata(run_dir: Path) -> dict[str, Any]:
     return metadata
 
 
-def load_model(run_dir: Path, device: torch.device) -> tuple[Detector, dict[str, Any]]:
-    """Load a finished run directory; refuses incompatible, incomplete or modified directories."""
+def load_model(
+    run_dir: Path, device: torch.device, inference_sets: Sequence[str] = ()
+) -> tuple[Detector, dict[str, Any]]:
+    """Load a finished run directory; refuses incompatible, incomplete or modified directories.
+
+    ``inference_sets`` (``section.key=value``) replace inference settings of the stored config.
+    """
     metadata = read_metadata(run_dir)
     method = metadata.get("method")
     try:
@@ -192,6 +198,7 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[Detector, dict[str,
         run_config = run_config_from_dict(cls.config_cls, metadata["config"])
     except (ConfigError, KeyError) as exc:
         raise ModelDirError(f"{run_dir / METADATA_FILE} has an invalid config ({exc}); retrain the model") from None
+    run_config = with_inference_overrides(run_config, inference_sets)
     weights_path = run_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelDirError(f"{weights_path} is missing; the model directory is incomplete, retrain it")

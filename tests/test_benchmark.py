@@ -76,3 +76,35 @@ def test_benchmark_refuses_model_with_several_datasets(tmp_path):
 def test_benchmark_on_bad_layout_is_one_line(tmp_path: Path):
     result = CliRunner().invoke(app, ["benchmark", str(tmp_path), "--method", "csflow", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_seeds_are_aggregated_and_kept_runs_rescored(synthetic_dataset, tmp_path):
+    out, kept = tmp_path / "bench", tmp_path / "models"
+    result = CliRunner().invoke(app, ["benchmark", str(synthetic_dataset), "--method", "csflow", "--quick",
+                                      "--seed", "0", "--seed", "1", "--out", str(out), "--device", "cpu", "-q",
+                                      "--keep-models", str(kept)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [e["seed"] for e in report["entries"]] == [0, 1]
+    (agg,) = report["aggregates"]
+    assert agg["seeds"] == [0, 1] and agg["method"] == "csflow"
+    aurocs = [e["accuracy"]["image_auroc"] for e in report["entries"]]
+    assert agg["accuracy"]["image_auroc"]["mean"] == pytest.approx(sum(aurocs) / 2)
+    assert "## Across seeds" in (out / "report.md").read_text()
+
+    # Re-scoring a kept run with another inference setting recalibrates on its held-out images
+    run = kept / f"{synthetic_dataset.name}-csflow-seed1"
+    before = (run / "calibration.json").read_text()
+    rescored = CliRunner().invoke(app, ["benchmark", str(synthetic_dataset), "--method", "csflow", "--model", str(run),
+                                        "--set", "csflow.map_sigma=0", "--out", str(tmp_path / "re"), "-q",
+                                        "--device", "cpu"], catch_exceptions=False)
+    assert rescored.exit_code == 0, rescored.output
+    entry = json.loads((tmp_path / "re" / "report.json").read_text())["entries"][0]
+    assert entry["config"]["csflow"]["map_sigma"] == 0.0
+    assert entry["calibration"]["n_good"] == report["entries"][1]["calibration"]["n_good"]
+    assert (run / "calibration.json").read_text() == before  # the run's files are not changed
+
+    refused = CliRunner().invoke(app, ["benchmark", str(synthetic_dataset), "--method", "csflow", "--model", str(run),
+                                       "--set", "csflow.epochs=3", "--out", str(tmp_path / "x"), "-q"])
+    assert refused.exit_code == 2 and "inference settings" in refused.output

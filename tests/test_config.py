@@ -95,3 +95,19 @@ def test_shipped_profiles_exist_for_every_method_and_validate():
             assert f"{method}-{name}" in profiles, f"sample_configs/{method}-{name}.yaml is missing"
             run = engine.resolve_run_config(method, name, None, {"device": "cpu"}, {}, [])
             assert run.method == method and run.profile == name
+
+
+def test_inference_overrides_only_touch_inference_settings() -> None:
+    from surfaceinspect.config import build_run_config, with_inference_overrides
+    from surfaceinspect.detectors.draem.config import DraemConfig
+    from surfaceinspect.errors import ConfigError
+
+    run = build_run_config(DraemConfig, "cpu", [])
+    changed = with_inference_overrides(run, ["draem.smoothing_kernel=11"])
+    assert changed.method_config.smoothing_kernel == 11 and run.method_config.smoothing_kernel == 21
+    assert changed.method_config.recon_width == run.method_config.recon_width
+    for bad in ("draem.recon_width=64", "common.image_size=64", "csflow.map_sigma=1"):
+        with pytest.raises(ConfigError, match="inference settings"):
+            with_inference_overrides(run, [bad])
+    with pytest.raises(ConfigError, match="smoothing_kernel"):
+        with_inference_overrides(run, ["draem.smoothing_kernel=4"])  # validated: must be odd

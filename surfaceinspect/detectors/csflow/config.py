@@ -28,6 +28,7 @@ class CSFlowConfig(MethodConfig):
     """CS-Flow settings. ``epochs``/``lr`` come from MethodConfig; everything else is here."""
 
     method: ClassVar[str] = "csflow"
+    inference_keys: ClassVar[frozenset[str]] = frozenset({"map_mode", "map_sigma", "channels_last"})
 
     epochs: int = 240  # paper: 4 meta-epochs x 60
     lr: float = 2e-4

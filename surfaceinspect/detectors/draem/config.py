@@ -24,6 +24,7 @@ class DraemConfig(MethodConfig):
     """DRAEM (Zavrtanik et al., ICCV 2021). Defaults follow the paper (256 px, 700 epochs)."""
 
     method: ClassVar[str] = "draem"
+    inference_keys: ClassVar[frozenset[str]] = frozenset({"smoothing_kernel", "inference_bf16", "fuse_bn"})
     epochs: int = 700
     lr: float = 1e-4
     steps: int = 0  # >0: train exactly this many optimiser steps instead of ``epochs`` passes
