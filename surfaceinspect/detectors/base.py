@@ -156,6 +156,13 @@ class Detector(ABC):
         ``context.time_budget_s`` (> 0: shorten the schedule to fit it).
         """
 
+    def init_random_weights(self) -> None:  # noqa: B027 - optional hook; doing nothing is the right default
+        """Build the networks with random weights, needing no trained or pretrained file.
+
+        For speed measurements and tests of the inference path (timing does not depend on the
+        weights). Detectors that build their networks in the constructor need not override it.
+        """
+
     @abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
         """Score a batch ``(B, 3, S, S)`` float in [0, 1]; return CPU float32 scores and maps."""

@@ -216,6 +216,9 @@ class CSFlowDetector(Detector):
             feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
         return feats
 
+    def init_random_weights(self) -> None:
+        self._build(pretrained=False)
+
     # ------------------------------------------------------------------ training
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
