@@ -433,7 +433,7 @@ def _benchmark_one(
     entry["accuracy"] = accuracy
     entry["inference"] = evaluated["timings"]
     entry["calibration"] = {
-        k: evaluated["calibration"][k] for k in ("mode", "n_good", "image_threshold", "achievable_false_reject_rate")
+        k: evaluated["calibration"][k] for k in ("mode", "n_good", "image_threshold", "guaranteed_false_reject_rate")
     }
     if "training" in entry:
         entry["training"]["n_calibration_images"] = evaluated["calibration"]["n_good"]

@@ -7,7 +7,7 @@ calibration images this guarantees ``P(false reject) <= false_reject_rate`` — 
 bound, not an asymptotic one, which matters for the 10–50 images a calibration split usually
 has. When n is too small for the target (``k > n``), the threshold is the largest good score
 and the guaranteed rate is only ``1 / (n + 1)``; the calibration file says so
-(``achievable_false_reject_rate``) and the CLI warns.
+(``guaranteed_false_reject_rate``) and the CLI warns.
 
 Labelled modes (a folder with ``good/`` and defect subfolders): ``f1`` picks the threshold that
 maximises F1; ``recall`` picks the highest threshold whose recall on the defective images is at
@@ -36,7 +36,9 @@ import numpy as np
 from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.errors import ConfigError, ModelDirError
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
+# Fields renamed since version 1 (v1 files still load).
+_V1_RENAMED = {"pixel_center": "pixel_median_good", "achievable_false_reject_rate": "guaranteed_false_reject_rate"}
 _MEDIAN_GOOD_NORMALIZED = 0.1  # where the median good image lands on the normalised scale
 
 
@@ -50,24 +52,6 @@ def conformal_threshold(good_scores: np.ndarray, false_reject_rate: float) -> tu
     if k > n:
         return float(scores[-1]), 1.0 / (n + 1)
     return float(scores[k - 1]), float(false_reject_rate)
-
-
-def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """The threshold (one of the scores) maximising F1 of ``score >= threshold``; ``(thr, f1)``."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    _require_both_classes(labels)
-    best = (float(scores.max()), -1.0)
-    for thr in np.unique(scores):
-        pred = scores >= thr
-        tp = np.sum(pred & labels)
-        fp = np.sum(pred & ~labels)
-        fn = np.sum(~pred & labels)
-        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-        # Ties go to the higher threshold: fewer false rejects at the same F1.
-        if f1 > best[1] or (f1 == best[1] and thr > best[0]):
-            best = (float(thr), float(f1))
-    return best
 
 
 def recall_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> tuple[float, float]:
@@ -104,14 +88,16 @@ class Calibration:
     image_threshold: float
     pixel_threshold: float
     image_scale: float  # w of the image-score logistic
-    pixel_center: float  # median good pixel value
+    pixel_median_good: float  # median anomaly-map value of the good calibration images
     pixel_scale: float
     mode: str
     target: dict[str, float]
     n_good: int
     n_defective: int
     good_score_stats: dict[str, float]
-    achievable_false_reject_rate: float
+    # quantile mode: the false-reject rate the threshold guarantees (the target, or 1/(n+1) with too
+    # few images); None in f1/recall modes, which guarantee no rate.
+    guaranteed_false_reject_rate: float | None
     notes: list[str] = field(default_factory=list)
     created: str = ""
     source: str = ""
@@ -151,6 +137,8 @@ class Calibration:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             data.pop("normalization", None)
+            if data.get("version") == 1:
+                data = _upgrade_v1(data)
             calibration = cls(**data)
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
             raise ModelDirError(
@@ -169,6 +157,14 @@ class Calibration:
         if not all(math.isfinite(v) for v in values) or calibration.image_scale <= 0 or calibration.pixel_scale <= 0:
             raise ModelDirError(f"{path} holds non-finite or invalid thresholds; run `surfaceinspect recalibrate`")
         return calibration
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    out = {_V1_RENAMED.get(k, k): v for k, v in data.items()}
+    if out.get("mode") != "quantile":  # v1 stored the target here, which no labelled mode guarantees
+        out["guaranteed_false_reject_rate"] = None
+    out["version"] = CALIBRATION_VERSION
+    return out
 
 
 def _logistic(z: np.ndarray) -> np.ndarray | float:
@@ -210,7 +206,10 @@ def calibrate(
         labels = np.concatenate([np.zeros(good_scores.size, bool), np.ones(defect_scores.size, bool)])
         scores = np.concatenate([good_scores, defect_scores])
         if mode == "f1":
-            image_threshold, f1 = f1_threshold(labels, scores)
+            from surfaceinspect.metrics import best_f1  # scikit-learn: imported only when needed
+
+            _require_both_classes(labels)
+            f1, image_threshold = best_f1(labels, scores)
             target = {"f1": f1}
         elif mode == "recall":
             image_threshold, recall = recall_threshold(labels, scores, target_recall)
@@ -219,15 +218,15 @@ def calibrate(
             raise ConfigError(f"unknown calibration mode {mode!r}; use quantile, f1 or recall")
         target["false_reject_rate_on_calibration"] = float(np.mean(good_scores >= image_threshold))
     pixel_threshold, _ = conformal_threshold(np.asarray(good_map_maxima), false_reject_rate)
-    pixel_center = float(np.median(good_map_medians))
+    pixel_median_good = float(np.median(good_map_medians))
     median_good = float(np.median(good_scores))
     return Calibration(
         method=method,
         image_threshold=float(image_threshold),
         pixel_threshold=float(pixel_threshold),
         image_scale=_spread(float(image_threshold), median_good),
-        pixel_center=pixel_center,
-        pixel_scale=_spread(float(pixel_threshold), pixel_center),
+        pixel_median_good=pixel_median_good,
+        pixel_scale=_spread(float(pixel_threshold), pixel_median_good),
         mode=mode,
         target=target,
         n_good=int(good_scores.size),
@@ -240,7 +239,7 @@ def calibrate(
             "p95": float(np.quantile(good_scores, 0.95)),
             "max": float(good_scores.max()),
         },
-        achievable_false_reject_rate=float(achievable if mode == "quantile" else false_reject_rate),
+        guaranteed_false_reject_rate=float(achievable) if mode == "quantile" else None,
         notes=notes,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=source,

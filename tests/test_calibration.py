@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from surfaceinspect.calibration import Calibration, calibrate, conformal_threshold, f1_threshold, recall_threshold
+from surfaceinspect.calibration import Calibration, calibrate, conformal_threshold, recall_threshold
 from surfaceinspect.errors import ConfigError, ModelDirError
 
 
@@ -30,7 +31,7 @@ def test_too_few_images_falls_back_to_max_and_says_so():
     thr, guaranteed = conformal_threshold(scores, 0.01)
     assert thr == 0.4 and guaranteed == pytest.approx(1 / 5)
     cal = calibrate("toy", scores, scores, scores, false_reject_rate=0.01)
-    assert cal.achievable_false_reject_rate == pytest.approx(0.2)
+    assert cal.guaranteed_false_reject_rate == pytest.approx(0.2)
     assert cal.notes and "cannot guarantee" in cal.notes[0]
 
 
@@ -50,8 +51,11 @@ def test_f1_mode_picks_the_separating_threshold():
     labels = np.array([0, 0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])
     # thresholds: 0.5 -> tp3 fp1 fn0 f1=6/7; 0.8 -> tp2 fp0 fn1 f1=0.8; 0.6 -> tp2 fp1 fn1 f1=2/3
-    thr, f1 = f1_threshold(labels, scores)
+    good, defect = scores[labels == 0], scores[labels == 1]
+    cal = calibrate("toy", good, good, good, false_reject_rate=0.05, mode="f1", defect_scores=defect)
+    thr, f1 = cal.image_threshold, cal.target["f1"]
     assert thr == 0.5 and f1 == pytest.approx(6 / 7)
+    assert cal.guaranteed_false_reject_rate is None  # a labelled mode guarantees no false-reject rate
 
 
 def test_recall_mode_picks_highest_threshold_meeting_target():
@@ -85,3 +89,18 @@ def test_degenerate_good_scores_stay_finite():
     cal = calibrate("toy", np.ones(20), np.ones(20), np.ones(20), false_reject_rate=0.1)
     assert math.isfinite(cal.image_scale) and cal.image_scale > 0
     assert cal.normalize(1.0) == pytest.approx(0.5)
+
+
+def test_version_1_files_still_load(tmp_path):
+    good = np.linspace(0, 1, 50)
+    cal = calibrate("toy", good, good, good, false_reject_rate=0.05)
+    old = cal.to_dict()
+    old["version"] = 1
+    old["pixel_center"] = old.pop("pixel_median_good")
+    old["achievable_false_reject_rate"] = old.pop("guaranteed_false_reject_rate")
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(old))
+    again = Calibration.load(path)
+    assert again.pixel_median_good == cal.pixel_median_good
+    assert again.guaranteed_false_reject_rate == cal.guaranteed_false_reject_rate
+    assert again.normalize_map(np.ones((2, 2))).tolist() == cal.normalize_map(np.ones((2, 2))).tolist()
