@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test test-fast demo lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(STAMP)  ## create .venv and install surfaceinspect with pinned torch/
 
 test: $(STAMP)  ## run the test suite (uses ../shared/data for real-data checks when present)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the suite without the tests marked slow (model training of a minute or more): for development
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)  ## train on a generated dataset, score it, write heatmaps (a few minutes on a CPU)
 	$(BIN)/python -m surfaceinspect demo --out demo_output

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-SHARED_DATA = TESTS_DIR.parent.parent / "shared" / "data"
+# Real defect data (../shared/data beside the checkout, or $SURFACEINSPECT_DATA); tests skip without it.
+SHARED_DATA = Path(os.environ.get("SURFACEINSPECT_DATA") or TESTS_DIR.parent.parent / "shared" / "data")
 sys.path.insert(0, str(TESTS_DIR))
 
 
@@ -59,8 +61,14 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 
 
 def shared_dataset(name: str) -> Path:
-    """Path of a dataset in ../shared/data, or skip the test when it is absent."""
+    """Path of a real dataset (``mtd``, ``mvtec_bottle``, ``dagm_class1``), or skip the test when it is absent."""
     path = SHARED_DATA / name
     if not path.is_dir():
         pytest.skip(f"{path} not present (real-data check)")
     return path
+
+
+@pytest.fixture
+def real_dataset():
+    """``real_dataset("mtd")``: the path of a real dataset, or the test is skipped when it is absent."""
+    return shared_dataset

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,12 +392,8 @@ def test_time_budget_shortens_training():
 
 
 @pytest.mark.realdata
-def test_real_mtd_images_train_when_present():
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd"
-    if not root.is_dir():
-        root = Path("/work/shared/data/mtd")
-    if not root.is_dir():
-        pytest.skip("MTD data not present")
+def test_real_mtd_images_train_when_present(real_dataset):
+    root = real_dataset("mtd")
     import cv2
 
     paths = sorted((root / "train" / "good").glob("*.jpg"))[:8]

@@ -11,8 +11,6 @@ from PIL import Image
 from surfaceinspect.datasets import MVTecDataset, TestSample, labelled_folder, load_mvtec, validate_masks
 from surfaceinspect.errors import DatasetError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def _img(p: Path, size: tuple[int, int] = (16, 12), value: int = 128) -> Path:
     """Write a small PNG of ``size`` = (W, H)."""
@@ -230,11 +228,10 @@ def test_labelled_folder_good_only_ok_missing_good_fails(tmp_path: Path) -> None
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not (DATA / "mtd").is_dir(), reason="../shared/data/mtd not present")
-def test_real_mtd() -> None:
+def test_real_mtd(real_dataset) -> None:
     from surfaceinspect.imageio import read_image, read_mask
 
-    ds = load_mvtec(DATA / "mtd", require_masks=True)
+    ds = load_mvtec(real_dataset("mtd"), require_masks=True)
     assert len(ds.train_good) == 762 and ds.n_good == 190 and ds.n_anomalous == 392
     assert ds.defect_types == ["blowhole", "break", "crack", "fray", "uneven"]
     assert ds.has_masks
@@ -249,11 +246,11 @@ def test_real_mtd() -> None:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not (DATA / "mvtec_bottle").is_dir(), reason="../shared/data/mvtec_bottle not present")
-def test_real_mvtec_bottle() -> None:
-    ds = load_mvtec(DATA / "mvtec_bottle")
+def test_real_mvtec_bottle(real_dataset) -> None:
+    root = real_dataset("mvtec_bottle")
+    ds = load_mvtec(root)
     assert len(ds.train_good) == 209 and ds.n_good == 20 and ds.n_anomalous == 63
     assert ds.defect_types == ["broken_large", "broken_small", "contamination"]
     assert not ds.has_masks and all(s.mask_path is None for s in ds.test)
     with pytest.raises(DatasetError, match="ground_truth"):
-        load_mvtec(DATA / "mvtec_bottle", require_masks=True)
+        load_mvtec(root, require_masks=True)

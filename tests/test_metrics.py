@@ -181,14 +181,12 @@ def test_aupro_nan_without_regions():
 
 
 @pytest.mark.realdata
-def test_pixel_metrics_on_real_mtd_masks():
+def test_pixel_metrics_on_real_mtd_masks(real_dataset):
     """Magnetic Tile Defects masks: varying image sizes and 4 defective images with empty masks."""
-    from conftest import shared_dataset
-
     from surfaceinspect.datasets import load_mvtec
     from surfaceinspect.imageio import image_size, read_mask
 
-    ds = load_mvtec(shared_dataset("mtd"))
+    ds = load_mvtec(real_dataset("mtd"))
     masks = [read_mask(s.mask_path) if s.mask_path else np.zeros(image_size(s.path), bool) for s in ds.test]
     assert len({m.shape for m in masks}) > 10
     assert sum(s.is_anomalous and not m.any() for s, m in zip(ds.test, masks, strict=True)) == 4

@@ -144,3 +144,31 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("method", ["draem", "csflow"])
+def test_saved_model_scores_like_the_model_in_memory(method, tmp_path):
+    """save_model -> load_model reproduces the trained detector itself (config rebuilt from metadata.json)."""
+    from surfaceinspect.config import build_run_config
+    from surfaceinspect.detectors import get_detector_class
+
+    cls = get_detector_class(method)
+    tiny = {
+        "draem": {"steps": 3, "recon_width": 8, "disc_width": 4, "recon_levels": 3, "disc_levels": 3,
+                  "smoothing_kernel": 5},
+        "csflow": {"epochs": 1, "hidden_channels": 16, "feature_norm": "channel"},
+    }[method]
+    common = {"image_size": 64 if method == "draem" else 128, "batch_size": 4, "workers": 0, "device": "cpu"}
+    run = build_run_config(cls.config_cls, "cpu", [{"common": common, method: tiny}])
+    gen = torch.Generator().manual_seed(0)
+    size = run.common.image_size
+    trained = cls(run, torch.device("cpu"))
+    summary = trained.fit((torch.rand(6, 3, size, size, generator=gen) * 255).to(torch.uint8), TrainContext())
+    probe = torch.rand(3, 3, size, size, generator=gen)
+    before = trained.predict(probe)
+
+    modeldir.save_model(tmp_path, trained, summary.to_dict(), {"root": "", "n_files": 6})
+    loaded, metadata = modeldir.load_model(tmp_path, torch.device("cpu"))
+    after = loaded.predict(probe)
+    assert loaded.run_config.to_dict() == run.to_dict() and metadata["method"] == method
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
