@@ -52,7 +52,7 @@ class CSFlowConfig(MethodConfig):
     eps: float = 1e-4
     weight_decay: float = 1e-5
     # tuple[float, ...] (length checked in validate): config.py's fixed-length tuple coercion swaps type and value.
-    betas: tuple[float, ...] = (0.9, 0.999)  # the authors' code uses Adam's defaults; anomalib (0.5, 0.9)
+    betas: tuple[float, float] = (0.9, 0.999)  # the authors' code uses Adam's defaults; anomalib (0.5, 0.9)
     grad_clip: float = 1.0  # max gradient norm
     # Scoring
     map_mode: str = "largest"  # largest: largest scale (paper) | product: geometric mean over scales
@@ -92,7 +92,7 @@ class CSFlowConfig(MethodConfig):
             raise ConfigError(f"csflow.clamp={self.clamp}: use a value >= 0 (paper: 3; 0 disables clamping)")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ConfigError("csflow.eps and csflow.grad_clip must be > 0 and csflow.weight_decay >= 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"csflow.betas={list(self.betas)}: use two values in [0, 1), e.g. [0.9, 0.999]")
         if self.map_mode not in MAP_MODES:
             raise ConfigError(f"csflow.map_mode={self.map_mode!r}: use one of: {', '.join(MAP_MODES)}")

@@ -8,15 +8,12 @@ from typing import ClassVar
 
 from surfaceinspect.config import CommonConfig, MethodConfig
 from surfaceinspect.errors import ConfigError
+from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images
 
-# Names accepted by ``anomaly_source`` besides a folder path. "builtin" is the measured default:
-# with the cpu profile's schedule on MTD, "self" scored image / pixel AUROC 0.729 / 0.649 against
-# 0.707 / 0.591 (fractal) and 0.610 / 0.517 (structured) (BENCHMARKS.md, section 3); the others
-# stay selectable.
+# Names accepted by ``anomaly_source`` besides a folder path. Which one "builtin" means was decided
+# by measurement (BENCHMARKS.md, section 3); the others stay selectable.
 BUILTIN_SOURCES = ("builtin", "fractal", "structured", "self")
 DEFAULT_BUILTIN = "self"
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -120,8 +117,8 @@ class DraemConfig(MethodConfig):
                 f"{self.method}.anomaly_source={src!r} is neither a folder nor one of {', '.join(BUILTIN_SOURCES)}; "
                 "point it at a folder of texture images (e.g. your DTD copy) or use builtin"
             )
-        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*") if f.is_file()):
+        if not discover_images(path):
             raise ConfigError(
-                f"{self.method}.anomaly_source={src!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                f"{self.method}.anomaly_source={src!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "add texture images or use builtin"
             )

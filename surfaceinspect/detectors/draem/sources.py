@@ -18,9 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from surfaceinspect.detectors.draem.config import BUILTIN_SOURCES, DEFAULT_BUILTIN, IMAGE_SUFFIXES
+from surfaceinspect.detectors.draem.config import BUILTIN_SOURCES, DEFAULT_BUILTIN
 from surfaceinspect.detectors.draem.perlin import fractal_noise, perlin_noise
-from surfaceinspect.errors import ConfigError, DatasetError
+from surfaceinspect.errors import ConfigError, DatasetError, ImageReadError
+from surfaceinspect.imageio import discover_images, read_image_uint8
 
 
 class AnomalySource:
@@ -140,11 +141,7 @@ class FolderSource(AnomalySource):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise ConfigError(f"draem.anomaly_source={str(root)!r} is not a folder; use a folder of images or builtin")
-        self.paths = sorted(
-            p
-            for p in self.root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in p.parts)
-        )
+        self.paths = discover_images(self.root)
         if not self.paths:
             raise ConfigError(f"draem.anomaly_source={str(root)!r} holds no images; add texture images or use builtin")
         self.cache_size = cache_size
@@ -155,10 +152,11 @@ class FolderSource(AnomalySource):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        data = cv2.imread(str(self.paths[index]), cv2.IMREAD_COLOR)
-        if data is None:
+        try:
+            data = read_image_uint8(self.paths[index])
+        except ImageReadError:
             return None
-        img = cv2.resize(cv2.cvtColor(data, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(data, (size, size), interpolation=cv2.INTER_AREA)
         self._cache[key] = img
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
