@@ -217,7 +217,7 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
         timing_paths = [s.path for s in samples][: max(n_single, common.batch_size)]
         timing_images = [
             stack_images([i for i in batch if i.image is not None])
-            for batch in iterate_images(timing_paths, common.image_size, common.batch_size, 0)
+            for batch in iterate_images(timing_paths, common.input_hw(), common.batch_size, 0)
         ]
         timings = _time_inference(model.detector, torch.cat(timing_images), n_single)
         timings["peak_rss_inference_mb"] = peak_rss_mb()

@@ -51,10 +51,40 @@ class CalibrationConfig:
 
 
 @dataclass
+class TilingConfig:
+    """Score large images tile by tile at their own resolution instead of shrinking them whole.
+
+    Each tile is ``common.image_size`` pixels (of the image after ``scale``), the network's input;
+    the model is trained on tiles of the training images. Maps of overlapping tiles are blended
+    with a smooth window, so the stitched map has no seams; the image score is the highest tile score.
+    """
+
+    enabled: bool = False
+    overlap: float = 0.25  # share of a tile's side that it shares with each neighbour
+    scale: float = 1.0  # resize every image by this factor before tiling (0.5 = half resolution)
+    max_train_tiles: int = 4000  # tiles sampled from the training images (bounds training memory)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"common.tiling.overlap={self.overlap}: use a share in [0, 1), e.g. 0.25")
+        if not 0.0 < self.scale <= 1.0:
+            raise ConfigError(f"common.tiling.scale={self.scale}: use a factor in (0, 1], e.g. 0.5 for half size")
+        if self.max_train_tiles < 2:
+            raise ConfigError(f"common.tiling.max_train_tiles={self.max_train_tiles}: use at least 2 (e.g. 4000)")
+
+
+KEEP_ASPECT_PREFIX = "keep:"
+MIN_SIDE = 32
+
+
+@dataclass
 class CommonConfig:
     """Settings every method shares."""
 
-    image_size: int = 256  # images are resized to image_size x image_size for the network
+    # Network input: S (S x S), [H, W], or "keep:L" (long side L, the other side from the median
+    # aspect of the training images; resolved once at training and stored as [H, W] with the model).
+    # Sides are rounded to the method's size multiple. With tiling: the size of one tile.
+    image_size: int | list[int] | str = 256
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -64,10 +94,26 @@ class CommonConfig:
     checkpoint_every_s: float = 120.0  # seconds between resumable training checkpoints
     time_budget_min: float = 0.0  # >0: fit the training schedule into this many minutes
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+    @property
+    def keeps_aspect(self) -> bool:
+        """True while image_size is still the unresolved ``keep:L`` form."""
+        return isinstance(self.image_size, str)
+
+    def input_hw(self) -> tuple[int, int]:
+        """The network input ``(H, W)``; ``keep:L`` must have been resolved (see :func:`resolve_keep_aspect`)."""
+        size = self.image_size
+        if isinstance(size, str):
+            raise ConfigError(
+                f"common.image_size={size!r} is resolved from the training images; it has no size before training"
+            )
+        if isinstance(size, int):
+            return size, size
+        return int(size[0]), int(size[1])
 
     def validate(self) -> None:
-        if self.image_size < 32:
-            raise ConfigError(f"common.image_size={self.image_size}: use at least 32 (e.g. 256)")
+        self._validate_image_size()
         if self.batch_size < 1:
             raise ConfigError(f"common.batch_size={self.batch_size}: use at least 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -81,6 +127,43 @@ class CommonConfig:
         if self.time_budget_min < 0:
             raise ConfigError("common.time_budget_min must be >= 0 (0 = no budget)")
         self.calibration.validate()
+        self.tiling.validate()
+
+    def _validate_image_size(self) -> None:
+        size = self.image_size
+        hint = "use S (square), [H, W] or keep:L (long side L, aspect of the training images), e.g. 256"
+        if isinstance(size, str):
+            long_side = size.removeprefix(KEEP_ASPECT_PREFIX)
+            if not size.startswith(KEEP_ASPECT_PREFIX) or not long_side.isdigit():
+                raise ConfigError(f"common.image_size={size!r}: {hint}")
+            sides = [int(long_side)]
+        elif isinstance(size, list):
+            if len(size) != 2:
+                raise ConfigError(f"common.image_size={size}: give two sides [H, W]; {hint}")
+            sides = list(size)
+        else:
+            sides = [size]
+        if min(sides) < MIN_SIDE:
+            raise ConfigError(f"common.image_size={size}: use at least {MIN_SIDE} pixels per side (e.g. 256)")
+
+
+def resolve_keep_aspect(common: CommonConfig, aspect: float, multiple: int) -> None:
+    """Replace ``keep:L`` by ``[H, W]``: long side L, the other from ``aspect`` (width / height).
+
+    Both sides are rounded to the nearest multiple of ``multiple`` (never below it).
+    """
+    if not isinstance(common.image_size, str):
+        return
+    long_side = int(common.image_size.removeprefix(KEEP_ASPECT_PREFIX))
+    short = long_side / aspect if aspect >= 1.0 else long_side * aspect
+    long_r, short_r = (max(multiple, round(v / multiple) * multiple) for v in (long_side, short))
+    common.image_size = [short_r, long_r] if aspect >= 1.0 else [long_r, short_r]
+
+
+def nearby_sizes(side: int, multiple: int) -> list[int]:
+    """The two valid sizes closest to ``side`` (multiples of ``multiple``)."""
+    lower = side // multiple * multiple
+    return [s for s in (lower, lower + multiple, lower + 2 * multiple) if s >= multiple][:2]
 
 
 @dataclass
@@ -94,12 +177,38 @@ class MethodConfig:
     epochs: int = 1
     lr: float = 1e-4
 
+    def size_multiple(self) -> int:
+        """Every side of the network input must be a multiple of this (e.g. one halving per level)."""
+        return 1
+
+    def size_reason(self) -> str:
+        """Why :meth:`size_multiple` is what it is, for error messages (e.g. "DRAEM halves the image 5 times")."""
+        return f"{self.method} needs it"
+
     def validate(self, common: CommonConfig) -> None:
         """Raise ConfigError if this configuration cannot work with ``common`` (e.g. image size)."""
         if self.epochs < 1:
             raise ConfigError(f"{self.method}.epochs={self.epochs}: use at least 1")
         if self.lr <= 0:
             raise ConfigError(f"{self.method}.lr={self.lr}: must be > 0")
+        self.validate_input_size(common)
+
+    def validate_input_size(self, common: CommonConfig) -> None:
+        """Each side of ``common.image_size`` must be a multiple of :meth:`size_multiple`; say which sizes work."""
+        m = self.size_multiple()
+        if common.keeps_aspect:
+            return  # resolve_keep_aspect rounds to the multiple
+        h, w = common.input_hw()
+        if h % m == 0 and w % m == 0:
+            return
+        if isinstance(common.image_size, int):
+            fix = " or ".join(str(s) for s in nearby_sizes(h, m))
+        else:
+            fix = str([max(m, round(side / m) * m) for side in (h, w)])
+        raise ConfigError(
+            f"common.image_size={common.image_size}: {self.size_reason()}, so each side must be a multiple of {m}; "
+            f"use {fix}"
+        )
 
     def check_resources(self) -> None:
         """Raise now if a file this method needs for training is missing (e.g. pretrained weights).

@@ -25,7 +25,7 @@ class LoadedImage:
 
     index: int
     path: Path
-    image: torch.Tensor | None  # (3, S, S) float in [0, 1]
+    image: torch.Tensor | None  # (3, H, W) float in [0, 1], resized to the network input
     original_size: tuple[int, int]  # (H, W) of the file; (0, 0) on error
     original: np.ndarray | None = None  # uint8 HxWx3 RGB, only when asked for (heatmaps)
     error: str | None = None
@@ -34,7 +34,7 @@ class LoadedImage:
 class ImageFileDataset(Dataset):
     """Reads and resizes image files; errors become items instead of exceptions."""
 
-    def __init__(self, paths: Sequence[Path], size: int, keep_original: bool = False) -> None:
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], keep_original: bool = False) -> None:
         self.paths = list(paths)
         self.size = size
         self.keep_original = keep_original
@@ -64,7 +64,7 @@ def _keep_list(batch: list[LoadedImage]) -> list[LoadedImage]:
 
 def iterate_images(
     paths: Sequence[Path],
-    size: int,
+    size: tuple[int, int],
     batch_size: int,
     workers: int,
     keep_original: bool = False,
@@ -86,14 +86,14 @@ def iterate_images(
 
 
 def stack_images(items: list[LoadedImage]) -> torch.Tensor:
-    """Stack the readable items of a batch into ``(B, 3, S, S)``."""
+    """Stack the readable items of a batch into ``(B, 3, H, W)``."""
     return torch.stack([item.image for item in items if item.image is not None])
 
 
 def load_training_images(
-    paths: Sequence[Path], size: int, workers: int, batch_size: int = 16
+    paths: Sequence[Path], size: tuple[int, int], workers: int, batch_size: int = 16
 ) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
-    """Read all training images as one uint8 tensor ``(N, 3, S, S)``; returns (images, ok paths, failures)."""
+    """Read all training images as one uint8 tensor ``(N, 3, H, W)``; returns (images, ok paths, failures)."""
     chunks: list[torch.Tensor] = []
     ok: list[Path] = []
     failures: list[tuple[Path, str]] = []
@@ -104,5 +104,5 @@ def load_training_images(
             else:
                 chunks.append((item.image * 255.0 + 0.5).to(torch.uint8))
                 ok.append(item.path)
-    images = torch.stack(chunks) if chunks else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    images = torch.stack(chunks) if chunks else torch.empty((0, 3, *size), dtype=torch.uint8)
     return images, ok, failures

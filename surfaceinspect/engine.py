@@ -118,7 +118,7 @@ def run_inference(
     With a calibration, records carry the verdict, normalised score and defect regions (at the
     pixel threshold, on the map resized to the file's own resolution).
     """
-    for batch in iterate_images(paths, detector.image_size, batch_size, workers, keep_original):
+    for batch in iterate_images(paths, detector.input_size, batch_size, workers, keep_original):
         readable = [item for item in batch if item.image is not None]
         prediction = detector.predict(stack_images(readable)) if readable else None
         position = 0
@@ -295,7 +295,7 @@ def train(
         f"run directory {run_dir}"
     )
 
-    images, ok_paths, failures = load_training_images(train_files, common.image_size, common.workers, common.batch_size)
+    images, ok_paths, failures = load_training_images(train_files, common.input_hw(), common.workers, common.batch_size)
     if failures:
         if common.bad_images == "stop":
             path, reason = failures[0]

@@ -111,3 +111,49 @@ def test_inference_overrides_only_touch_inference_settings() -> None:
             with_inference_overrides(run, [bad])
     with pytest.raises(ConfigError, match="smoothing_kernel"):
         with_inference_overrides(run, ["draem.smoothing_kernel=4"])  # validated: must be odd
+
+
+@pytest.mark.parametrize(
+    ("value", "hw"),
+    [(256, (256, 256)), ([128, 512], (128, 512))],
+)
+def test_image_size_square_or_height_width(value, hw) -> None:
+    from surfaceinspect.config import build_run_config
+    from surfaceinspect.detectors.draem.config import DraemConfig
+
+    run = build_run_config(DraemConfig, "cpu", [{"common": {"image_size": value}}])
+    assert run.common.input_hw() == hw
+
+
+def test_keep_aspect_resolves_to_method_multiples() -> None:
+    from surfaceinspect.config import CommonConfig, resolve_keep_aspect
+
+    common = CommonConfig(image_size="keep:512")
+    common.validate()
+    with pytest.raises(ConfigError, match="resolved from the training images"):
+        common.input_hw()
+    resolve_keep_aspect(common, aspect=4.1, multiple=32)  # a wide strip: 512 x 124.9 -> 128
+    assert common.input_hw() == (128, 512)
+    tall = CommonConfig(image_size="keep:500")
+    resolve_keep_aspect(tall, aspect=0.5, multiple=128)
+    assert tall.input_hw() == (512, 256)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("keep:abc", "keep:L"), ("big", "keep:L"), ([64], "two sides"), ([16, 64], "at least 32")],
+)
+def test_bad_image_sizes_say_what_works(value, message) -> None:
+    from surfaceinspect.config import CommonConfig
+
+    with pytest.raises(ConfigError, match=message):
+        CommonConfig(image_size=value).validate()
+
+
+def test_non_square_size_must_suit_the_method() -> None:
+    from surfaceinspect.config import CommonConfig
+    from surfaceinspect.detectors.csflow.config import CSFlowConfig
+
+    with pytest.raises(ConfigError, match=r"multiple of 128; use \[256, 512\]"):
+        CSFlowConfig().validate(CommonConfig(image_size=[250, 500]))
+    CSFlowConfig().validate(CommonConfig(image_size=[256, 1024]))

@@ -35,9 +35,9 @@ class ToyDetector(Detector):
 
     def __init__(self, run_config, device) -> None:
         super().__init__(run_config, device)
-        s = self.image_size // self.config.pool
-        self.mean = torch.zeros(3, s, s)
-        self.std = torch.ones(3, s, s)
+        h, w = (side // self.config.pool for side in self.input_size)
+        self.mean = torch.zeros(3, h, w)
+        self.std = torch.ones(3, h, w)
 
     def _pooled(self, images: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(images.float(), self.config.pool)

@@ -5,10 +5,12 @@ subpackage with a ``Detector`` subclass and one registry entry in ``detectors/__
 
 Conventions shared by all detectors:
 
-* Input images are float tensors ``(B, 3, S, S)`` in [0, 1], RGB, ``S = common.image_size``.
-  Detectors that need another normalisation (e.g. ImageNet statistics) apply it themselves.
-* Training images arrive as one uint8 tensor ``(N, 3, S, S)`` (already decoded and resized).
-* ``predict`` returns per-image scores and per-pixel maps at ``S x S``; higher is more anomalous
+* Input images are float tensors ``(B, 3, H, W)`` in [0, 1], RGB, ``(H, W) = common.input_hw()``
+  (square or not; each side a multiple of the method's ``size_multiple()``). Detectors that need
+  another normalisation (e.g. ImageNet statistics) apply it themselves.
+* Training images arrive as one uint8 tensor ``(N, 3, H, W)`` (already decoded and resized, or
+  tiles cut from the images at their own resolution when tiling is on).
+* ``predict`` returns per-image scores and per-pixel maps at ``H x W``; higher is more anomalous
   and the maps are in the same units as the scores, so one calibration serves both.
 """
 
@@ -139,12 +141,13 @@ class Detector(ABC):
         return self.run_config.method_config
 
     @property
-    def image_size(self) -> int:
-        return self.run_config.common.image_size
+    def input_size(self) -> tuple[int, int]:
+        """The network input ``(H, W)``."""
+        return self.run_config.common.input_hw()
 
     @abstractmethod
     def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
-        """Train on good images ``(N, 3, S, S)`` uint8; return a JSON-able training summary.
+        """Train on good images ``(N, 3, H, W)`` uint8; return the training summary.
 
         The summary carries at least these keys (the benchmark reads them): ``seconds`` (wall time
         of fit), ``epochs``, ``steps``, ``final_loss``, ``images_per_s_first_epoch`` (including
@@ -165,7 +168,7 @@ class Detector(ABC):
 
     @abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Score a batch ``(B, 3, S, S)`` float in [0, 1]; return CPU float32 scores and maps."""
+        """Score a batch ``(B, 3, H, W)`` float in [0, 1]; return CPU float32 scores and ``(B, H, W)`` maps."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,13 +16,6 @@ FEATURE_NORMS = ("none", "channel")
 DOWNSCALE_MODES = ("bilinear", "bicubic", "area", "nearest")
 
 
-def valid_sizes(multiple: int, near: int, count: int = 3) -> list[int]:
-    """A few valid image sizes around ``near`` (multiples of ``multiple``)."""
-    low = max(multiple, near // multiple * multiple)
-    sizes = {low, low + multiple, max(multiple, low - multiple), low + 2 * multiple}
-    return sorted(sizes)[: count + 1]
-
-
 @dataclass
 class CSFlowConfig(MethodConfig):
     """CS-Flow settings. ``epochs``/``lr`` come from MethodConfig; everything else is here."""
@@ -67,8 +60,10 @@ class CSFlowConfig(MethodConfig):
         spec = BACKBONES[self.backbone]
         return spec.stride(self.feature_stage) * 2 ** (self.n_scales - 1)
 
+    def size_reason(self) -> str:
+        return f"csflow with {self.backbone} stage {self.feature_stage} at {self.n_scales} scales"
+
     def validate(self, common: CommonConfig) -> None:
-        super().validate(common)
         if self.backbone not in BACKBONES:
             raise ConfigError(
                 f"csflow.backbone={self.backbone!r} is unknown; choose one of: {', '.join(available_backbones())}"
@@ -106,13 +101,7 @@ class CSFlowConfig(MethodConfig):
             raise ConfigError(
                 f"csflow.downscale_mode={self.downscale_mode!r}: use one of: {', '.join(DOWNSCALE_MODES)}"
             )
-        multiple = self.size_multiple()
-        if common.image_size % multiple:
-            raise ConfigError(
-                f"common.image_size={common.image_size} does not suit csflow with {self.backbone} stage "
-                f"{self.feature_stage} at {self.n_scales} scales: use a multiple of {multiple}, e.g. "
-                f"{', '.join(str(s) for s in valid_sizes(multiple, common.image_size))}"
-            )
+        super().validate(common)  # epochs, lr and the input size (needs a valid backbone and stage)
 
     def check_resources(self) -> None:
         """Raise BackboneWeightsError (one line) now if the backbone's pretrained weights are absent."""

@@ -94,18 +94,10 @@ class DraemConfig(MethodConfig):
             raise ConfigError(f"{p}.perlin_threshold={self.perlin_threshold}: use a value in (-1, 1) (paper: 0.5)")
         if not 0 <= self.augment_ops <= 10:
             raise ConfigError(f"{p}.augment_ops={self.augment_ops}: use 0..10 (paper: 3)")
-        self._validate_size(common.image_size)
         self._validate_source()
 
-    def _validate_size(self, size: int) -> None:
-        m = self.size_multiple()
-        if size % m:
-            lower, upper = (size // m) * m, (size // m + 1) * m
-            nearby = " or ".join(str(s) for s in (lower, upper) if s >= m)
-            raise ConfigError(
-                f"common.image_size={size}: DRAEM halves the image {m.bit_length() - 1} times, so the size must be a "
-                f"multiple of {m}; use {nearby}"
-            )
+    def size_reason(self) -> str:
+        return f"DRAEM halves the image {self.size_multiple().bit_length() - 1} times"
 
     def _validate_source(self) -> None:
         src = self.anomaly_source
