@@ -1,0 +1,188 @@
+"""Tiled training and scoring: large images at their own resolution, in network-sized tiles.
+
+A line-scan strip of 8000 x 1024 pixels squashed to 256 x 256 loses any defect of a few pixels.
+With ``common.tiling.enabled`` the image is (optionally scaled by ``tiling.scale``, then) cut into
+overlapping tiles of the network's input size. Training uses tiles sampled from the training
+images; scoring runs every tile through the detector and blends the tile maps with a smooth
+window into one map at the image's resolution, so no seam appears where tiles meet. The image
+score is the highest tile score, so calibration, thresholds and regions work as for whole images.
+
+Memory stays bounded: tiles are scored a batch at a time and only the stitched map (and its
+weights) of the image in hand is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from surfaceinspect.config import TilingConfig
+from surfaceinspect.detectors import Detector
+from surfaceinspect.errors import ImageReadError
+from surfaceinspect.imageio import read_image, resize_image
+
+# Weight of a tile's outermost pixels in the blend: small but never zero, so that pixels covered
+# by one tile only (image borders) keep exactly that tile's value.
+_WINDOW_FLOOR = 1e-3
+
+
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)``, neighbours sharing ``overlap``.
+
+    The last tile ends flush with the image; ``length <= tile`` gives one tile at 0.
+    """
+    if length <= tile:
+        return [0]
+    step = max(1, round(tile * (1.0 - overlap)))
+    n = math.ceil((length - tile) / step) + 1
+    # Spread the tiles evenly so the last one ends exactly at ``length`` (equal overlaps everywhere).
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_window(height: int, width: int, overlap: float) -> torch.Tensor:
+    """Weights ``(height, width)``: 1 inside, raised-cosine ramps over the overlap margins."""
+
+    def ramp(n: int) -> torch.Tensor:
+        margin = round(n * overlap)
+        w = torch.ones(n)
+        if margin > 0:
+            t = (torch.arange(margin, dtype=torch.float32) + 0.5) / margin
+            edge = 0.5 - 0.5 * torch.cos(math.pi * t)
+            w[:margin] = edge
+            w[n - margin :] = torch.minimum(w[n - margin :], edge.flip(0))
+        return w.clamp_min(_WINDOW_FLOOR)
+
+    return ramp(height)[:, None] * ramp(width)[None, :]
+
+
+def scaled_size(height: int, width: int, tiling: TilingConfig) -> tuple[int, int]:
+    """The image size after ``tiling.scale`` (at least 1 pixel per side)."""
+    return max(1, round(height * tiling.scale)), max(1, round(width * tiling.scale))
+
+
+def _prepare(image: torch.Tensor, tile_hw: tuple[int, int], tiling: TilingConfig) -> torch.Tensor:
+    """Scale ``(3, H, W)`` by ``tiling.scale`` and reflect-pad it to at least one tile."""
+    h, w = image.shape[-2:]
+    target = scaled_size(h, w, tiling)
+    if target != (h, w):
+        image = resize_image(image, target)
+    pad_h, pad_w = max(0, tile_hw[0] - image.shape[-2]), max(0, tile_hw[1] - image.shape[-1])
+    if pad_h or pad_w:
+        # Reflection keeps the texture; "replicate" where the image is too small to reflect.
+        mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
+        image = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)[0]
+    return image
+
+
+class TiledPredictor:
+    """Scores whole images tile by tile with a detector trained on tiles."""
+
+    def __init__(self, detector: Detector, tiling: TilingConfig, batch_size: int) -> None:
+        self.detector = detector
+        self.tiling = tiling
+        self.batch_size = max(1, batch_size)
+        self.tile_hw = detector.input_size
+        self.window = blend_window(*self.tile_hw, tiling.overlap)
+
+    def predict(self, image: torch.Tensor) -> tuple[float, np.ndarray]:
+        """Image score (the highest tile score) and the stitched map at the image's own ``(H, W)``."""
+        height, width = image.shape[-2:]
+        work = _prepare(image, self.tile_hw, self.tiling)
+        th, tw = self.tile_hw
+        positions = [
+            (y, x)
+            for y in tile_origins(work.shape[-2], th, self.tiling.overlap)
+            for x in tile_origins(work.shape[-1], tw, self.tiling.overlap)
+        ]
+        acc = torch.zeros(work.shape[-2:], dtype=torch.float32)
+        weight = torch.zeros_like(acc)
+        best = -math.inf
+        for start in range(0, len(positions), self.batch_size):
+            chunk = positions[start : start + self.batch_size]
+            tiles = torch.stack([work[:, y : y + th, x : x + tw] for y, x in chunk])
+            prediction = self.detector.predict(tiles)
+            best = max(best, float(prediction.scores.max()))
+            for (y, x), tile_map in zip(chunk, prediction.maps, strict=True):
+                acc[y : y + th, x : x + tw] += tile_map * self.window
+                weight[y : y + th, x : x + tw] += self.window
+        scaled_h, scaled_w = scaled_size(height, width, self.tiling)
+        stitched = (acc / weight)[:scaled_h, :scaled_w]
+        if (scaled_h, scaled_w) != (height, width):
+            stitched = F.interpolate(stitched[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
+        return best, stitched.numpy().astype(np.float32, copy=False)
+
+
+class TrainingTiles(Dataset):
+    """Random tiles of each training image (at most ``per_image``, seeded by image index)."""
+
+    def __init__(
+        self, paths: Sequence[Path], tile_hw: tuple[int, int], tiling: TilingConfig, per_image: int, seed: int
+    ) -> None:
+        self.paths = list(paths)
+        self.tile_hw = tile_hw
+        self.tiling = tiling
+        self.per_image = per_image
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = read_image(self.paths[index])
+        except ImageReadError as exc:
+            return index, None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
+            return index, None, f"{type(exc).__name__}: {exc}"
+        work = _prepare(image, self.tile_hw, self.tiling)
+        th, tw = self.tile_hw
+        positions = [
+            (y, x)
+            for y in tile_origins(work.shape[-2], th, self.tiling.overlap)
+            for x in tile_origins(work.shape[-1], tw, self.tiling.overlap)
+        ]
+        rng = np.random.default_rng([self.seed, index])
+        picks = rng.permutation(len(positions))[: self.per_image]
+        tiles = torch.stack(
+            [
+                work[:, positions[i][0] : positions[i][0] + th, positions[i][1] : positions[i][1] + tw]
+                for i in sorted(picks)
+            ]
+        )
+        return index, (tiles.clamp_(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8), None
+
+
+def _first(batch: list) -> list:
+    return batch
+
+
+def load_training_tiles(
+    paths: Sequence[Path], tile_hw: tuple[int, int], tiling: TilingConfig, workers: int, seed: int
+) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
+    """Tiles of the training images as one uint8 tensor ``(N, 3, h, w)``; returns (tiles, ok paths, failures).
+
+    At most ``tiling.max_train_tiles`` tiles in all, spread evenly over the images.
+    """
+    per_image = max(1, tiling.max_train_tiles // max(1, len(paths)))
+    dataset = TrainingTiles(paths, tile_hw, tiling, per_image, seed)
+    loader = DataLoader(dataset, batch_size=1, num_workers=min(workers, len(paths)), collate_fn=_first)
+    chunks: list[torch.Tensor] = []
+    ok: list[Path] = []
+    failures: list[tuple[Path, str]] = []
+    for ((index, tiles, error),) in loader:
+        if tiles is None:
+            failures.append((dataset.paths[index], error or "unreadable"))
+        else:
+            chunks.append(tiles)
+            ok.append(dataset.paths[index])
+    if not chunks:
+        return torch.empty((0, 3, *tile_hw), dtype=torch.uint8), ok, failures
+    return torch.cat(chunks), ok, failures
