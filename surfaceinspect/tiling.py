@@ -45,6 +45,13 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
+def tile_positions(height: int, width: int, tile_hw: tuple[int, int], overlap: float) -> list[tuple[int, int]]:
+    """Top-left corners ``(y, x)`` of the tiles covering a ``height x width`` image, row by row."""
+    ys = tile_origins(height, tile_hw[0], overlap)
+    xs = tile_origins(width, tile_hw[1], overlap)
+    return [(y, x) for y in ys for x in xs]
+
+
 def blend_window(height: int, width: int, overlap: float) -> torch.Tensor:
     """Weights ``(height, width)``: 1 inside, raised-cosine ramps over the overlap margins."""
 
@@ -95,11 +102,7 @@ class TiledPredictor:
         height, width = image.shape[-2:]
         work = _prepare(image, self.tile_hw, self.tiling)
         th, tw = self.tile_hw
-        positions = [
-            (y, x)
-            for y in tile_origins(work.shape[-2], th, self.tiling.overlap)
-            for x in tile_origins(work.shape[-1], tw, self.tiling.overlap)
-        ]
+        positions = tile_positions(work.shape[-2], work.shape[-1], self.tile_hw, self.tiling.overlap)
         acc = torch.zeros(work.shape[-2:], dtype=torch.float32)
         weight = torch.zeros_like(acc)
         best = -math.inf
@@ -144,11 +147,7 @@ class TrainingTiles(Dataset):
             return index, None, f"{type(exc).__name__}: {exc}"
         work = _prepare(image, self.tile_hw, self.tiling)
         th, tw = self.tile_hw
-        positions = [
-            (y, x)
-            for y in tile_origins(work.shape[-2], th, self.tiling.overlap)
-            for x in tile_origins(work.shape[-1], tw, self.tiling.overlap)
-        ]
+        positions = tile_positions(work.shape[-2], work.shape[-1], self.tile_hw, self.tiling.overlap)
         rng = np.random.default_rng([self.seed, index])
         picks = rng.permutation(len(positions))[: self.per_image]
         tiles = torch.stack(
