@@ -48,5 +48,10 @@ class BackboneWeightsError(SurfaceInspectError):
     """Pretrained weights for a backbone are not available offline."""
 
 
+class OutputError(SurfaceInspectError):
+    """An output path cannot be used: it would overwrite an input or a file the tool did not write,
+    or it cannot be written (permissions, a file in the way, disk full)."""
+
+
 class TrainingError(SurfaceInspectError):
     """Training cannot go on (e.g. non-finite loss); the message says what to change."""

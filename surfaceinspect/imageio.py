@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -45,6 +46,14 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 MAX_PIXELS = 64 * 1024 * 1024
 
 _EXIF_ORIENTATION = 0x0112
+
+# A folder holding this file was written by surfaceinspect (heatmaps, models, reports): image
+# discovery skips it, so outputs placed inside an input folder are never read back as inputs.
+OUTPUT_MARKER = ".surfaceinspect-output"
+
+# Mean absolute difference between colour channels (0..1 scale) below which an image counts as
+# greyscale: exactly 0 for grey files expanded to RGB, a little above for grey re-saved as RGB JPEG.
+GREY_TOLERANCE = 1.0 / 255.0
 
 
 def _fail(path: Path, reason: str) -> ImageReadError:
@@ -152,7 +161,15 @@ def _decode_cv2_high_depth(path: Path, data: bytes, orientation: int) -> np.ndar
 
 def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode to an ``(H, W, 3)`` RGB array: uint8, uint16, or float32 in [0, 1]."""
-    path = Path(path)
+    # Pillow warns about harmless file details (palette transparency, odd EXIF blocks) while it
+    # decodes correctly; such warnings would reach the operator's terminal as raw Python warnings,
+    # from worker processes too. Real problems raise and become ImageReadError.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _decode_quietly(Path(path), max_pixels)
+
+
+def _decode_quietly(path: Path, max_pixels: int) -> np.ndarray:
     data = _read_bytes(path)
     im = _open_checked(path, data, max_pixels)
     rawmode = _rawmode(im)
@@ -196,7 +213,10 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> to
     truncated, corrupt, non-image or absurdly large files.
     """
     arr = _decode(path, max_pixels)
-    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    if not chw.flags.writeable:  # e.g. a 1-pixel-wide image: the transpose is a read-only view
+        chw = chw.copy()
+    t = torch.from_numpy(chw)
     if arr.dtype == np.uint8:
         return t.float().div_(255.0).contiguous()
     if arr.dtype == np.uint16:
@@ -261,17 +281,37 @@ def resize_image(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
     return x if img.ndim == 4 else x.squeeze(0)
 
 
+def greyscale(images: torch.Tensor) -> torch.Tensor:
+    """Which images are greyscale (three equal channels, within :data:`GREY_TOLERANCE`).
+
+    ``images``: ``(3, H, W)`` or ``(B, 3, H, W)``, float in [0, 1] or uint8. Returns a bool
+    tensor ``()`` or ``(B,)``.
+    """
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    diff = (x[..., 0:1, :, :] - x[..., 1:2, :, :]).abs() + (x[..., 1:2, :, :] - x[..., 2:3, :, :]).abs()
+    return diff.mean(dim=(-3, -2, -1)) / 2.0 <= GREY_TOLERANCE
+
+
+def is_output_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder that surfaceinspect marked as its output (:data:`OUTPUT_MARKER`)."""
+    return (Path(path) / OUTPUT_MARKER).is_file()
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def discover_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+def discover_images(
+    root: str | os.PathLike[str], recursive: bool = True, skipped: list[Path] | None = None
+) -> list[Path]:
     """Image files under ``root`` whose suffix is in :data:`IMAGE_EXTENSIONS` (any case).
 
-    Hidden files and folders (name starting with '.') below ``root`` are skipped; symlinked
-    folders are followed once (loops cannot hang). Sorted by the POSIX relative path, so the
-    order is the same on every machine. A file given as ``root`` is returned as ``[root]``.
-    Raises :class:`DatasetError` if ``root`` does not exist.
+    Hidden files and folders (name starting with '.') below ``root`` are skipped, and so are
+    output folders of surfaceinspect below ``root`` (:func:`is_output_dir`; appended to
+    ``skipped`` when given, so the caller can say so). Symlinked folders are followed once (loops
+    cannot hang). Sorted by the POSIX relative path, so the order is the same on every machine. A
+    file given as ``root`` is returned as ``[root]``. Raises :class:`DatasetError` if ``root``
+    does not exist.
     """
     root = Path(root)
     if not root.exists():
@@ -291,7 +331,13 @@ def discover_images(root: str | os.PathLike[str], recursive: bool = True) -> lis
             dirnames[:] = []
             continue
         seen.add(key)
-        dirnames[:] = [] if not recursive else sorted(d for d in dirnames if not _is_hidden(d))
+        if not recursive:
+            dirnames[:] = []
+        else:
+            outputs = [d for d in dirnames if not _is_hidden(d) and is_output_dir(Path(dirpath) / d)]
+            if skipped is not None:
+                skipped.extend(Path(dirpath) / d for d in outputs)
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and d not in outputs)
         for name in filenames:
             if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue

@@ -2,6 +2,11 @@
 
 Each record is written as one complete line and flushed at once, so a run that is killed leaves
 a file of complete records only (at most the record being written is lost).
+
+CSV cells are neutralised for spreadsheets (OWASP "CSV injection"): a text cell starting with
+``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a file named ``=1+2.png``) gets a leading
+``'``, so Excel or LibreOffice show it as text instead of evaluating it. Numbers are written as
+they are; JSON Lines records are never altered.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ import io
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from surfaceinspect.errors import ConfigError
+from surfaceinspect.outputs import check_output_file, open_for_writing, write_error
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+FORMATS = ("csv", "jsonl")
 
 FIELDS = (
     "path",
@@ -60,30 +70,59 @@ class ScoreRecord:
         return out
 
 
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not evaluate: text starting like a formula gets a leading '."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 class RecordWriter:
     """Streams records to a CSV or JSONL file (or stdout), one flushed line per record."""
 
-    def __init__(self, handle: IO[str], fmt: str, close: bool) -> None:
+    def __init__(self, handle: IO[str], fmt: str, close: bool, target: Path | None = None) -> None:
         self._handle = handle
         self._fmt = fmt
         self._close = close
+        self.target = target
+        self.replaced = False  # the file existed (an earlier records file, or --force) and was replaced
         if fmt == "csv":
-            self._write_line(",".join(FIELDS) + "\n")
+            self._write_line(_CSV_HEADER)
 
     @classmethod
-    def open(cls, target: Path | None, fmt: str | None = None, to_stdout: bool = False) -> RecordWriter | None:
-        """A writer for ``target`` (format from ``fmt`` or the extension) or for stdout; None if neither."""
+    def open(
+        cls,
+        target: Path | None,
+        fmt: str | None = None,
+        to_stdout: bool = False,
+        *,
+        inputs: Sequence[Path] = (),
+        force: bool = False,
+    ) -> RecordWriter | None:
+        """A writer for ``target`` (format from ``fmt`` or the extension) or for stdout; None if neither.
+
+        ``target`` follows the output rules of :mod:`surfaceinspect.outputs`: never one of
+        ``inputs``, and an existing file is replaced only if it is a records file written by
+        surfaceinspect (or with ``force``).
+        """
         if to_stdout:
             return cls(sys.stdout, fmt or "jsonl", close=False)
         if target is None:
             return None
-        fmt = fmt or output_format(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return cls(open(target, "w", encoding="utf-8", newline=""), fmt, close=True)
+        fmt = output_format(target, fmt)
+        replaced = check_output_file(target, inputs, force=force, written_by_tool=is_records_file)
+        writer = cls(open_for_writing(target), fmt, close=True, target=target)
+        writer.replaced = replaced
+        return writer
 
     def _write_line(self, line: str) -> None:
-        self._handle.write(line)
-        self._handle.flush()
+        try:
+            self._handle.write(line)
+            self._handle.flush()
+        except OSError as exc:
+            if self.target is None:
+                raise
+            raise write_error(exc, self.target) from None
 
     def write(self, record: ScoreRecord) -> None:
         data = record.to_dict()
@@ -91,19 +130,54 @@ class RecordWriter:
             self._write_line(json.dumps(data, ensure_ascii=False) + "\n")
         else:
             buffer = io.StringIO()
-            csv.writer(buffer, lineterminator="\n").writerow(["" if data[k] is None else data[k] for k in FIELDS])
+            row = ["" if data[k] is None else spreadsheet_safe(data[k]) for k in FIELDS]
+            csv.writer(buffer, lineterminator="\n").writerow(row)
             self._write_line(buffer.getvalue())
 
     def close(self) -> None:
         if self._close:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError as exc:
+                raise write_error(exc, self.target or Path("?")) from None
 
 
-def output_format(path: Path) -> str:
-    """``csv`` or ``jsonl`` from a file name; a ConfigError for anything else."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return "csv"
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    raise ConfigError(f"--output {path}: use a .csv or .jsonl file name (or pass --format csv|jsonl)")
+_CSV_HEADER = ",".join(FIELDS) + "\n"
+_SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def output_format(path: Path, fmt: str | None = None) -> str:
+    """``csv`` or ``jsonl`` for ``path``: ``fmt`` if given, else from the extension.
+
+    A ConfigError for an unknown extension without ``fmt``, and for a known extension that
+    contradicts ``fmt`` (``x.csv`` with ``--format jsonl`` would hold JSON Lines in a .csv file).
+    """
+    by_suffix = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: use csv or jsonl")
+    if fmt is not None and by_suffix is not None and fmt != by_suffix:
+        raise ConfigError(
+            f"--output {path} --format {fmt}: the extension says {by_suffix}; name the file "
+            f"{path.with_suffix('.' + fmt).name} or drop --format"
+        )
+    if fmt is None and by_suffix is None:
+        raise ConfigError(f"--output {path}: use a .csv or .jsonl file name (or pass --format csv|jsonl)")
+    return fmt or by_suffix  # type: ignore[return-value]
+
+
+def is_records_file(path: Path) -> bool:
+    """Whether ``path`` holds records written by surfaceinspect (or nothing at all), judged by its first line."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            first = handle.readline(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first:
+        return True  # empty: nothing to lose
+    if first == _CSV_HEADER:
+        return True
+    try:
+        data = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and set(data) == set(FIELDS)
