@@ -16,7 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.errors import ImageReadError
-from surfaceinspect.imageio import read_image, resize_image
+from surfaceinspect.imageio import greyscale, read_image, resize_image
+
+# An image is refused when the network would have to enlarge it more than this along an axis (a
+# 1x1 or 8x8 "image" upscaled to 256 px gives the detector nothing to look at; its score means nothing).
+MAX_UPSCALE = 8
+MIN_IMAGE_SIDE = 8  # pixels, whatever the network input size
+
+
+def min_image_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest image ``(H, W)`` accepted for a network input of ``size`` = ``(H, W)`` pixels."""
+    return max(MIN_IMAGE_SIDE, math.ceil(size[0] / MAX_UPSCALE)), max(MIN_IMAGE_SIDE, math.ceil(size[1] / MAX_UPSCALE))
 
 
 @dataclass
@@ -29,6 +39,7 @@ class LoadedImage:
     original_size: tuple[int, int]  # (H, W) of the file; (0, 0) on error
     original: np.ndarray | None = None  # uint8 HxWx3 RGB, only when asked for (heatmaps)
     error: str | None = None
+    grey: bool = False  # three equal channels (a greyscale file, or colour without colour)
 
 
 class ImageFileDataset(Dataset):
@@ -51,11 +62,18 @@ class ImageFileDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
             return LoadedImage(index, path, None, (0, 0), error=f"{type(exc).__name__}: {exc}")
         height, width = int(image.shape[1]), int(image.shape[2])
+        min_h, min_w = min_image_size(self.size)
+        if height < min_h or width < min_w:
+            reason = (
+                f"image is {width}x{height} pixels, too small to inspect: this model needs at least "
+                f"{min_w}x{min_h} (its input is {self.size[1]}x{self.size[0]})"
+            )
+            return LoadedImage(index, path, None, (0, 0), error=reason)
         original = None
         if self.keep_original:
             original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
         resized = resize_image(image, self.size).clamp_(0.0, 1.0)
-        return LoadedImage(index, path, resized, (height, width), original)
+        return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
 
 
 def _keep_list(batch: list[LoadedImage]) -> list[LoadedImage]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surfaceinspect.errors import DatasetError, ImageReadError
-from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, image_size
+from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, image_size, is_output_dir
 
 GOOD = "good"
 GROUND_TRUTH = "ground_truth"
@@ -132,6 +132,42 @@ def _labelled_samples(
         samples += [TestSample(p, type_dir.name, True, m) for p, m in zip(images, masks, strict=True)]
     has_anomalous = any(s.is_anomalous for s in samples)
     return samples, gt_dir is not None and has_anomalous and all_masked
+
+
+@dataclass
+class LabelledLayout:
+    """A folder laid out with labels (so not a plain folder of good images)."""
+
+    root: Path  # the labelled folder: good/ + defect subfolders (an MVTec test/ folder)
+    good_dir: Path  # where the defect-free images are
+    defect_types: list[str]  # names of the defect subfolders (may be empty for an MVTec root)
+    mvtec_root: bool  # root/train/good exists: a whole dataset, not just its test folder
+
+
+def find_labelled_layout(folder: str | os.PathLike[str]) -> LabelledLayout | None:
+    """Recognise an MVTec dataset root or a labelled folder (``good/`` + defect subfolders).
+
+    Training on such a folder, or calibrating on it as if every image were good, would treat
+    defects as good images; the caller refuses it and points at ``good/``. Checks ``folder``
+    itself only (a plain folder that merely has a subfolder named ``good`` is fine).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if (folder / "train" / GOOD).is_dir():
+        test = folder / "test"
+        types = [d.name for d in _subdirs(test) if d.name != GOOD] if test.is_dir() else []
+        return LabelledLayout(folder, folder / "train" / GOOD, types, mvtec_root=True)
+    if not (folder / GOOD).is_dir():
+        return None
+    others = [
+        d
+        for d in _subdirs(folder)
+        if d.name != GOOD and not is_output_dir(d) and (d.name == GROUND_TRUTH or discover_images(d))
+    ]
+    if not others:
+        return None
+    return LabelledLayout(folder, folder / GOOD, [d.name for d in others if d.name != GROUND_TRUTH], mvtec_root=False)
 
 
 def validate_masks(ds: MVTecDataset | list[TestSample]) -> None:

@@ -6,11 +6,15 @@ Layout of one run directory::
     metadata.json       format version, method, effective config, versions, training summary,
                         dataset fingerprint, SHA-256 of the weights
     calibration.json    thresholds and score normalisation (rewritten by ``recalibrate``)
+    calibration.<UTC time>.json
+                        earlier calibrations, kept by ``recalibrate`` (``recalibrate --undo`` restores
+                        the newest)
     checkpoint.pt       resumable training state while training runs (torch.load weights_only=True);
                         removed when training completes
 
 Run directories live under the runs folder (``$SURFACEINSPECT_HOME/runs``, default
-``~/.local/share/surfaceinspect/runs``); the file ``LATEST`` there names the newest finished run.
+``~/.local/share/surfaceinspect/runs``); the file ``LATEST`` there names the newest finished run
+(by name for a run in the runs folder, by absolute path for one written elsewhere with ``--out``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import io
 import json
 import os
 import platform
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ METADATA_FILE = "metadata.json"
 CALIBRATION_FILE = "calibration.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 LATEST_FILE = "LATEST"
+_BACKUP_NAME = re.compile(r"^calibration\.(\d{8}T\d{6}Z)(?:\.(\d+))?\.json$")
 
 
 def runs_root() -> Path:
@@ -69,9 +75,16 @@ def new_run_dir(method: str, root: Path | None = None) -> Path:
     raise ModelDirError(f"could not create a run directory under {root}")
 
 
-def mark_latest(run_dir: Path) -> None:
-    """Record ``run_dir`` as the newest finished run of its runs folder."""
-    write_text_atomic(run_dir.parent / LATEST_FILE, run_dir.name + "\n")
+def mark_latest(run_dir: Path, root: Path | None = None) -> None:
+    """Record ``run_dir`` as the newest finished run in ``root/LATEST`` (default: the runs folder).
+
+    A run inside ``root`` is named by its folder name (as older versions wrote it), any other run
+    by its absolute path, so ``LATEST`` always names the newest run wherever ``--out`` put it.
+    """
+    root = root or runs_root()
+    run_dir = run_dir.expanduser().resolve()
+    name = run_dir.name if run_dir.parent == root.expanduser().resolve() else str(run_dir)
+    write_text_atomic(root / LATEST_FILE, name + "\n")
 
 
 def latest_run(root: Path | None = None) -> Path:
@@ -83,7 +96,7 @@ def latest_run(root: Path | None = None) -> Path:
             f"no trained model found under {root}; train one first "
             "(surfaceinspect train --method draem ./good_images) or pass --model RUN_DIR"
         )
-    run_dir = root / marker.read_text(encoding="utf-8").strip()
+    run_dir = root / marker.read_text(encoding="utf-8").strip()  # an absolute path stays as it is
     if not run_dir.is_dir():
         raise ModelDirError(f"{marker} names {run_dir}, which no longer exists; pass --model RUN_DIR or retrain")
     return run_dir
@@ -97,6 +110,84 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     if not path.is_dir():
         raise ModelDirError(f"model directory {path} does not exist; pass a run directory written by `train`")
     return path
+
+
+def refuse_existing_run(run_dir: Path, force: bool) -> None:
+    """Refuse to train into a folder that holds a model or an interrupted run, unless ``force``."""
+    if force:
+        return
+    if (run_dir / METADATA_FILE).is_file():
+        raise ModelDirError(
+            f"--out {run_dir} already holds a trained model; choose a new --out, or pass --force to replace it"
+        )
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        raise ModelDirError(
+            f"--out {run_dir} holds an interrupted training run; continue it with "
+            f"`surfaceinspect train --resume {run_dir}`, or pass --force to start over"
+        )
+
+
+def clear_model(run_dir: Path) -> list[Path]:
+    """Delete the model files of ``run_dir`` (never other files); returns what was removed.
+
+    ``metadata.json`` goes first, so an interruption leaves a folder that is no finished model.
+    """
+    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE]
+    removed = []
+    for path in [run_dir / n for n in names] + calibration_backups(run_dir):
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration backups (recalibrate keeps the calibration it replaces)
+
+
+def _backup_key(path: Path) -> tuple[str, int]:
+    match = _BACKUP_NAME.match(path.name)
+    assert match is not None
+    return match.group(1), int(match.group(2) or 0)
+
+
+def calibration_backups(run_dir: Path) -> list[Path]:
+    """The kept earlier calibrations of ``run_dir``, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _BACKUP_NAME.match(p.name) and p.is_file()]
+    return sorted(found, key=_backup_key)
+
+
+def backup_calibration(run_dir: Path) -> Path | None:
+    """Copy ``calibration.json`` to ``calibration.<UTC time>.json``; returns the copy (None if there is none)."""
+    current = run_dir / CALIBRATION_FILE
+    if not current.is_file():
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    backup = run_dir / f"calibration.{stamp}.json"
+    counter = 0
+    while backup.exists():
+        counter += 1
+        backup = run_dir / f"calibration.{stamp}.{counter}.json"
+    write_bytes_atomic(backup, current.read_bytes())
+    return backup
+
+
+def newest_calibration_backup(run_dir: Path) -> Path:
+    """The newest kept calibration of ``run_dir``; a ModelDirError if there is none."""
+    backups = calibration_backups(run_dir)
+    if not backups:
+        raise ModelDirError(
+            f"{run_dir} has no earlier calibration to restore (recalibrate keeps each one it replaces, "
+            "as calibration.<time>.json)"
+        )
+    return backups[-1]
+
+
+def restore_calibration(run_dir: Path, backup: Path) -> None:
+    """Move ``backup`` (a kept calibration) back to ``calibration.json``, atomically."""
+    os.replace(backup, run_dir / CALIBRATION_FILE)
 
 
 def sha256_file(path: Path) -> str:
