@@ -27,6 +27,7 @@ from surfaceinspect.atomic import write_bytes_atomic, write_text_atomic
 __all__ = ["colorize", "plot_roc", "render_overlay", "save_png", "write_index_html"]
 
 THRESHOLD = 0.5
+DEFAULT_OPACITY = 0.4  # heat opacity at the threshold (heatmap --opacity)
 _DEFECT_RGB = (229, 57, 53)
 _GOOD_RGB = (46, 160, 67)
 # Positions on the TURBO colour map: the calm half (below threshold) stays in blues, the hot half
@@ -73,9 +74,10 @@ def colorize(norm_map: np.ndarray) -> np.ndarray:
 
 def _opacity(m: np.ndarray, alpha: float) -> np.ndarray:
     """Per-pixel overlay opacity: invisible for clearly good pixels, faint just below the threshold,
-    strong above it (so good areas of the part stay readable)."""
+    ``alpha`` at the threshold rising to ``1.4 * alpha`` (at most 0.9) at map value 1. It never
+    reaches 1, so the surface (and the defect itself) stays visible under the heat."""
     calm = 0.3 * alpha * np.clip((m - 0.25) / (THRESHOLD - 0.25), 0.0, 1.0) ** 2
-    hot = np.minimum(1.0, alpha + 0.3 * (m - THRESHOLD) / (1.0 - THRESHOLD))
+    hot = np.minimum(0.9, alpha * (1.0 + 0.4 * (m - THRESHOLD) / (1.0 - THRESHOLD)))
     return np.where(m < THRESHOLD, calm, hot)
 
 
@@ -162,14 +164,15 @@ def render_overlay(
     norm_map: np.ndarray,
     label: str,
     verdict: str,
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_OPACITY,
 ) -> np.ndarray:
     """Blend the coloured map over the image, outline regions >= 0.5 and draw a text banner.
 
     Returns uint8 HxWx3 RGB at the image's own resolution (a map of another size is resized
-    to it bilinearly). ``alpha`` is the overlay opacity at the threshold (0.5); it rises by 0.3
-    towards map value 1, while below the threshold it stays under ``0.3 * alpha`` and pixels
-    below 0.25 are not tinted at all. ``verdict`` ('good' or 'defect') picks the banner accent
+    to it bilinearly). ``alpha`` is the overlay opacity at the threshold (0.5); it rises to
+    ``1.4 * alpha`` (at most 0.9) towards map value 1, so the defect stays visible under the heat,
+    while below the threshold it stays under ``0.3 * alpha`` and pixels below 0.25 are not tinted
+    at all. ``verdict`` ('good' or 'defect') picks the banner accent
     colour; tokens of ``label`` equal to the verdict are drawn in that colour too (and the verdict
     is put in front of the label when the label does not contain it). The banner
     sits at the top unless that would hide more above-threshold pixels than the bottom.
@@ -280,7 +283,7 @@ def save_png(path: str | Path, image_rgb: np.ndarray) -> None:
 
 _CSS = """
 :root { --bg:#f4f5f7; --card:#fff; --ink:#1d2330; --muted:#667085; --line:#e3e6eb;
-        --defect:#e53935; --good:#2ea043; }
+        --defect:#e53935; --good:#2ea043; --error:#b58900; }
 * { box-sizing: border-box; }
 body { margin:0; font:14px/1.4 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
        background:var(--bg); color:var(--ink); }
@@ -296,12 +299,20 @@ main { display:grid; grid-template-columns:repeat(auto-fill, minmax(240px, 1fr))
 .card { background:var(--card); border:1px solid var(--line); border-radius:8px; overflow:hidden;
         display:flex; flex-direction:column; }
 .card.defect { border-top:4px solid var(--defect); } .card.good { border-top:4px solid var(--good); }
+.card.error { border-top:4px solid var(--error); }
 .thumb { display:block; background:#111; aspect-ratio:1/1; }
 .thumb img { width:100%; height:100%; object-fit:contain; display:block; }
 .meta { padding:8px 10px 10px; display:grid; gap:3px; }
 .row { display:flex; justify-content:space-between; align-items:center; gap:8px; }
 .badge { font-size:11px; font-weight:700; letter-spacing:.04em; color:#fff; padding:2px 8px; border-radius:10px; }
 .badge.defect { background:var(--defect); } .badge.good { background:var(--good); }
+.badge.error { background:var(--error); }
+.thumb.missing { display:flex; align-items:center; justify-content:center; color:#9aa3b2; }
+.why { color:var(--muted); font-size:12px; font-style:italic; }
+.facts { margin:0; padding:10px 24px; display:flex; flex-wrap:wrap; gap:4px 24px; background:#eceef2;
+         border-bottom:1px solid var(--line); font-size:12px; }
+.facts div { display:flex; gap:6px; } .facts dt { color:var(--muted); } .facts dd { margin:0; overflow-wrap:anywhere; }
+.note { margin:12px 24px 0; padding:10px 14px; background:#fff4e5; border:1px solid #f0b429; border-radius:6px; }
 .score { font-variant-numeric:tabular-nums; font-weight:600; }
 .src { color:var(--muted); font-size:12px; overflow-wrap:anywhere; }
 .small { color:var(--muted); font-size:12px; }
@@ -344,43 +355,81 @@ def _fmt_fixed(value: Any) -> str:
     return "n/a" if math.isnan(f) else f"{f:.3f}"
 
 
-def _sort_key(entry: Mapping[str, Any]) -> tuple[bool, float]:
-    score = float(entry["score"])
-    return (math.isnan(score), -score if not math.isnan(score) else 0.0)
+_VERDICT_ORDER = {"defect": 0, "error": 1, "good": 2}  # what needs the operator's attention first
+
+NO_REGION_REASON = (
+    "no region: the image score is above the image threshold, but no pixel is above the pixel "
+    "threshold (the anomaly is spread thinly rather than in one spot)"
+)
+
+
+def _sort_key(entry: Mapping[str, Any]) -> tuple[int, bool, float]:
+    score = float(entry["score"]) if entry.get("score") is not None else math.nan
+    order = _VERDICT_ORDER.get(str(entry["verdict"]), 2)
+    return (order, math.isnan(score), -score if not math.isnan(score) else 0.0)
+
+
+def _card(e: Mapping[str, Any]) -> str:
+    src = html.escape(str(e["source"]).replace("\\", "/"), quote=True)
+    if e["verdict"] == "error":
+        reason = html.escape(str(e.get("error") or "unreadable"))
+        return (
+            '<article class="card error" data-verdict="error">'
+            '<div class="thumb missing"><span>not scored</span></div>'
+            '<div class="meta"><div class="row"><span class="badge error">UNREADABLE</span></div>'
+            f'<div class="why">{reason}</div>'
+            f'<div class="src" title="{src}">{src}</div></div></article>'
+        )
+    verdict = "defect" if e["verdict"] == "defect" else "good"
+    img = _url(e["image"])
+    n_regions = int(e["n_regions"])
+    why = f'<div class="why">{html.escape(NO_REGION_REASON)}</div>' if verdict == "defect" and not n_regions else ""
+    return (
+        f'<article class="card {verdict}" data-verdict="{verdict}">'
+        f'<a class="thumb" href="{img}" target="_blank" rel="noopener">'
+        f'<img src="{img}" alt="{src}" loading="lazy"></a>'
+        f'<div class="meta"><div class="row"><span class="badge {verdict}">{verdict.upper()}</span>'
+        f'<span class="score" title="raw score">{_fmt(e["score"])}</span></div>'
+        f'<div class="row small"><span>normalised {_fmt_fixed(e["score_normalized"])}</span>'
+        f"<span>{n_regions} region{'' if n_regions == 1 else 's'}</span></div>{why}"
+        f'<div class="src" title="{src}">{src}</div></div></article>'
+    )
 
 
 def write_index_html(
-    out_dir: Path, entries: Sequence[Mapping[str, Any]], title: str = "surfaceinspect results"
+    out_dir: Path,
+    entries: Sequence[Mapping[str, Any]],
+    title: str = "surfaceinspect results",
+    context: Mapping[str, Any] | None = None,
+    note: str | None = None,
 ) -> Path:
-    """Write ``out_dir/index.html`` (atomically): one card per scored image, highest score first.
+    """Write ``out_dir/index.html`` (atomically): one card per image, defects first, highest score first.
 
-    Each entry needs the keys ``image`` (overlay PNG path relative to ``out_dir``), ``source``
-    (original image path as given to the user), ``score``, ``score_normalized``, ``verdict``
-    ('good'/'defect') and ``n_regions``. The page is self-contained (inline CSS/JS, no network),
-    every path and text is HTML-escaped, thumbnails link to the full-size overlay.
+    Each entry needs the keys ``source`` (original image path as given to the user) and
+    ``verdict`` ('good', 'defect' or 'error'); scored entries also ``image`` (overlay PNG path
+    relative to ``out_dir``), ``score``, ``score_normalized`` and ``n_regions``; 'error' entries
+    ``error`` (why the file could not be scored; they get a card with the reason, no image). A
+    defect card without a region says why. ``context`` (label -> value, e.g. the model, its
+    thresholds and the source folder) is shown under the title; ``note`` (e.g. that the run was
+    interrupted) stands out above the cards. The page is self-contained (inline CSS/JS, no
+    network), every path and text is HTML-escaped, thumbnails link to the full-size overlay.
     """
     out_dir = Path(out_dir)
     ordered = sorted(entries, key=_sort_key)
     n_defect = sum(1 for e in ordered if e["verdict"] == "defect")
-    n_good = len(ordered) - n_defect
-    cards = []
-    for e in ordered:
-        verdict = "defect" if e["verdict"] == "defect" else "good"
-        src = html.escape(str(e["source"]).replace("\\", "/"), quote=True)
-        img = _url(e["image"])
-        n_regions = int(e["n_regions"])
-        cards.append(
-            f'<article class="card {verdict}" data-verdict="{verdict}">'
-            f'<a class="thumb" href="{img}" target="_blank" rel="noopener">'
-            f'<img src="{img}" alt="{src}" loading="lazy"></a>'
-            f'<div class="meta"><div class="row"><span class="badge {verdict}">{verdict.upper()}</span>'
-            f'<span class="score" title="raw score">{_fmt(e["score"])}</span></div>'
-            f'<div class="row small"><span>normalised {_fmt_fixed(e["score_normalized"])}</span>'
-            f"<span>{n_regions} region{'' if n_regions == 1 else 's'}</span></div>"
-            f'<div class="src" title="{src}">{src}</div></div></article>'
-        )
-    body = "\n".join(cards) if cards else '<p class="empty">No images were scored.</p>'
+    n_error = sum(1 for e in ordered if e["verdict"] == "error")
+    n_good = len(ordered) - n_defect - n_error
+    body = "\n".join(_card(e) for e in ordered) if ordered else '<p class="empty">No images were scored.</p>'
     t = html.escape(title)
+    facts = "".join(
+        f"<div><dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd></div>" for k, v in (context or {}).items()
+    )
+    facts_html = f'<dl class="facts">{facts}</dl>' if facts else ""
+    note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
+    unreadable, unreadable_button = "", ""
+    if n_error:
+        unreadable = f'<span class="stat"><b style="color:#ffd54f">{n_error}</b> unreadable</span>'
+        unreadable_button = f'<button type="button" data-filter="error">Unreadable ({n_error})</button>'
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -395,12 +444,16 @@ def write_index_html(
 <span class="stat"><b>{len(ordered)}</b> images</span>
 <span class="stat"><b style="color:#ff8a80">{n_defect}</b> defect</span>
 <span class="stat"><b style="color:#7ee787">{n_good}</b> good</span>
+{unreadable}
 <nav class="filters">
 <button type="button" data-filter="all" class="active">All ({len(ordered)})</button>
 <button type="button" data-filter="defect">Defects ({n_defect})</button>
 <button type="button" data-filter="good">Good ({n_good})</button>
+{unreadable_button}
 </nav>
 </header>
+{facts_html}
+{note_html}
 <main>
 {body}
 </main>
