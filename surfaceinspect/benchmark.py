@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.table import Table
+from rich.text import Text
 
 import surfaceinspect
 from surfaceinspect.atomic import write_json_atomic, write_text_atomic
@@ -372,7 +373,7 @@ def _benchmark_one(
 ) -> tuple[dict[str, Any], tuple[list[float], list[float], float]]:
     """Train (unless --model) and evaluate one dataset x method x seed; the report entry and ROC curve."""
     label = f"{root.name}/{method}" + (f"/seed {seed}" if seed is not None else "")
-    reporter.info(f"[bold]benchmark {label}[/bold]: {len(train_files)} train, {len(samples)} test images")
+    reporter.info((f"benchmark {label}", "bold"), f": {len(train_files)} train, {len(samples)} test images")
     entry: dict[str, Any] = {
         "dataset": root.name,
         "dataset_root": str(root),
@@ -617,7 +618,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     for e in report["entries"]:
         a, i, t = e["accuracy"], e["inference"], e.get("training", {})
         table.add_row(
-            e["dataset"],
+            Text(e["dataset"]),  # a folder name: shown as it is, never parsed as markup
             e["method"],
             _fmt(e.get("seed")),
             _fmt(a["image_auroc"]),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import surfaceinspect
 from surfaceinspect.errors import (
@@ -18,12 +21,14 @@ from surfaceinspect.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    ConfigError,
     SurfaceInspectError,
 )
+from surfaceinspect.ui import Part, styled
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect · 3 some images unreadable (no defect) · "
-    "2 usage, input, config or model error · 4 internal error (rerun with --debug) · 130 interrupted."
+    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · 130 interrupted."
 )
 
 app = typer.Typer(
@@ -33,7 +38,8 @@ app = typer.Typer(
         "Typical use:\n\n"
         "  surfaceinspect train --method draem ./good_images\n\n"
         "  surfaceinspect score ./line_camera_dump --output results.csv\n\n"
-        "  surfaceinspect heatmap ./line_camera_dump --out heatmaps/\n\n" + EXIT_CODES_HELP
+        "  surfaceinspect heatmap ./line_camera_dump --out heatmaps/\n\n"
+        "-o is a FILE in score (--output) and a FOLDER elsewhere (--out).\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -48,20 +54,32 @@ _state: dict[str, bool] = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _print_error(message: str) -> None:
+    """``error: message`` on stderr; the message is printed as it is (never parsed as markup)."""
+    try:
+        err_console.print(styled(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    except Exception:  # noqa: BLE001 - the exit code must survive a broken terminal
+        sys.stderr.write(f"error: {message}\n")
+
+
 def _fail(message: str, code: int) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     return typer.Exit(code)
 
 
 def handle_errors(func: F) -> F:
-    """One clear line instead of a traceback (unless --debug), with the documented exit code."""
+    """One clear line instead of a traceback (unless --debug), with the documented exit code.
+
+    User mistakes (SurfaceInspectError, click usage errors, paths that cannot be written) exit 2;
+    anything else is a bug and exits 4, never 0, 1 or 3, which a script would read as a verdict.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # usage errors (BadParameter ...): Typer prints them itself and exits 2
         except SurfaceInspectError as exc:
             if _state["debug"]:
                 raise
@@ -73,12 +91,30 @@ def handle_errors(func: F) -> F:
         except Exception as exc:
             if _state["debug"]:
                 raise
-            raise _fail(
-                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
-                EXIT_INTERNAL,
-            ) from None
+            raise _internal_or_os_error(exc) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_or_os_error(exc: Exception) -> typer.Exit:
+    from surfaceinspect.outputs import os_error_message
+
+    message = os_error_message(exc) if isinstance(exc, OSError) else None
+    if message is not None:  # e.g. disk full or permission denied while writing: the user can fix it
+        return _fail(message, EXIT_USAGE)
+    return _fail(
+        f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+        EXIT_INTERNAL,
+    )
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, *_: Any, **__: Any) -> None:
+    """Python warnings as one ``warning:`` line (with --debug: where they came from)."""
+    where = f" ({category.__name__} at {filename}:{lineno})" if _state["debug"] else ""
+    try:
+        err_console.print(styled(("warning:", "yellow"), f" {message}{where}"), highlight=False)
+    except Exception:  # noqa: BLE001 - a warning must never end the run
+        sys.stderr.write(f"warning: {message}\n")
 
 
 def _version(value: bool) -> None:
@@ -95,6 +131,7 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +143,8 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         "-p",
-        help="Named profile from sample_configs/ (cpu, paper, ...) or a YAML path. "
-        "[default: paper with CUDA, cpu without]",
+        help="Named profile from sample_configs/ (cpu, paper; `surfaceinspect profiles` lists them) or a YAML "
+        "path. [default: paper with CUDA, cpu without]",
     ),
 ]
 ConfigOpt = Annotated[
@@ -125,7 +162,35 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help=
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=0, help="Image-reading worker processes (0 = main process).")
 ]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=0, help="CPU threads for torch (0 = all cores).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info, only warnings and errors.")]
+RecordsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Write one record per image to FILE.csv or FILE.jsonl (-o is a file here, a folder in the other "
+        "commands). An existing file is replaced only if it is an earlier records file, or with --force.",
+    ),
+]
+
+
+class RecordFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+FormatOpt = Annotated[
+    RecordFormat | None,
+    typer.Option("--format", help="Records format; must agree with FILE's extension. [default: from the extension]"),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace existing outputs that surfaceinspect did not write (never the input images)."
+    ),
+]
 
 
 def _reporter(quiet: bool):
@@ -145,7 +210,9 @@ def _reporter(quiet: bool):
         "  surfaceinspect train -m csflow ./good_images --profile cpu --time-budget 20\n\n"
         "  surfaceinspect train -m draem ./good --set draem.anomaly_source=~/dtd/images\n\n"
         "  surfaceinspect train -m draem ./good --print-config      (show the effective config)\n\n"
-        "  surfaceinspect train --resume latest                     (continue an interrupted run)"
+        "  surfaceinspect train --resume latest                     (continue an interrupted run)\n\n"
+        "Refused (exit 2): a labelled folder (good/ + defect folders, or an MVTec dataset root) as GOOD_DIR, "
+        "and an --out that holds a model (unless --force) or other files (unless --force)."
     )
 )
 @handle_errors
@@ -167,7 +234,7 @@ def train(
     device: DeviceOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     workers: WorkersOpt = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (0 = all cores).")] = None,
+    threads: ThreadsOpt = None,
     anomaly_source: Annotated[
         str | None,
         typer.Option(
@@ -196,8 +263,16 @@ def train(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Run directory to write. [default: new one under the runs folder]"),
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FOLDER",
+            help="Run directory (a FOLDER) to write: new or empty. [default: a new one under the runs folder]",
+        ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the model in --out, or write into a non-empty --out.")
+    ] = False,
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue an interrupted run: its directory, or 'latest'.")
     ] = None,
@@ -208,14 +283,17 @@ def train(
 
     A share of the images (--calibration-fraction, at least common.calibration.min_images) is held
     out to set the decision threshold for --false-reject-rate. The run directory (weights,
-    metadata.json, calibration.json) becomes the default model of `score` and `heatmap`.
+    metadata.json, calibration.json) becomes the default model of `score` and `heatmap`, wherever
+    --out puts it.
     """
     from surfaceinspect import engine, modeldir
 
     reporter = _reporter(quiet)
     if resume is not None:
         run_dir = modeldir.find_resumable() if resume == "latest" else Path(resume)
-        result = engine.train(None, None, reporter=reporter, resume_dir=run_dir, calibration_dir=calibration_dir)
+        result = engine.train(
+            None, None, reporter=reporter, resume_dir=run_dir, calibration_dir=calibration_dir, mark_latest=True
+        )
     else:
         run_config = engine.resolve_run_config(
             method,
@@ -245,31 +323,38 @@ def train(
             sys.stdout.write(run_config.to_yaml())
             raise typer.Exit(EXIT_OK)
         if data_dir is None:
-            raise typer.BadParameter(
-                "give the folder of good images: surfaceinspect train --method draem ./good_images"
-            )
-        result = engine.train(data_dir, run_config, reporter=reporter, run_dir=out, calibration_dir=calibration_dir)
+            raise ConfigError("give the folder of good images: surfaceinspect train --method draem ./good_images")
+        engine.require_input(data_dir)
+        result = engine.train(
+            data_dir,
+            run_config,
+            reporter=reporter,
+            run_dir=out,
+            calibration_dir=calibration_dir,
+            force=force,
+            mark_latest=True,
+        )
     cal = result.calibration
+    target = f", false-reject target {cal.target.get('false_reject_rate')}" if cal.mode == "quantile" else ""
     reporter.info(
-        f"[green]done[/green] in {result.summary.get('total_seconds', 0):.0f} s — "
-        f"model: [bold]{result.run_dir}[/bold]\n"
-        f"  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images"
-        + (f", false-reject target {cal.target.get('false_reject_rate')}" if cal.mode == "quantile" else "")
-        + ")"
+        ("done", "green"),
+        f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
+        (str(result.run_dir), "bold"),
+        f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# score
+# score and heatmap: shared summary
 
 
 def _summary_table(summary: Any, title: str) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("verdict")
     table.add_column("images", justify="right")
-    table.add_row("[green]good[/green]", str(summary.n_good))
-    table.add_row("[red]defect[/red]", str(summary.n_defect))
-    table.add_row("[yellow]unreadable[/yellow]", str(summary.n_error))
+    table.add_row(Text("good", "green"), str(summary.n_good))
+    table.add_row(Text("defect", "red"), str(summary.n_defect))
+    table.add_row(Text("unreadable", "yellow"), str(summary.n_error))
     return table
 
 
@@ -279,8 +364,39 @@ def _worst_table(summary: Any) -> Table:
     table.add_column("verdict")
     table.add_column("image")
     for score, path, verdict in summary.worst:
-        table.add_row(f"{score:.5g}", verdict, path)
+        table.add_row(f"{score:.5g}", verdict, Text(path))  # file names are shown as they are
     return table
+
+
+def _print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part]) -> None:
+    """The verdict counts, the highest scores, the unreadable files and where the outputs went."""
+    console = err_console if json_out else out_console
+    if quiet:
+        return
+    console.print(_summary_table(summary, f"{summary.total} images in {summary.seconds:.1f} s"))
+    if summary.worst:
+        console.print(_worst_table(summary))
+    if summary.unreadable:
+        shown = len(summary.unreadable)
+        head = f"unreadable images ({'all ' if shown == summary.n_error else f'first {shown} of '}{summary.n_error}):"
+        console.print(styled((head, "yellow")), highlight=False)
+        for path, reason in summary.unreadable:
+            console.print(styled(f"  {path}: {reason}"), highlight=False)
+    for part in outputs:
+        console.print(styled(part), highlight=False)
+
+
+def _open_records(output: Path | None, fmt: str | None, inputs: list[Path], force: bool, reporter: Any) -> Any:
+    from surfaceinspect.records import RecordWriter
+
+    writer = RecordWriter.open(output, fmt, inputs=inputs, force=force)
+    if writer is not None and writer.replaced:
+        reporter.info(f"replacing {output} (" + ("--force" if force else "records of an earlier run") + ")")
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------
+# score
 
 
 @app.command(
@@ -295,17 +411,15 @@ def _worst_table(summary: Any) -> Table:
 def score(
     images_dir: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
     model: ModelOpt = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write one record per image to FILE.csv or FILE.jsonl.")
-    ] = None,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="csv | jsonl (default: from --output's extension).")
-    ] = None,
+    output: RecordsOpt = None,
+    fmt: FormatOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Write JSON Lines records to stdout (and nothing else to stdout).")
     ] = False,
+    force: ForceOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -313,46 +427,39 @@ def score(
 
     Records carry path (relative to IMAGES_DIR), verdict (good/defect/error), score (raw),
     score_normalized (0..1, the threshold at 0.5), n_regions, largest_region_area and the
-    largest region's bbox_x/bbox_y/bbox_width/bbox_height, width, height, error.
+    largest region's bbox_x/bbox_y/bbox_width/bbox_height, width, height, error. In CSV, text
+    starting with = + - @ gets a leading ' (spreadsheets would run it as a formula).
     Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine
     from surfaceinspect.records import RecordWriter
 
-    if fmt is not None and fmt not in ("csv", "jsonl"):
-        raise typer.BadParameter("--format must be csv or jsonl")
     reporter = _reporter(quiet)
     engine.require_input(images_dir)
-    loaded = engine.load(model, device=device or "auto")
-    reporter.info(
-        f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
-    )
-    writers = [w for w in (RecordWriter.open(output, fmt), RecordWriter.open(None, fmt, to_stdout=json_out)) if w]
+    # Outputs are checked (and opened) before the model loads: a refused path fails in a second.
+    fmt_name = fmt.value if fmt is not None else None
+    writers = [_open_records(output, fmt_name, [images_dir], force, reporter)]
+    if json_out:
+        writers.append(RecordWriter.open(None, fmt_name, to_stdout=True))
+    active = [w for w in writers if w is not None]
     try:
+        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+        reporter.info(
+            f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
+        )
         summary = engine.score_folder(
             loaded,
             images_dir,
-            on_result=lambda r: [w.write(r.record) for w in writers],
+            on_result=lambda r: [w.write(r.record) for w in active],
             batch_size=batch_size,
             workers=workers,
             reporter=reporter,
         )
     finally:
-        for writer in writers:
+        for writer in active:
             writer.close()
-    _print_summary(summary, quiet, json_out, output)
+    _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
     raise typer.Exit(summary.exit_code())
-
-
-def _print_summary(summary: Any, quiet: bool, json_out: bool, output: Path | None) -> None:
-    console = err_console if json_out else out_console
-    if quiet:
-        return
-    console.print(_summary_table(summary, f"{summary.total} images in {summary.seconds:.1f} s"))
-    if summary.worst:
-        console.print(_worst_table(summary))
-    if output is not None:
-        console.print(f"records: {output}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,20 +471,46 @@ def _print_summary(summary: Any, quiet: bool, json_out: bool, output: Path | Non
         "Examples:\n\n"
         "  surfaceinspect heatmap ./line_camera_dump --out heatmaps/\n\n"
         "  surfaceinspect heatmap ./dump --out heatmaps/ --save-maps   (also .npy maps)\n\n"
-        "Open heatmaps/index.html in a browser: all overlays sorted by score.\n\n" + EXIT_CODES_HELP
+        "  surfaceinspect heatmap ./dump --out ./dump/heatmaps/       (a subfolder: later runs skip it)\n\n"
+        "Open heatmaps/index.html in a browser: all overlays sorted by score, the unreadable files, the "
+        "model and its thresholds.\n\n" + EXIT_CODES_HELP
     )
 )
 @handle_errors
 def heatmap(
     images_dir: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays, maps and index.html.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FOLDER",
+            help="FOLDER for overlays, maps and index.html: new, empty, or an earlier heatmap output. Never the "
+            "input folder; a subfolder of it is marked so that later runs skip it.",
+        ),
+    ],
     model: ModelOpt = None,
     save_maps: Annotated[
         bool, typer.Option("--save-maps", help="Also write <name>.npy: float32 HxW map, same scale as the score.")
     ] = False,
-    output: Annotated[Path | None, typer.Option("--output", help="Also write records to FILE.csv/.jsonl.")] = None,
+    opacity: Annotated[
+        float | None,
+        typer.Option(
+            "--opacity",
+            min=0.0,
+            max=1.0,
+            help="Heat opacity at the threshold (0 = outlines only; it rises to 1.4x this on the hottest pixels, "
+            "so the defect stays visible). [default: 0.4]",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", metavar="FILE", help="Also write records to FILE.csv/.jsonl (see score)."),
+    ] = None,
+    force: ForceOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -387,14 +520,13 @@ def heatmap(
     glows, and outlines mark the regions above the pixel threshold.
     """
     from surfaceinspect import engine
-    from surfaceinspect.records import RecordWriter
 
     reporter = _reporter(quiet)
     engine.require_input(images_dir)
-    loaded = engine.load(model, device=device or "auto")
-    reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})")
-    writer = RecordWriter.open(output)
+    writer = _open_records(output, None, [images_dir], force, reporter)
     try:
+        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+        reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})")
         summary, index = engine.heatmap_folder(
             loaded,
             images_dir,
@@ -404,13 +536,14 @@ def heatmap(
             batch_size=batch_size,
             workers=workers,
             reporter=reporter,
+            force=force,
+            opacity=opacity,
         )
     finally:
         if writer:
             writer.close()
-    _print_summary(summary, quiet, False, output)
-    if not quiet:
-        out_console.print(f"overlays: {out}   index: {index}")
+    outputs: list[Part] = [f"overlays: {out}   index: {index}"]
+    _print_summary(summary, quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
     raise typer.Exit(summary.exit_code())
 
 
@@ -422,12 +555,19 @@ def heatmap(
     epilog=(
         "Examples:\n\n"
         "  surfaceinspect recalibrate ./good_after_relamp             (good images only)\n\n"
-        "  surfaceinspect recalibrate ./labelled --labelled --mode f1   (good/ + defect subfolders)"
+        "  surfaceinspect recalibrate ./labelled --labelled --mode f1   (good/ + defect subfolders)\n\n"
+        "  surfaceinspect recalibrate --undo                          (restore the previous calibration)\n\n"
+        "Refused (exit 2): fewer good images than training uses for calibration "
+        "(common.calibration.min_images), and a labelled folder without --labelled. The replaced calibration "
+        "is kept as calibration.<time>.json in the run directory."
     )
 )
 @handle_errors
 def recalibrate(
-    folder: Annotated[Path, typer.Argument(help="Folder of good images (or, with --labelled, good/ + defect dirs).")],
+    folder: Annotated[
+        Path | None,
+        typer.Argument(help="Folder of good images (or, with --labelled, good/ + defect dirs).", show_default=False),
+    ] = None,
     model: ModelOpt = None,
     labelled: Annotated[bool, typer.Option("--labelled", help="FOLDER has good/ and defect subfolders.")] = False,
     mode: Annotated[str | None, typer.Option("--mode", help="quantile | f1 | recall.")] = None,
@@ -435,6 +575,12 @@ def recalibrate(
         float | None, typer.Option("--false-reject-rate", help="Quantile mode target.")
     ] = None,
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Recall mode target.")] = None,
+    undo: Annotated[
+        bool, typer.Option("--undo", help="Restore the calibration that the last recalibrate replaced.")
+    ] = False,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -442,21 +588,44 @@ def recalibrate(
     from surfaceinspect import engine
 
     reporter = _reporter(quiet)
+    if undo:
+        if folder is not None:
+            raise ConfigError("--undo takes no FOLDER: surfaceinspect recalibrate --undo [--model RUN]")
+        change = engine.undo_recalibration(model)
+        reporter.info(("restored", "green"), f" {change.backup.name if change.backup else '?'}: ")
+        _print_thresholds(reporter, change)
+        return
+    if folder is None:
+        raise ConfigError("give a folder of good images: surfaceinspect recalibrate ./good_images")
     engine.require_input(folder)
-    loaded = engine.load(model, device=device or "auto")
-    old = loaded.calibration.image_threshold
-    cal = engine.recalibrate(
+    loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+    change = engine.recalibrate(
         loaded,
         folder,
         labelled=labelled,
         mode=mode,
         false_reject_rate=false_reject_rate,
         target_recall=target_recall,
+        batch_size=batch_size,
+        workers=workers,
         reporter=reporter,
     )
+    cal = change.calibration
     reporter.info(
-        f"[green]recalibrated[/green] {loaded.run_dir}: threshold {old:.5g} -> {cal.image_threshold:.5g} "
-        f"({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images)"
+        ("recalibrated", "green"),
+        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images):",
+    )
+    _print_thresholds(reporter, change)
+    if change.backup is not None:
+        reporter.info(f"  previous calibration kept as {change.backup.name}; `recalibrate --undo` restores it")
+
+
+def _print_thresholds(reporter: Any, change: Any) -> None:
+    old, new = change.previous, change.calibration
+    image_old, pixel_old = (f"{old.image_threshold:.5g}", f"{old.pixel_threshold:.5g}") if old else ("?", "?")
+    reporter.info(
+        f"  image threshold {image_old} -> {new.image_threshold:.5g}, "
+        f"pixel threshold {pixel_old} -> {new.pixel_threshold:.5g}"
     )
 
 
@@ -477,7 +646,12 @@ def recalibrate(
 @handle_errors
 def benchmark(
     datasets: Annotated[list[Path], typer.Argument(help="MVTec-layout dataset roots (train/good, test/...).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json, report.md and ROC plots.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="FOLDER", help="FOLDER for report.json, report.md and ROC plots (new or empty)."
+        ),
+    ],
     method: Annotated[
         list[str] | None, typer.Option("--method", "-m", help="Methods to compare (repeatable). [default: all]")
     ] = None,
@@ -491,7 +665,9 @@ def benchmark(
         Path | None,
         typer.Option(
             "--keep-models",
-            help="Keep the trained runs in DIR/<dataset>-<method> (usable with score, heatmap, --model).",
+            metavar="FOLDER",
+            help="Keep the trained runs in FOLDER/<dataset>-<method> (new or empty; usable with score, heatmap, "
+            "--model).",
         ),
     ] = None,
     quick: Annotated[
@@ -505,6 +681,7 @@ def benchmark(
             "min and max over the seeds. [default: the config's common.seed, once]",
         ),
     ] = None,
+    force: ForceOpt = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -520,8 +697,12 @@ def benchmark(
     """
     from surfaceinspect.benchmark import BenchmarkOptions, run_benchmark
     from surfaceinspect.detectors import available_methods
+    from surfaceinspect.outputs import prepare_output_dir
 
     reporter = _reporter(quiet)
+    prepare_output_dir(out, datasets, force=force)
+    if keep_models is not None:
+        prepare_output_dir(keep_models, datasets, option="--keep-models", force=force, allow_reuse=False)
     options = BenchmarkOptions(
         datasets=datasets,
         methods=method or available_methods(),
@@ -540,7 +721,7 @@ def benchmark(
         from surfaceinspect.benchmark import summary_table
 
         out_console.print(summary_table(report))
-        out_console.print(f"report: {out / 'report.md'}  {out / 'report.json'}")
+        out_console.print(styled(f"report: {out / 'report.md'}  {out / 'report.json'}"), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,9 +731,15 @@ def benchmark(
 @app.command()
 @handle_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated data, models and outputs.")] = Path(
-        "demo_output"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FOLDER",
+            help="FOLDER for the generated data, models and outputs (new, or an earlier demo output).",
+        ),
+    ] = Path("demo_output"),
     method: Annotated[
         list[str] | None, typer.Option("--method", "-m", help="Methods to run (repeatable). [default: all]")
     ] = None,
@@ -565,22 +752,41 @@ def demo(
     reporter = _reporter(quiet)
     lines = run_demo(out, method or available_methods(), reporter)
     for line in lines:
-        out_console.print(line, highlight=False)
+        out_console.print(styled(line), highlight=False)
 
 
 @app.command("profiles")
 @handle_errors
 def profiles() -> None:
-    """List the named profiles (sample_configs/) usable with --profile."""
+    """List the shipped profiles as the --method/--profile pairs that select them."""
     from surfaceinspect.config import list_profiles
+    from surfaceinspect.detectors import available_methods
 
-    for name, path in list_profiles().items():
-        out_console.print(f"{name:24s} {path}", highlight=False)
+    table = Table(title="use: surfaceinspect train --method METHOD --profile PROFILE", show_header=True)
+    for column in ("--method", "--profile", "file"):
+        table.add_column(column)
+    shipped = list_profiles()
+    for method in available_methods():
+        for name, path in shipped.items():
+            if name.startswith(method + "-"):
+                table.add_row(Text(method), Text(name[len(method) + 1 :]), Text(str(path)))
+    out_console.print(table)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: whatever happens, a bug exits 4, never 0, 1 or 3."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # the last line of defence for the exit code
+        if _state["debug"]:
+            raise
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surfaceinspect import engine
+from surfaceinspect.outputs import prepare_output_dir
 from surfaceinspect.records import RecordWriter
 from surfaceinspect.synthetic import make_dataset
 from surfaceinspect.ui import Reporter
@@ -13,7 +14,11 @@ DEMO_TIME_BUDGET_MIN = 1.5  # per method: training is fitted into this budget
 
 
 def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]:
-    """Generate data, then per method: train (cpu profile, time-boxed), score, heatmap. Returns summary lines."""
+    """Generate data, then per method: train (cpu profile, time-boxed), score, heatmap. Returns summary lines.
+
+    ``out_dir`` is new, empty or an earlier demo output (whose models and outputs are replaced).
+    """
+    prepare_output_dir(out_dir)
     data = out_dir / "data"
     if not (data / "train" / "good").is_dir():
         reporter.info(f"generating a demo dataset in {data}")
@@ -24,8 +29,8 @@ def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]
             method, "cpu", None, {"time_budget_min": DEMO_TIME_BUDGET_MIN, "checkpoint_every_s": 30.0}, {}, []
         )
         run_dir = out_dir / "runs" / method
-        reporter.info(f"[bold]{method}[/bold]: training for about {DEMO_TIME_BUDGET_MIN} minutes")
-        result = engine.train(data / "train" / "good", run_config, reporter=reporter, run_dir=run_dir)
+        reporter.info((method, "bold"), f": training for about {DEMO_TIME_BUDGET_MIN} minutes")
+        result = engine.train(data / "train" / "good", run_config, reporter=reporter, run_dir=run_dir, force=True)
         model = engine.load(result.run_dir)
         records = out_dir / f"{method}_scores.csv"
         writer = RecordWriter.open(records)
@@ -39,7 +44,7 @@ def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]
         heatmaps = out_dir / f"{method}_heatmaps"
         engine.heatmap_folder(model, data / "test", heatmaps, reporter=reporter)
         lines += [
-            f"[bold]{method}[/bold]: model {result.run_dir}",
+            f"{method}: model {result.run_dir}",
             f"  scored {summary.total} test images: {summary.n_good} good, {summary.n_defect} defect "
             f"(the test set has 12 good and 12 defective) -> {records}",
             f"  heatmaps: {heatmaps}/index.html",

@@ -21,7 +21,7 @@ from surfaceinspect import modeldir
 from surfaceinspect.calibration import Calibration, calibrate
 from surfaceinspect.config import RunConfig, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
-from surfaceinspect.datasets import labelled_folder
+from surfaceinspect.datasets import find_labelled_layout, labelled_folder
 from surfaceinspect.detectors import Detector, TrainContext, get_detector_class
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.errors import (
@@ -30,8 +30,10 @@ from surfaceinspect.errors import (
     EXIT_UNREADABLE,
     ConfigError,
     DatasetError,
+    ModelDirError,
 )
-from surfaceinspect.imageio import discover_images
+from surfaceinspect.imageio import discover_images, greyscale
+from surfaceinspect.outputs import prepare_output_dir
 from surfaceinspect.records import ScoreRecord
 from surfaceinspect.regions import find_regions
 from surfaceinspect.ui import Reporter, TrainProgressView
@@ -76,11 +78,79 @@ def split_calibration(files: Sequence[Path], run_config: RunConfig) -> tuple[lis
     return train, calib
 
 
+def find_images(root: Path, reporter: Reporter) -> list[Path]:
+    """The input images under ``root`` (see ``discover_images``); says once which output folders it skipped."""
+    skipped: list[Path] = []
+    paths = discover_images(root, skipped=skipped)
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:MAX_LISTED_FAILURES])
+        more = f" and {len(skipped) - MAX_LISTED_FAILURES} more" if len(skipped) > MAX_LISTED_FAILURES else ""
+        reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {names}{more}")
+    return paths
+
+
+def refuse_labelled_folder(folder: Path, command: str) -> None:
+    """Refuse to treat a labelled folder (MVTec root, or good/ + defect subfolders) as all-good images.
+
+    ``command`` is ``train`` or ``recalibrate``; the message says what to run instead.
+    """
+    layout = find_labelled_layout(folder)
+    if layout is None:
+        return
+    if layout.mvtec_root:
+        what = f"{folder} is a dataset in MVTec layout (train/good, test/...)"
+    else:
+        what = f"{folder} is a labelled folder (good/ plus defect folders: {', '.join(layout.defect_types)})"
+    labelled = layout.root / "test" if layout.mvtec_root else layout.root
+    if command == "train":
+        fix = f"train on {layout.good_dir} (add --calibration-dir {labelled} to calibrate on the labelled images)"
+    else:
+        fix = f"recalibrate on {layout.good_dir}, or on {labelled} --labelled --mode f1|recall"
+    raise DatasetError(f"{what}; its defects would be taken for good images: {fix}")
+
+
 def _report_failures(reporter: Reporter, failures: list[tuple[Path, str]], what: str) -> None:
     for path, reason in failures[:MAX_LISTED_FAILURES]:
         reporter.warn(f"skipped unreadable {what} {path}: {reason}")
     if len(failures) > MAX_LISTED_FAILURES:
         reporter.warn(f"... and {len(failures) - MAX_LISTED_FAILURES} more unreadable {what}s")
+
+
+def colour_mode(grey_flags: Sequence[bool]) -> str:
+    """``grey``, ``colour`` or ``mixed`` for a set of images' greyscale flags."""
+    n_grey = sum(bool(g) for g in grey_flags)
+    return "grey" if n_grey == len(grey_flags) else "colour" if n_grey == 0 else "mixed"
+
+
+class ColourCheck:
+    """Collects images whose colour mode differs from the training images' (grey vs colour).
+
+    A model trained on colour images sees a greyscale image as far from everything it learned
+    (and the reverse), so its score says little; the operator gets one warning naming the files.
+    """
+
+    def __init__(self, trained_on: str | None) -> None:
+        self.trained_on = trained_on if trained_on in ("grey", "colour") else None
+        self.count = 0
+        self.names: list[str] = []
+
+    def see(self, item: LoadedImage, name: str) -> None:
+        if self.trained_on is None or item.image is None or item.grey == (self.trained_on == "grey"):
+            return
+        self.count += 1
+        if len(self.names) < MAX_LISTED_FAILURES:
+            self.names.append(name)
+
+    def report(self, reporter: Reporter) -> None:
+        if not self.count:
+            return
+        other = "colour" if self.trained_on == "grey" else "greyscale"
+        more = f" and {self.count - len(self.names)} more" if self.count > len(self.names) else ""
+        reporter.warn(
+            f"{self.count} image(s) are {other} but the model was trained on {self.trained_on} images "
+            f"({', '.join(self.names)}{more}); their scores are not reliable: use the camera setting "
+            "of the training images, or train a model on such images"
+        )
 
 
 def _prepare(run_config: RunConfig) -> torch.device:
@@ -166,8 +236,13 @@ def calibrate_detector(
     reporter: Reporter,
     defect_paths: Sequence[Path] = (),
     source: str = "",
+    trained_colour: str | None = None,
 ) -> Calibration:
-    """Score calibration images and build the Calibration (mode and targets from the config)."""
+    """Score calibration images and build the Calibration (mode and targets from the config).
+
+    ``trained_colour`` (``grey``/``colour``, from the training summary) warns about good images
+    of the other colour mode.
+    """
     common = run_config.common
     settings = common.calibration
     good_scores: list[float] = []
@@ -177,6 +252,7 @@ def calibrate_detector(
     failures: list[tuple[Path, str]] = []
     all_paths = list(good_paths) + list(defect_paths)
     n_good = len(good_paths)
+    colours = ColourCheck(trained_colour)
     with reporter.progress("calibrate", len(all_paths)) as bar:
         for i, result in enumerate(
             run_inference(
@@ -194,12 +270,14 @@ def calibrate_detector(
                 failures.append((result.item.path, result.record.error or "unreadable"))
                 continue
             if i < n_good:
+                colours.see(result.item, result.record.path)
                 good_scores.append(float(result.record.score))
                 maxima.append(float(result.anomaly_map.max()))
                 medians.append(float(np.median(result.anomaly_map)))
             else:
                 defect_scores.append(float(result.record.score))
     _report_failures(reporter, failures, "calibration image")
+    colours.report(reporter)
     if not good_scores:
         raise DatasetError("no readable good image for calibration; check the calibration folder")
     calibration = calibrate(
@@ -245,13 +323,18 @@ def train(
     resume_dir: Path | None = None,
     calibration_dir: Path | None = None,
     files: Sequence[Path] | None = None,
+    force: bool = False,
+    mark_latest: bool = False,
 ) -> TrainResult:
     """Train a detector on good images, calibrate it, and write a finished model directory.
 
     ``resume_dir`` continues an interrupted run from its last checkpoint (config and data taken
     from the checkpoint). ``calibration_dir`` (good/ + defect subfolders) replaces the held-out
     split as the calibration set; it is required for calibration modes f1 and recall. ``files``
-    restricts training to these images of ``data_dir`` (default: every image found in it).
+    restricts training to these images of ``data_dir`` (default: every image found in it; a
+    labelled folder is then refused). ``run_dir`` follows the output rules
+    (:mod:`surfaceinspect.outputs`); a folder holding a model is replaced only with ``force``.
+    ``mark_latest`` makes the run the default model of ``score`` and ``heatmap``.
     """
     reporter = reporter or Reporter(quiet=True)
     started = time.monotonic()
@@ -272,27 +355,27 @@ def train(
         if data_dir is None or run_config is None:
             raise ConfigError("train needs a folder of good images (or --resume RUN_DIR)")
         run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
-        files = list(files) if files is not None else discover_images(data_dir)
-        if not files:
-            raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")
-        if calibration_dir is not None:
-            train_files, calib_files = files, []
-        else:
-            train_files, calib_files = split_calibration(files, run_config)
-        run_dir = run_dir or modeldir.new_run_dir(run_config.method)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        train_files, calib_files = _training_split(data_dir, run_config, calibration_dir, files, reporter)
     assert run_config is not None and data_dir is not None
     if run_config.common.calibration.mode != "quantile" and calibration_dir is None:
         raise ConfigError(
             f"calibration mode {run_config.common.calibration.mode} needs defective examples: pass "
             "--calibration-dir DIR with good/ and defect subfolders, or use mode quantile"
         )
+    labelled = _labelled_split(calibration_dir) if calibration_dir is not None else None  # checked before training
+    if resume_dir is None:
+        run_dir = _prepare_run_dir(
+            run_dir, run_config.method, [data_dir, *([calibration_dir] if calibration_dir else [])], force, reporter
+        )
+    assert run_dir is not None
     device = _prepare(run_config)
     common = run_config.common
     reporter.info(
-        f"training [bold]{run_config.method}[/bold] (profile {run_config.profile}) on {device}: "
+        "training ",
+        (run_config.method, "bold"),
+        f" (profile {run_config.profile}) on {device}: "
         f"{len(train_files)} training images, {len(calib_files) or 'labelled folder for'} calibration; "
-        f"run directory {run_dir}"
+        f"run directory {run_dir}",
     )
 
     images, ok_paths, failures = load_training_images(train_files, common.input_hw(), common.workers, common.batch_size)
@@ -332,19 +415,20 @@ def train(
         summary = detector.fit(images, context).to_dict()
     finally:
         view.close()
-    del images
     summary = {
         **summary,
+        "image_colour": colour_mode(greyscale(images).tolist()),
         "n_train_images": len(ok_paths),
         "n_unreadable_train_images": len(failures),
         "unreadable_train_images": [relative_name(p, data_dir) for p, _ in failures],
         "resumed": resume_dir is not None,
     }
+    del images
     fingerprint = modeldir.dataset_fingerprint(data_dir, list(train_files) + list(calib_files))
     modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
 
-    if calibration_dir is not None:
-        good, defect = _labelled_split(calibration_dir)
+    if calibration_dir is not None and labelled is not None:  # (both or neither)
+        good, defect = labelled
         calibration = calibrate_detector(
             detector, good, calibration_dir, run_config, reporter, defect, str(calibration_dir)
         )
@@ -358,10 +442,48 @@ def train(
             source=f"{len(calib_files)} held-out images of {data_dir}",
         )
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
-    modeldir.mark_latest(run_dir)
+    if mark_latest:
+        modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary["total_seconds"] = round(time.monotonic() - started, 2)
     return TrainResult(run_dir, summary, calibration)
+
+
+def _training_split(
+    data_dir: Path,
+    run_config: RunConfig,
+    calibration_dir: Path | None,
+    files: Sequence[Path] | None,
+    reporter: Reporter,
+) -> tuple[list[Path], list[Path]]:
+    """Training and calibration files of a new run (a labelled ``data_dir`` is refused)."""
+    if files is None:
+        refuse_labelled_folder(data_dir, "train")
+        files = find_images(data_dir, reporter)
+    if not files:
+        raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")
+    if calibration_dir is not None:
+        return list(files), []
+    return split_calibration(files, run_config)
+
+
+def _prepare_run_dir(
+    run_dir: Path | None, method: str, inputs: Sequence[Path], force: bool, reporter: Reporter
+) -> Path:
+    """A new run directory under the runs folder, or ``run_dir`` checked by the output rules.
+
+    A folder that holds a model (or an interrupted run) is refused unless ``force``; with it,
+    the old model's files are deleted first, so no mix of two models can remain.
+    """
+    if run_dir is None:
+        run_dir = modeldir.new_run_dir(method)
+    else:
+        modeldir.refuse_existing_run(run_dir, force)
+    prepare_output_dir(run_dir, inputs, force=force)
+    removed = modeldir.clear_model(run_dir) if force else []
+    if removed:
+        reporter.warn(f"--force: replacing the model in {run_dir} (removed {', '.join(p.name for p in removed)})")
+    return run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +513,15 @@ def load(
     return LoadedModel(run_dir, detector, calibration, metadata)
 
 
+@dataclass
+class Recalibration:
+    """What ``recalibrate`` changed: the calibration before and after, and where the old one is kept."""
+
+    previous: Calibration | None  # None: the replaced file could not be read (undo of a damaged file)
+    calibration: Calibration
+    backup: Path | None
+
+
 def recalibrate(
     model: LoadedModel,
     folder: Path,
@@ -399,9 +530,18 @@ def recalibrate(
     mode: str | None = None,
     false_reject_rate: float | None = None,
     target_recall: float | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
     reporter: Reporter | None = None,
-) -> Calibration:
-    """Recompute the calibration of a trained model from a new folder, without retraining."""
+) -> Recalibration:
+    """Recompute the calibration of a trained model from a new folder, without retraining.
+
+    Refuses what would quietly make the model pass defects: fewer good images than training
+    needs for calibration (``common.calibration.min_images``), or a labelled folder taken as all
+    good. The previous ``calibration.json`` is kept as ``calibration.<UTC time>.json`` (see
+    :func:`undo_recalibration`), and a warning says when most new "good" images score above the
+    previous threshold (defective images given as good look like that).
+    """
     reporter = reporter or Reporter(quiet=True)
     run_config = model.detector.run_config
     settings = run_config.common.calibration
@@ -412,18 +552,81 @@ def recalibrate(
     if target_recall is not None:
         settings.target_recall = target_recall
     settings.validate()
+    if batch_size is not None:
+        run_config.common.batch_size = batch_size
+    if workers is not None:
+        run_config.common.workers = workers
     if labelled:
         good, defect = _labelled_split(folder)
     else:
         if settings.mode != "quantile":
             raise ConfigError(f"mode {settings.mode} needs --labelled and a folder with good/ and defect subfolders")
-        good, defect = discover_images(folder), []
-        if not good:
-            raise DatasetError(f"no images found in {folder}")
-    calibration = calibrate_detector(model.detector, good, folder, run_config, reporter, defect, str(folder))
+        refuse_labelled_folder(folder, "recalibrate")
+        good, defect = find_images(folder, reporter), []
+    _require_calibration_images(len(good), settings.min_images, folder, readable=False)
+    calibration = calibrate_detector(
+        model.detector,
+        good,
+        folder,
+        run_config,
+        reporter,
+        defect,
+        str(folder),
+        trained_colour=model.metadata.get("training", {}).get("image_colour"),
+    )
+    _require_calibration_images(calibration.n_good, settings.min_images, folder, readable=True)
+    previous = model.calibration
+    backup = modeldir.backup_calibration(model.run_dir)
     calibration.save(model.run_dir / modeldir.CALIBRATION_FILE)
     model.calibration = calibration
-    return calibration
+    _warn_if_unlike(previous, calibration, folder, model.run_dir, reporter)
+    return Recalibration(previous, calibration, backup)
+
+
+def _require_calibration_images(n: int, minimum: int, folder: Path, readable: bool) -> None:
+    if n < minimum:
+        raise DatasetError(
+            f"{folder}: {n} good image(s){' could be read' if readable else ''}, but calibration needs at least "
+            f"{minimum} (common.calibration.min_images, as in train); add images of defect-free parts"
+        )
+
+
+def _warn_if_unlike(previous: Calibration, new: Calibration, folder: Path, run_dir: Path, reporter: Reporter) -> None:
+    """Warn when the new good scores look unlike good images of the previous calibration.
+
+    The previous threshold leaves about ``false_reject_rate`` (1 %) of good images above it; when
+    the new "good" images put their 95th percentile (or even their median) above it, the folder
+    probably holds defects (or the line really changed): similar defects would now pass.
+    """
+    stats, threshold = new.good_score_stats, previous.image_threshold
+    if stats["median"] >= threshold:
+        share = f"most of the new good images score above the previous threshold (median {stats['median']:.5g}"
+    elif stats["p95"] >= threshold:
+        share = f"over 5% of the new good images score above the previous threshold (95th percentile {stats['p95']:.5g}"
+    else:
+        return
+    reporter.warn(
+        f"{share} >= {threshold:.5g}): if {folder} holds defective images, similar defects now pass. Check the "
+        f"folder; `surfaceinspect recalibrate --undo --model {run_dir}` restores the previous calibration"
+    )
+
+
+def undo_recalibration(model_dir: str | Path | None) -> Recalibration:
+    """Restore the newest kept calibration of a run (``recalibrate --undo``).
+
+    The restored file is checked before it replaces ``calibration.json``; the calibration it
+    replaces is dropped (it came from ``recalibrate``, which can be run again), even when it is
+    damaged: undo is the way back from a bad calibration file.
+    """
+    run_dir = modeldir.resolve_model_dir(model_dir)
+    backup = modeldir.newest_calibration_backup(run_dir)
+    restored = Calibration.load(backup)
+    try:
+        current: Calibration | None = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
+    except ModelDirError:
+        current = None
+    modeldir.restore_calibration(run_dir, backup)
+    return Recalibration(current, restored, backup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +640,7 @@ class ScoreSummary:
     n_error: int = 0
     seconds: float = 0.0
     worst: list[tuple[float, str, str]] = field(default_factory=list)  # (score, path, verdict)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # the first (path, reason) pairs
 
     @property
     def total(self) -> int:
@@ -465,15 +669,18 @@ def score_folder(
 ) -> ScoreSummary:
     """Score every image under ``images_dir`` (recursive), calling ``on_result`` as each is done.
 
-    Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores.
+    Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores and the
+    first unreadable files. Images of another colour mode than the training images (grey on a
+    colour model or the reverse) are named in one warning at the end.
     """
     reporter = reporter or Reporter(quiet=True)
-    paths = discover_images(images_dir)
+    paths = find_images(images_dir, reporter)
     if not paths:
         raise DatasetError(f"no images found in {images_dir}; expected .png/.jpg/.jpeg/.bmp/.tif files")
     common = model.detector.run_config.common
     summary = ScoreSummary()
     worst: list[tuple[float, str, str]] = []
+    colours = ColourCheck(model.metadata.get("training", {}).get("image_colour"))
     started = time.monotonic()
     root = images_dir if images_dir.is_dir() else images_dir.parent
     with reporter.progress(label, len(paths)) as bar:
@@ -489,10 +696,13 @@ def score_folder(
             record = result.record
             if record.verdict == "error":
                 summary.n_error += 1
+                if len(summary.unreadable) < MAX_LISTED_FAILURES:
+                    summary.unreadable.append((record.path, record.error or "unreadable"))
             elif record.verdict == "defect":
                 summary.n_defect += 1
             else:
                 summary.n_good += 1
+            colours.see(result.item, record.path)
             if record.score is not None and math.isfinite(record.score):
                 entry = (record.score, record.path, record.verdict)
                 if len(worst) < n_worst:
@@ -501,6 +711,7 @@ def score_folder(
                     heapq.heappushpop(worst, entry)
             on_result(result)
             bar.update(advance=1, extra=f"{summary.n_defect} defect, {summary.n_error} unreadable")
+    colours.report(reporter)
     summary.worst = sorted(worst, reverse=True)
     summary.seconds = time.monotonic() - started
     return summary
@@ -519,6 +730,23 @@ def _output_stem(record_path: str, used: set[str]) -> str:
     return stem
 
 
+def _gallery_context(model: LoadedModel, images_dir: Path) -> dict[str, str]:
+    """What the operator needs to read index.html: which model, which thresholds, which images."""
+    import datetime as _dt
+
+    cal = model.calibration
+    return {
+        "model": str(model.run_dir.resolve()),
+        "method": model.detector.name,
+        "trained": str(model.metadata.get("created", "unknown")),
+        "calibrated": f"{cal.created or 'unknown'} ({cal.mode}, {cal.n_good} good images)",
+        "image threshold": f"{cal.image_threshold:.5g} (normalised score 0.5)",
+        "pixel threshold": f"{cal.pixel_threshold:.5g} (outlined regions)",
+        "source folder": str(images_dir.resolve()),
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def heatmap_folder(
     model: LoadedModel,
     images_dir: Path,
@@ -529,12 +757,21 @@ def heatmap_folder(
     batch_size: int | None = None,
     workers: int | None = None,
     reporter: Reporter | None = None,
+    force: bool = False,
+    opacity: float | None = None,
 ) -> tuple[ScoreSummary, Path]:
-    """Write an overlay PNG per image (and optionally the raw map as .npy) plus ``index.html``."""
-    from surfaceinspect.atomic import atomic_open
-    from surfaceinspect.rendering import render_overlay, save_png, write_index_html
+    """Write an overlay PNG per image (and optionally the raw map as .npy) plus ``index.html``.
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``out_dir`` follows the output rules (:mod:`surfaceinspect.outputs`): never the input folder,
+    a dedicated subfolder of it at most. ``index.html`` lists unreadable files too, shows the
+    model, thresholds and source folder, and is written even when the run is interrupted.
+    """
+    from surfaceinspect.atomic import atomic_open
+    from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
+
+    reporter = reporter or Reporter(quiet=True)
+    if prepare_output_dir(out_dir, [images_dir], force=force).reused:
+        reporter.info(f"{out_dir} holds an earlier heatmap output; its overlays are replaced")
     entries: list[dict[str, Any]] = []
     used: set[str] = set()
     calibration = model.calibration
@@ -544,6 +781,7 @@ def heatmap_folder(
         if on_result is not None:
             on_result(result)
         if record.verdict == "error" or result.anomaly_map is None or result.item.original is None:
+            entries.append({"source": record.path, "verdict": "error", "error": record.error or "unreadable"})
             return
         stem = _output_stem(record.path, used)
         overlay = render_overlay(
@@ -551,6 +789,7 @@ def heatmap_folder(
             calibration.normalize_map(result.anomaly_map),
             label=f"score {record.score_normalized:.2f}  (raw {record.score:.4g})",
             verdict=record.verdict,
+            alpha=DEFAULT_OPACITY if opacity is None else opacity,
         )
         save_png(out_dir / f"{stem}.png", overlay)
         if save_maps:
@@ -567,17 +806,25 @@ def heatmap_folder(
             }
         )
 
-    summary = score_folder(
-        model,
-        images_dir,
-        on_result=render,
-        batch_size=batch_size,
-        workers=workers,
-        keep_original=True,
-        reporter=reporter,
-        label="heatmap",
-    )
-    index = write_index_html(out_dir, entries)
+    context = _gallery_context(model, images_dir)
+    try:
+        summary = score_folder(
+            model,
+            images_dir,
+            on_result=render,
+            batch_size=batch_size,
+            workers=workers,
+            keep_original=True,
+            reporter=reporter,
+            label="heatmap",
+        )
+    except KeyboardInterrupt:
+        # Leave a valid gallery of what was done before the interruption.
+        note = f"Interrupted: only the first {len(entries)} images were processed."
+        write_index_html(out_dir, entries, context=context, note=note)
+        reporter.warn(f"interrupted; {out_dir / 'index.html'} shows the {len(entries)} images done")
+        raise
+    index = write_index_html(out_dir, entries, context=context)
     return summary, index
 
 

@@ -46,7 +46,7 @@ def test_round_trip_gives_identical_scores(trained_toy, synthetic_dataset):
 
 def test_latest_marker_points_at_finished_run(trained_toy, isolated_runs, toy_method, synthetic_dataset):
     run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
-    result = engine.train(synthetic_dataset / "train" / "good", run)
+    result = engine.train(synthetic_dataset / "train" / "good", run, mark_latest=True)
     assert result.run_dir.parent == isolated_runs
     assert modeldir.latest_run() == result.run_dir
     assert modeldir.resolve_model_dir(None) == result.run_dir
