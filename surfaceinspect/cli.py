@@ -520,9 +520,11 @@ def heatmap(
     glows, and outlines mark the regions above the pixel threshold.
     """
     from surfaceinspect import engine
+    from surfaceinspect.outputs import prepare_output_dir
 
     reporter = _reporter(quiet)
     engine.require_input(images_dir)
+    prepare_output_dir(out, [images_dir], force=force)  # fail before the model loads (checked again, idempotent)
     writer = _open_records(output, None, [images_dir], force, reporter)
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0)

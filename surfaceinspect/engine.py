@@ -771,7 +771,7 @@ def heatmap_folder(
 
     reporter = reporter or Reporter(quiet=True)
     if prepare_output_dir(out_dir, [images_dir], force=force).reused:
-        reporter.info(f"{out_dir} holds an earlier heatmap output; its overlays are replaced")
+        reporter.info(f"{out_dir} is not empty: earlier overlays with the same names are replaced")
     entries: list[dict[str, Any]] = []
     used: set[str] = set()
     calibration = model.calibration

@@ -74,6 +74,11 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
+def _is_empty(folder: Path) -> bool:
+    """A missing folder, or one holding nothing but the tool's marker, is empty."""
+    return not folder.is_dir() or all(p.name == OUTPUT_MARKER for p in folder.iterdir())
+
+
 @dataclass
 class OutputDir:
     """A checked, created and marked output folder."""
@@ -93,7 +98,8 @@ def prepare_output_dir(
     """Check ``out`` against the rules in the module docstring, create it and mark it as the tool's.
 
     ``inputs`` are the files and folders the command reads. ``allow_reuse=False`` also refuses a
-    folder the tool wrote before (for outputs that must start empty).
+    folder the tool wrote before (for outputs that must start empty). Calling it again on the same
+    folder gives the same answer (a folder holding only the marker counts as empty).
     """
     out = Path(out).expanduser()
     target = out.resolve()
@@ -109,7 +115,7 @@ def prepare_output_dir(
                 "the images; choose a folder outside it"
             )
         inside_input = source.is_dir() and _inside(target, source)
-        if inside_input and target.is_dir() and any(target.iterdir()) and not is_output_dir(target):
+        if inside_input and not _is_empty(target) and not is_output_dir(target):
             raise OutputError(
                 f"{option} {out} lies inside the input folder {source} and already holds files "
                 "that would be read as inputs; choose a new or empty folder"
@@ -120,7 +126,7 @@ def prepare_output_dir(
     if blocking is not None:
         raise OutputError(f"{option} {out}: {blocking} is a file, so the folder cannot be created; choose another path")
     reused = False
-    if target.is_dir() and any(target.iterdir()):
+    if not _is_empty(target):
         if is_output_dir(target):
             if not allow_reuse:
                 raise OutputError(f"{option} {out} holds an earlier output; choose a new or empty folder")
