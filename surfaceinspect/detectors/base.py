@@ -146,13 +146,11 @@ class Detector(ABC):
         return self.run_config.common.input_hw()
 
     @abstractmethod
-    def fit(self, images: torch.Tensor, context: TrainContext) -> dict[str, Any]:
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         """Train on good images ``(N, 3, H, W)`` uint8; return the training summary.
 
-        The summary carries at least these keys (the benchmark reads them): ``seconds`` (wall time
-        of fit), ``epochs``, ``steps``, ``final_loss``, ``images_per_s_first_epoch`` (including
-        one-off work such as feature extraction) and ``images_per_s_later_epochs`` (None if only
-        one epoch ran); detectors may add their own keys.
+        :class:`TrainSummary` carries the facts every method reports (the benchmark reads them);
+        method-specific facts go into its ``details``.
 
         Must call ``context.report`` regularly, honour ``context.resume_state`` (continue from a
         checkpoint dict produced by the ``state_fn`` it passed to ``report``) and
