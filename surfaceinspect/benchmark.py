@@ -82,14 +82,19 @@ def _quick_subset(ds: MVTecDataset) -> tuple[list[Path], list[TestSample]]:
 def _train_child(args: dict[str, Any], queue: Any) -> None:
     try:
         from surfaceinspect import engine
+        from surfaceinspect.config import resolve_run_config
 
         reporter = Reporter(quiet=args["quiet"])
         sets = list(args["sets"])
         if args["quick"]:
             # The time budget is what every detector honours (DRAEM profiles count steps, not epochs).
             sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1", "common.time_budget_min=0.25"]
-        run_config = engine.resolve_run_config(
-            args["method"], args["profile"], args["config_file"], {"device": args["device"]}, {}, sets
+        run_config = resolve_run_config(
+            method=args["method"],
+            profile=args["profile"],
+            config_file=args["config_file"],
+            common_flags={"device": args["device"]},
+            sets=sets,
         )
         started = time.monotonic()
         result = engine.train(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,8 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
 import surfaceinspect
+from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -137,7 +140,10 @@ def _main(
 # ---------------------------------------------------------------------------------------------
 # Shared options
 
-MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Detector: draem or csflow. [default: draem]")]
+MethodOpt = Annotated[
+    str | None,
+    typer.Option("--method", "-m", help=f"Detector: {' or '.join(available_methods())}. [default: draem]"),
+]
 ProfileOpt = Annotated[
     str | None,
     typer.Option(
@@ -193,6 +199,70 @@ ForceOpt = Annotated[
 ]
 
 
+METHOD_OPTIONS_PANEL = "Method options (every other setting: --set METHOD.KEY=VALUE)"
+
+
+def _method_option_params() -> list[Any]:
+    """Options for every field a method's config declares in ``cli_options`` (one per field name).
+
+    Built by Typer from a generated signature, so they behave and print like the declared options.
+    """
+    from surfaceinspect.detectors import available_methods, get_config_class
+
+    helps: dict[str, list[str]] = {}
+    for method in available_methods():
+        for name, text in get_config_class(method).cli_options.items():
+            helps.setdefault(name, []).append(f"{method}: {text}")
+    annotations = {
+        name: Annotated[
+            str | None,
+            typer.Option(
+                f"--{name.replace('_', '-')}", help="; ".join(texts) + ".", rich_help_panel=METHOD_OPTIONS_PANEL
+            ),
+        ]
+        for name, texts in sorted(helps.items())
+    }
+
+    def method_options(**_: Any) -> None:
+        """Placeholder whose signature Typer turns into options."""
+
+    method_options.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+            for n, a in annotations.items()
+        ]
+    )
+    method_options.__annotations__ = dict(annotations)
+    helper = typer.Typer(add_completion=False)
+    helper.command()(method_options)
+    return list(typer.main.get_command(helper).params)
+
+
+class MethodOptionsCommand(TyperCommand):
+    """A command that also takes each method's own options, as its config declares them.
+
+    The options come from ``MethodConfig.cli_options`` of every registered method, built when the
+    command is parsed or its help is shown (so other commands never import the detectors). Their
+    values reach the command as ``ctx.meta["method_options"]`` (field name -> value, given ones only).
+    """
+
+    _method_params: list[Any] | None = None
+
+    def method_params(self) -> list[Any]:
+        if self._method_params is None:
+            self._method_params = _method_option_params()
+        return self._method_params
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        return params[:-1] + self.method_params() + params[-1:]  # --help stays last
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        given = {p.name: ctx.params.pop(p.name, None) for p in self.method_params() if p.name}
+        ctx.meta["method_options"] = {k: v for k, v in given.items() if v is not None}
+        return super().invoke(ctx)
+
+
 def _reporter(quiet: bool):
     from surfaceinspect.ui import Reporter
 
@@ -211,12 +281,16 @@ def _reporter(quiet: bool):
         "  surfaceinspect train -m draem ./good --set draem.anomaly_source=~/dtd/images\n\n"
         "  surfaceinspect train -m draem ./good --print-config      (show the effective config)\n\n"
         "  surfaceinspect train --resume latest                     (continue an interrupted run)\n\n"
+        "  surfaceinspect train -m draem ./strips --image-size keep:512    (keep the images' aspect)\n\n"
+        "  surfaceinspect train -m draem ./strips --set common.tiling.enabled=true   (tiles at full resolution)\n\n"
         "Refused (exit 2): a labelled folder (good/ + defect folders, or an MVTec dataset root) as GOOD_DIR, "
         "and an --out that holds a model (unless --force) or other files (unless --force)."
-    )
+    ),
+    cls=MethodOptionsCommand,
 )
 @handle_errors
 def train(
+    ctx: typer.Context,
     data_dir: Annotated[
         Path | None, typer.Argument(help="Folder of defect-free images (searched recursively).", show_default=False)
     ] = None,
@@ -224,7 +298,15 @@ def train(
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Network input size (square).")] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            metavar="SIZE",
+            help="Network input: S (square), HxW (e.g. 128x512), or keep:L (long side L, the training images' "
+            "aspect). With tiling: the tile size. Each side must suit the method (the error says which sizes do).",
+        ),
+    ] = None,
     batch_size: BatchOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
@@ -235,18 +317,6 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
-    anomaly_source: Annotated[
-        str | None,
-        typer.Option(
-            "--anomaly-source",
-            help="DRAEM: folder of texture images (e.g. DTD), or builtin (= self: transformed crops of the "
-            "good images), fractal, structured.",
-        ),
-    ] = None,
-    backbone_weights: Annotated[
-        Path | None,
-        typer.Option("--backbone-weights", help="CS-Flow: local file with the backbone's ImageNet weights."),
-    ] = None,
     calibration_fraction: Annotated[
         float | None, typer.Option("--calibration-fraction", help="Share of good images kept for calibration.")
     ] = None,
@@ -287,20 +357,21 @@ def train(
     --out puts it.
     """
     from surfaceinspect import engine, modeldir
+    from surfaceinspect.config import parse_image_size, resolve_run_config
 
     reporter = _reporter(quiet)
+    method_options: dict[str, str] = ctx.meta.get("method_options", {})
     if resume is not None:
+        _refuse_with_resume(ctx, method_options)
         run_dir = modeldir.find_resumable() if resume == "latest" else Path(resume)
-        result = engine.train(
-            None, None, reporter=reporter, resume_dir=run_dir, calibration_dir=calibration_dir, mark_latest=True
-        )
+        result = engine.resume(run_dir, reporter=reporter, mark_latest=True)
     else:
-        run_config = engine.resolve_run_config(
-            method,
-            profile,
-            config,
+        run_config = resolve_run_config(
+            method=method,
+            profile=profile,
+            config_file=config,
             common_flags={
-                "image_size": image_size,
+                "image_size": parse_image_size(image_size) if image_size is not None else None,
                 "batch_size": batch_size,
                 "device": device,
                 "seed": seed,
@@ -311,12 +382,7 @@ def train(
                 "calibration.false_reject_rate": false_reject_rate,
                 "calibration.mode": calibration_mode,
             },
-            method_flags={
-                "epochs": epochs,
-                "lr": lr,
-                "anomaly_source": anomaly_source,
-                "backbone_weights": str(backbone_weights) if backbone_weights else None,
-            },
+            method_flags={"epochs": epochs, "lr": lr, **method_options},
             sets=set_ or [],
         )
         if print_config:
@@ -342,6 +408,23 @@ def train(
         (str(result.run_dir), "bold"),
         f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
     )
+
+
+def _refuse_with_resume(ctx: typer.Context, method_options: dict[str, str]) -> None:
+    """``--resume`` continues a run as it was planned: any other training flag would be ignored, so refuse it."""
+    allowed = {"resume", "quiet"}
+    given = [
+        name
+        for name, value in ctx.params.items()
+        if name not in allowed and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    ]
+    given += list(method_options)
+    if given:
+        flags = ", ".join(f"--{n.replace('_', '-')}" if n != "data_dir" else "GOOD_DIR" for n in given)
+        raise ConfigError(
+            f"--resume continues the run with the settings, data and calibration folder it was started with; "
+            f"{flags} cannot change them: drop {flags}, or start a new run"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

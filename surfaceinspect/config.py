@@ -148,6 +148,17 @@ class CommonConfig:
             raise ConfigError(f"common.image_size={size}: use at least {MIN_SIDE} pixels per side (e.g. 256)")
 
 
+def parse_image_size(text: str) -> int | list[int] | str:
+    """``--image-size`` text: ``S``, ``HxW`` or ``[H, W]``, or ``keep:L``, as ``common.image_size`` holds it."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    parts = text.strip("[]()").replace("x", ",").replace("X", ",").split(",")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text  # keep:L, or a mistake that validation names
+
+
 def resolve_keep_aspect(common: CommonConfig, aspect: float, multiple: int) -> None:
     """Replace ``keep:L`` by ``[H, W]``: long side L, the other from ``aspect`` (width / height).
 
@@ -175,6 +186,9 @@ class MethodConfig:
     # Settings that change how a trained model scores but not its weights (e.g. map smoothing).
     # Only these may be overridden on a trained model (``benchmark --model RUN --set ...``).
     inference_keys: ClassVar[frozenset[str]] = frozenset()
+    # Method-specific command-line options of ``train``: field name -> help text. ``--field-name
+    # VALUE`` sets the field; every other field is set with ``--set <method>.<field>=VALUE``.
+    cli_options: ClassVar[dict[str, str]] = {}
     epochs: int = 1
     lr: float = 1e-4
 
@@ -432,6 +446,50 @@ def build_run_config(
     run = RunConfig(method=method, profile=str(Path(profile).stem), common=common, method_config=method_cfg)
     run.validate()
     return run
+
+
+def resolve_run_config(
+    *,
+    method: str | None,
+    profile: str | None = None,
+    config_file: Path | None = None,
+    common_flags: dict[str, Any] | None = None,
+    method_flags: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+) -> RunConfig:
+    """Build the effective config: profile < ``--config`` file < named flags < ``--set`` items.
+
+    ``method`` None takes the config file's method (default draem). ``common_flags`` name
+    ``common`` fields (``calibration.fraction`` for nested ones); ``method_flags`` name fields of
+    the method's config (``epochs``, ``lr`` and its ``cli_options``). A flag that the chosen method
+    does not have is an error, not silently ignored; None values are flags not given.
+    """
+    from surfaceinspect.detectors import get_config_class
+
+    file_layer = load_yaml_file(config_file) if config_file else {}
+    method = str(method or file_layer.get("method") or "draem")
+    cls = get_config_class(method)
+    accepted = {"epochs", "lr", *cls.cli_options}
+    flag_layer: dict[str, Any] = {"common": {}, method: {}}
+    for key, value in (common_flags or {}).items():
+        if value is None:
+            continue
+        section, _, sub = key.rpartition(".")
+        target = flag_layer["common"].setdefault(section, {}) if section else flag_layer["common"]
+        target[sub] = value
+    for key, value in (method_flags or {}).items():
+        if value is None:
+            continue
+        if key not in accepted:
+            own = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(cls.cli_options)) or "none"
+            raise ConfigError(
+                f"--{key.replace('_', '-')} does not apply to method {method} (its own options: {own}); "
+                f"set other settings with --set {method}.KEY=VALUE"
+            )
+        flag_layer[method][key] = value
+    for item in sets:
+        flag_layer = deep_merge(flag_layer, parse_set_option(item))
+    return build_run_config(cls, profile, [file_layer, flag_layer])
 
 
 def run_config_from_dict(method_config_cls: type[MethodConfig], data: dict[str, Any]) -> RunConfig:

@@ -35,7 +35,7 @@ class LoadedImage:
 
     index: int
     path: Path
-    image: torch.Tensor | None  # (3, H, W) float in [0, 1], resized to the network input
+    image: torch.Tensor | None  # (3, H, W) float in [0, 1], resized to the network input (unless not asked to)
     original_size: tuple[int, int]  # (H, W) of the file; (0, 0) on error
     original: np.ndarray | None = None  # uint8 HxWx3 RGB, only when asked for (heatmaps)
     error: str | None = None
@@ -43,12 +43,19 @@ class LoadedImage:
 
 
 class ImageFileDataset(Dataset):
-    """Reads and resizes image files; errors become items instead of exceptions."""
+    """Reads and resizes image files; errors become items instead of exceptions.
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int], keep_original: bool = False) -> None:
+    ``size`` is the network input ``(H, W)``: images are resized to it, or with ``resize=False``
+    (tiled scoring) kept at their own resolution; either way images far smaller are refused.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], size: tuple[int, int], keep_original: bool = False, resize: bool = True
+    ) -> None:
         self.paths = list(paths)
         self.size = size
         self.keep_original = keep_original
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,7 +79,7 @@ class ImageFileDataset(Dataset):
         original = None
         if self.keep_original:
             original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-        resized = resize_image(image, self.size).clamp_(0.0, 1.0)
+        resized = (resize_image(image, self.size) if self.resize else image).clamp_(0.0, 1.0)
         return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
 
 
@@ -86,9 +93,10 @@ def iterate_images(
     batch_size: int,
     workers: int,
     keep_original: bool = False,
+    resize: bool = True,
 ) -> Iterator[list[LoadedImage]]:
     """Yield lists of LoadedImage in file order, ``batch_size`` at a time, read by ``workers`` processes."""
-    dataset = ImageFileDataset(paths, size, keep_original)
+    dataset = ImageFileDataset(paths, size, keep_original, resize)
     # No more workers than batches: starting a worker costs more than reading a small batch.
     workers = min(workers, math.ceil(len(dataset) / batch_size))
     loader = DataLoader(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surfaceinspect import engine
+from surfaceinspect.config import resolve_run_config
 from surfaceinspect.outputs import prepare_output_dir
 from surfaceinspect.records import RecordWriter
 from surfaceinspect.synthetic import make_dataset
@@ -25,8 +26,10 @@ def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]
         make_dataset(data, n_train=60, n_test_good=12, n_test_defect_per_type=4, size=160, seed=0)
     lines = [f"demo dataset: {data} (train/good, test/good, test/scratch|dent|stain, ground_truth)"]
     for method in methods:
-        run_config = engine.resolve_run_config(
-            method, "cpu", None, {"time_budget_min": DEMO_TIME_BUDGET_MIN, "checkpoint_every_s": 30.0}, {}, []
+        run_config = resolve_run_config(
+            method=method,
+            profile="cpu",
+            common_flags={"time_budget_min": DEMO_TIME_BUDGET_MIN, "checkpoint_every_s": 30.0},
         )
         run_dir = out_dir / "runs" / method
         reporter.info((method, "bold"), f": training for about {DEMO_TIME_BUDGET_MIN} minutes")

@@ -19,7 +19,7 @@ import torch
 
 from surfaceinspect import modeldir
 from surfaceinspect.calibration import Calibration, calibrate
-from surfaceinspect.config import RunConfig, run_config_from_dict
+from surfaceinspect.config import CommonConfig, RunConfig, resolve_keep_aspect, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
 from surfaceinspect.datasets import find_labelled_layout, labelled_folder
 from surfaceinspect.detectors import Detector, TrainContext, get_detector_class
@@ -32,10 +32,11 @@ from surfaceinspect.errors import (
     DatasetError,
     ModelDirError,
 )
-from surfaceinspect.imageio import discover_images, greyscale
+from surfaceinspect.imageio import discover_images, greyscale, image_size
 from surfaceinspect.outputs import prepare_output_dir
 from surfaceinspect.records import ScoreRecord
 from surfaceinspect.regions import find_regions
+from surfaceinspect.tiling import TiledPredictor, load_training_tiles
 from surfaceinspect.ui import Reporter, TrainProgressView
 
 MAX_LISTED_FAILURES = 10
@@ -122,34 +123,78 @@ def colour_mode(grey_flags: Sequence[bool]) -> str:
     return "grey" if n_grey == len(grey_flags) else "colour" if n_grey == 0 else "mixed"
 
 
-class ColourCheck:
-    """Collects images whose colour mode differs from the training images' (grey vs colour).
+class ImageCheck:
+    """Collects the images unlike the training images in one respect; one warning names them."""
 
-    A model trained on colour images sees a greyscale image as far from everything it learned
-    (and the reverse), so its score says little; the operator gets one warning naming the files.
-    """
-
-    def __init__(self, trained_on: str | None) -> None:
-        self.trained_on = trained_on if trained_on in ("grey", "colour") else None
+    def __init__(self) -> None:
         self.count = 0
         self.names: list[str] = []
 
+    def differs(self, item: LoadedImage) -> bool:
+        raise NotImplementedError
+
+    def message(self, names: str) -> str:
+        raise NotImplementedError
+
     def see(self, item: LoadedImage, name: str) -> None:
-        if self.trained_on is None or item.image is None or item.grey == (self.trained_on == "grey"):
+        if item.image is None or not self.differs(item):
             return
         self.count += 1
         if len(self.names) < MAX_LISTED_FAILURES:
             self.names.append(name)
 
     def report(self, reporter: Reporter) -> None:
-        if not self.count:
-            return
+        if self.count:
+            more = f" and {self.count - len(self.names)} more" if self.count > len(self.names) else ""
+            reporter.warn(self.message(", ".join(self.names) + more))
+
+
+class ColourCheck(ImageCheck):
+    """Images whose colour mode differs from the training images' (grey vs colour).
+
+    A model trained on colour images sees a greyscale image as far from everything it learned
+    (and the reverse), so its score says little.
+    """
+
+    def __init__(self, trained_on: str | None) -> None:
+        super().__init__()
+        self.trained_on = trained_on if trained_on in ("grey", "colour") else None
+
+    def differs(self, item: LoadedImage) -> bool:
+        return self.trained_on is not None and item.grey != (self.trained_on == "grey")
+
+    def message(self, names: str) -> str:
         other = "colour" if self.trained_on == "grey" else "greyscale"
-        more = f" and {self.count - len(self.names)} more" if self.count > len(self.names) else ""
-        reporter.warn(
+        return (
             f"{self.count} image(s) are {other} but the model was trained on {self.trained_on} images "
-            f"({', '.join(self.names)}{more}); their scores are not reliable: use the camera setting "
+            f"({names}); their scores are not reliable: use the camera setting "
             "of the training images, or train a model on such images"
+        )
+
+
+class AspectCheck(ImageCheck):
+    """Images whose aspect ratio is far from the training images' (squashed differently, so scored unreliably).
+
+    Tiled models see every image at its own scale, so the aspect does not matter to them.
+    """
+
+    def __init__(self, trained_aspect: float | None, tiled: bool) -> None:
+        super().__init__()
+        self.trained_aspect = None if tiled or not trained_aspect else float(trained_aspect)
+
+    def differs(self, item: LoadedImage) -> bool:
+        height, width = item.original_size
+        if self.trained_aspect is None or not height or not width:
+            return False
+        ratio = (width / height) / self.trained_aspect
+        return max(ratio, 1.0 / ratio) > ASPECT_TOLERANCE
+
+    def message(self, names: str) -> str:
+        return (
+            f"{self.count} image(s) have an aspect ratio (width/height) far from the training images' "
+            f"{self.trained_aspect:.3g} ({names}); resized to the model's input they are distorted unlike the "
+            "training images, so their scores are not reliable: crop them like the training images, or train "
+            "with --image-size keep:L or tiling (common.tiling.enabled)"
         )
 
 
@@ -172,6 +217,19 @@ class ImageResult:
     anomaly_map: np.ndarray | None  # float32 (H, W), raw units (same as the score)
 
 
+def _predict(
+    detector: Detector, tiler: TiledPredictor | None, items: list[LoadedImage]
+) -> list[tuple[float, np.ndarray]]:
+    """(score, map) per readable item: one batched forward pass, or tile by tile at the image's resolution."""
+    if not items:
+        return []
+    if tiler is not None:
+        return [tiler.predict(item.image) for item in items if item.image is not None]
+    prediction = detector.predict(stack_images(items))
+    maps = prediction.maps.numpy().astype(np.float32, copy=False)
+    return [(float(score), maps[i]) for i, score in enumerate(prediction.scores.tolist())]
+
+
 def run_inference(
     paths: Sequence[Path],
     root: Path,
@@ -188,18 +246,23 @@ def run_inference(
     With a calibration, records carry the verdict, normalised score and defect regions (at the
     pixel threshold, on the map resized to the file's own resolution).
     """
-    for batch in iterate_images(paths, detector.input_size, batch_size, workers, keep_original):
+    tiled = detector.run_config.common.tiling.enabled
+    # Tiling reads each image at its own resolution, one at a time (a 16000 x 2048 strip is 400 MB
+    # as float); the tiles are batched inside the TiledPredictor instead.
+    batches = iterate_images(
+        paths, detector.input_size, 1 if tiled else batch_size, workers, keep_original, resize=not tiled
+    )
+    tiler = TiledPredictor(detector, detector.run_config.common.tiling, batch_size) if tiled else None
+    for batch in batches:
         readable = [item for item in batch if item.image is not None]
-        prediction = detector.predict(stack_images(readable)) if readable else None
+        predictions = _predict(detector, tiler, readable)
         position = 0
         for item in batch:
             name = relative_name(item.path, root)
             if item.image is None:
                 yield ImageResult(item, ScoreRecord(path=name, verdict="error", error=item.error), None)
                 continue
-            assert prediction is not None
-            score = float(prediction.scores[position])
-            small_map = prediction.maps[position].numpy().astype(np.float32, copy=False)
+            score, small_map = predictions[position]
             position += 1
             height, width = item.original_size
             full_map = (
@@ -314,13 +377,34 @@ class TrainResult:
     calibration: Calibration
 
 
+@dataclass
+class TrainingPlan:
+    """Everything a training run needs, decided before any image is read.
+
+    A new run (:func:`plan_training`) and a resumed one (:func:`plan_resume`, from the
+    checkpoint) produce the same plan; :func:`execute_training` runs either.
+    """
+
+    run_config: RunConfig  # geometry resolved (``keep:L`` is already ``[H, W]``)
+    data_dir: Path
+    train_files: list[Path]
+    calibration_files: list[Path]  # the held-out split; empty with ``calibration_dir``
+    calibration_dir: Path | None  # labelled calibration folder (good/ + defect subfolders)
+    run_dir: Path
+    resume_state: dict[str, Any] | None = None  # the detector's checkpoint state
+    seconds_before: float = 0.0  # training seconds spent before the checkpoint
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume_state is not None
+
+
 def train(
-    data_dir: Path | None,
-    run_config: RunConfig | None,
+    data_dir: Path,
+    run_config: RunConfig,
     *,
     reporter: Reporter | None = None,
     run_dir: Path | None = None,
-    resume_dir: Path | None = None,
     calibration_dir: Path | None = None,
     files: Sequence[Path] | None = None,
     force: bool = False,
@@ -328,57 +412,99 @@ def train(
 ) -> TrainResult:
     """Train a detector on good images, calibrate it, and write a finished model directory.
 
-    ``resume_dir`` continues an interrupted run from its last checkpoint (config and data taken
-    from the checkpoint). ``calibration_dir`` (good/ + defect subfolders) replaces the held-out
-    split as the calibration set; it is required for calibration modes f1 and recall. ``files``
-    restricts training to these images of ``data_dir`` (default: every image found in it; a
-    labelled folder is then refused). ``run_dir`` follows the output rules
-    (:mod:`surfaceinspect.outputs`); a folder holding a model is replaced only with ``force``.
-    ``mark_latest`` makes the run the default model of ``score`` and ``heatmap``.
+    ``calibration_dir`` (good/ + defect subfolders) replaces the held-out split as the
+    calibration set; it is required for calibration modes f1 and recall. ``files`` restricts
+    training to these images of ``data_dir`` (default: every image found in it; a labelled folder
+    is then refused). ``run_dir`` follows the output rules (:mod:`surfaceinspect.outputs`); a
+    folder holding a model is replaced only with ``force``. ``mark_latest`` makes the run the
+    default model of ``score`` and ``heatmap``.
     """
     reporter = reporter or Reporter(quiet=True)
-    started = time.monotonic()
-    resume_state, seconds_before = None, 0.0
-    if resume_dir is not None:
-        checkpoint = modeldir.load_checkpoint(resume_dir)
-        method = str(checkpoint.run_config["method"])
-        run_config = run_config_from_dict(get_detector_class(method).config_cls, checkpoint.run_config)
-        data_dir = Path(checkpoint.data_dir)
-        train_files = [data_dir / f for f in checkpoint.train_files]
-        calib_files = [data_dir / f for f in checkpoint.calibration_files]
-        resume_state = checkpoint.detector_state
-        seconds_before = checkpoint.train_seconds
-        run_config.method_config.check_resources()
-        run_dir = resume_dir
-        reporter.info(f"resuming {run_dir} ({method}, data {data_dir})")
-    else:
-        if data_dir is None or run_config is None:
-            raise ConfigError("train needs a folder of good images (or --resume RUN_DIR)")
-        run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
-        train_files, calib_files = _training_split(data_dir, run_config, calibration_dir, files, reporter)
-    assert run_config is not None and data_dir is not None
-    if run_config.common.calibration.mode != "quantile" and calibration_dir is None:
+    plan = plan_training(
+        data_dir,
+        run_config,
+        reporter=reporter,
+        run_dir=run_dir,
+        calibration_dir=calibration_dir,
+        files=files,
+        force=force,
+    )
+    return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+
+
+def resume(run_dir: Path, *, reporter: Reporter | None = None, mark_latest: bool = False) -> TrainResult:
+    """Continue an interrupted run from its last checkpoint (config, data and calibration folder from it)."""
+    reporter = reporter or Reporter(quiet=True)
+    return execute_training(plan_resume(run_dir, reporter=reporter), reporter=reporter, mark_latest=mark_latest)
+
+
+def plan_training(
+    data_dir: Path,
+    run_config: RunConfig,
+    *,
+    reporter: Reporter,
+    run_dir: Path | None = None,
+    calibration_dir: Path | None = None,
+    files: Sequence[Path] | None = None,
+    force: bool = False,
+) -> TrainingPlan:
+    """Check a new run before any work: resources, data split, calibration set, geometry, run directory."""
+    run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
+    _require_labelled_calibration(run_config, calibration_dir)
+    train_files, calibration_files = _training_split(data_dir, run_config, calibration_dir, files, reporter)
+    if calibration_dir is not None:
+        _labelled_split(calibration_dir)  # a broken calibration folder fails now, not after training
+    resolve_geometry(run_config, train_files, reporter)
+    inputs = [data_dir, *([calibration_dir] if calibration_dir else [])]
+    run_dir = _prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
+    return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir)
+
+
+def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
+    """The plan of an interrupted run, from its checkpoint."""
+    checkpoint = modeldir.load_checkpoint(run_dir)
+    method = str(checkpoint.run_config["method"])
+    run_config = run_config_from_dict(get_detector_class(method).config_cls, checkpoint.run_config)
+    run_config.method_config.check_resources()
+    data_dir = Path(checkpoint.data_dir)
+    calibration_dir = Path(checkpoint.calibration_dir) if checkpoint.calibration_dir else None
+    if calibration_dir is not None:
+        _labelled_split(calibration_dir)
+    reporter.info(f"resuming {run_dir} ({method}, data {data_dir})")
+    return TrainingPlan(
+        run_config,
+        data_dir,
+        [data_dir / f for f in checkpoint.train_files],
+        [data_dir / f for f in checkpoint.calibration_files],
+        calibration_dir,
+        run_dir,
+        resume_state=checkpoint.detector_state,
+        seconds_before=checkpoint.train_seconds,
+    )
+
+
+def _require_labelled_calibration(run_config: RunConfig, calibration_dir: Path | None) -> None:
+    mode = run_config.common.calibration.mode
+    if mode != "quantile" and calibration_dir is None:
         raise ConfigError(
-            f"calibration mode {run_config.common.calibration.mode} needs defective examples: pass "
-            "--calibration-dir DIR with good/ and defect subfolders, or use mode quantile"
+            f"calibration mode {mode} needs defective examples: pass --calibration-dir DIR with good/ and "
+            "defect subfolders, or use mode quantile"
         )
-    labelled = _labelled_split(calibration_dir) if calibration_dir is not None else None  # checked before training
-    if resume_dir is None:
-        run_dir = _prepare_run_dir(
-            run_dir, run_config.method, [data_dir, *([calibration_dir] if calibration_dir else [])], force, reporter
-        )
-    assert run_dir is not None
+
+
+def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: bool = False) -> TrainResult:
+    """Read the training images (or tiles), fit, save the model, calibrate it; remove the checkpoint."""
+    started = time.monotonic()
+    run_config, common, run_dir, data_dir = plan.run_config, plan.run_config.common, plan.run_dir, plan.data_dir
     device = _prepare(run_config)
-    common = run_config.common
     reporter.info(
         "training ",
         (run_config.method, "bold"),
-        f" (profile {run_config.profile}) on {device}: "
-        f"{len(train_files)} training images, {len(calib_files) or 'labelled folder for'} calibration; "
+        f" (profile {run_config.profile}) on {device}: {len(plan.train_files)} training images, "
+        f"{len(plan.calibration_files) or 'labelled folder for'} calibration; input {_geometry_text(common)}; "
         f"run directory {run_dir}",
     )
-
-    images, ok_paths, failures = load_training_images(train_files, common.input_hw(), common.workers, common.batch_size)
+    images, ok_paths, failures = _read_training_images(plan)
     if failures:
         if common.bad_images == "stop":
             path, reason = failures[0]
@@ -391,14 +517,20 @@ def train(
         raise DatasetError(f"only {images.shape[0]} readable training image(s) in {data_dir}; at least 2 are needed")
 
     detector = get_detector_class(run_config.method)(run_config, device)
-    rel_train = [relative_name(p, data_dir) for p in train_files]
-    rel_calib = [relative_name(p, data_dir) for p in calib_files]
+    rel_train = [relative_name(p, data_dir) for p in plan.train_files]
+    rel_calib = [relative_name(p, data_dir) for p in plan.calibration_files]
 
     def write_checkpoint(state: dict[str, Any]) -> None:
         modeldir.save_checkpoint(
             run_dir,
             modeldir.TrainCheckpoint(
-                run_config.to_dict(), str(data_dir), rel_train, rel_calib, state, context.elapsed_s()
+                run_config.to_dict(),
+                str(data_dir),
+                rel_train,
+                rel_calib,
+                state,
+                context.elapsed_s(),
+                str(plan.calibration_dir) if plan.calibration_dir else None,
             ),
         )
 
@@ -407,9 +539,9 @@ def train(
         on_progress=view,
         on_checkpoint=write_checkpoint,
         checkpoint_every_s=common.checkpoint_every_s,
-        resume_state=resume_state,
+        resume_state=plan.resume_state,
         time_budget_s=common.time_budget_min * 60.0,
-        elapsed_before_s=seconds_before,
+        elapsed_before_s=plan.seconds_before,
     )
     try:
         summary = detector.fit(images, context).to_dict()
@@ -418,28 +550,30 @@ def train(
     summary = {
         **summary,
         "image_colour": colour_mode(greyscale(images).tolist()),
+        "image_aspect": _median_aspect(plan.train_files),
         "n_train_images": len(ok_paths),
+        "n_train_inputs": int(images.shape[0]),  # tiles with common.tiling, else images
         "n_unreadable_train_images": len(failures),
         "unreadable_train_images": [relative_name(p, data_dir) for p, _ in failures],
-        "resumed": resume_dir is not None,
+        "resumed": plan.resumed,
     }
     del images
-    fingerprint = modeldir.dataset_fingerprint(data_dir, list(train_files) + list(calib_files))
+    fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
     modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
 
-    if calibration_dir is not None and labelled is not None:  # (both or neither)
-        good, defect = labelled
+    if plan.calibration_dir is not None:
+        good, defect = _labelled_split(plan.calibration_dir)
         calibration = calibrate_detector(
-            detector, good, calibration_dir, run_config, reporter, defect, str(calibration_dir)
+            detector, good, plan.calibration_dir, run_config, reporter, defect, str(plan.calibration_dir)
         )
     else:
         calibration = calibrate_detector(
             detector,
-            calib_files,
+            plan.calibration_files,
             data_dir,
             run_config,
             reporter,
-            source=f"{len(calib_files)} held-out images of {data_dir}",
+            source=f"{len(plan.calibration_files)} held-out images of {data_dir}",
         )
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
     if mark_latest:
@@ -447,6 +581,60 @@ def train(
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary["total_seconds"] = round(time.monotonic() - started, 2)
     return TrainResult(run_dir, summary, calibration)
+
+
+def _read_training_images(plan: TrainingPlan) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
+    """The training images resized to the input size, or (with tiling) tiles of them at their own scale."""
+    common = plan.run_config.common
+    if common.tiling.enabled:
+        return load_training_tiles(plan.train_files, common.input_hw(), common.tiling, common.workers, common.seed)
+    return load_training_images(plan.train_files, common.input_hw(), common.workers, common.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+# Aspect ratios (width / height) are estimated from this many images' headers, spread over the set.
+_ASPECT_SAMPLE = 200
+# Scoring an image whose aspect differs from the training images' by more than this factor warns.
+ASPECT_TOLERANCE = 1.5
+
+
+def _median_aspect(paths: Sequence[Path]) -> float | None:
+    """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
+    step = max(1, len(paths) // _ASPECT_SAMPLE)
+    aspects = []
+    for path in list(paths)[::step]:
+        try:
+            height, width = image_size(path)
+        except Exception:  # noqa: BLE001 - unreadable files are reported when the images are read
+            continue
+        if height > 0 and width > 0:
+            aspects.append(width / height)
+    return round(float(np.median(aspects)), 4) if aspects else None
+
+
+def resolve_geometry(run_config: RunConfig, train_files: Sequence[Path], reporter: Reporter) -> None:
+    """Resolve ``common.image_size: keep:L`` from the training images' median aspect (in place)."""
+    common = run_config.common
+    if not common.keeps_aspect:
+        return
+    aspect = _median_aspect(train_files)
+    if aspect is None:
+        raise DatasetError("common.image_size keep:L needs readable training images to measure their aspect")
+    requested = common.image_size
+    resolve_keep_aspect(common, aspect, run_config.method_config.size_multiple())
+    run_config.validate()
+    height, width = common.input_hw()
+    reporter.info(f"image size {requested}: {height}x{width} (H x W), the training images' median aspect {aspect:.3g}")
+
+
+def _geometry_text(common: CommonConfig) -> str:
+    height, width = common.input_hw()
+    if common.tiling.enabled:
+        scale = f", images scaled by {common.tiling.scale:g}" if common.tiling.scale != 1.0 else ""
+        return f"tiles of {height}x{width} (H x W), overlap {common.tiling.overlap:g}{scale}"
+    return f"{height}x{width} (H x W)"
 
 
 def _training_split(
@@ -680,7 +868,11 @@ def score_folder(
     common = model.detector.run_config.common
     summary = ScoreSummary()
     worst: list[tuple[float, str, str]] = []
-    colours = ColourCheck(model.metadata.get("training", {}).get("image_colour"))
+    training = model.metadata.get("training", {})
+    checks = [
+        ColourCheck(training.get("image_colour")),
+        AspectCheck(training.get("image_aspect"), common.tiling.enabled),
+    ]
     started = time.monotonic()
     root = images_dir if images_dir.is_dir() else images_dir.parent
     with reporter.progress(label, len(paths)) as bar:
@@ -702,7 +894,8 @@ def score_folder(
                 summary.n_defect += 1
             else:
                 summary.n_good += 1
-            colours.see(result.item, record.path)
+            for check in checks:
+                check.see(result.item, record.path)
             if record.score is not None and math.isfinite(record.score):
                 entry = (record.score, record.path, record.verdict)
                 if len(worst) < n_worst:
@@ -711,7 +904,8 @@ def score_folder(
                     heapq.heappushpop(worst, entry)
             on_result(result)
             bar.update(advance=1, extra=f"{summary.n_defect} defect, {summary.n_error} unreadable")
-    colours.report(reporter)
+    for check in checks:
+        check.report(reporter)
     summary.worst = sorted(worst, reverse=True)
     summary.seconds = time.monotonic() - started
     return summary
@@ -826,48 +1020,3 @@ def heatmap_folder(
         raise
     index = write_index_html(out_dir, entries, context=context)
     return summary, index
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration from command-line layers
-
-
-def resolve_run_config(
-    method: str | None,
-    profile: str | None,
-    config_file: Path | None,
-    common_flags: dict[str, Any],
-    method_flags: dict[str, Any],
-    sets: Sequence[str] = (),
-) -> RunConfig:
-    """Build the effective config: profile < ``--config`` file < named flags < ``--set`` items.
-
-    ``method_flags`` name fields of the method's config (e.g. ``epochs``, ``backbone_weights``);
-    a flag that the chosen method does not have is an error, not silently ignored.
-    """
-    import dataclasses
-
-    from surfaceinspect.config import build_run_config, deep_merge, load_yaml_file, parse_set_option
-
-    file_layer = load_yaml_file(config_file) if config_file else {}
-    method = method or file_layer.get("method") or "draem"
-    cls = get_detector_class(str(method)).config_cls
-    known = {f.name for f in dataclasses.fields(cls)}
-    flag_layer: dict[str, Any] = {"common": {}, method: {}}
-    for key, value in common_flags.items():
-        if value is None:
-            continue
-        if "." in key:  # nested, e.g. calibration.fraction
-            section, sub = key.split(".", 1)
-            flag_layer["common"].setdefault(section, {})[sub] = value
-        else:
-            flag_layer["common"][key] = value
-    for key, value in method_flags.items():
-        if value is None:
-            continue
-        if key not in known:
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to method {method}")
-        flag_layer[method][key] = value
-    for item in sets:
-        flag_layer = deep_merge(flag_layer, parse_set_option(item))
-    return build_run_config(cls, profile, [file_layer, flag_layer])

@@ -329,6 +329,7 @@ class TrainCheckpoint:
     detector_state: dict[str, Any]
     # Training seconds spent before this checkpoint, so a resumed run keeps its time budget.
     train_seconds: float = 0.0
+    calibration_dir: str | None = None  # ``train --calibration-dir``: the labelled calibration folder
 
 
 def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
@@ -343,6 +344,7 @@ def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
             "calibration_files": checkpoint.calibration_files,
             "detector_state": checkpoint.detector_state,
             "train_seconds": checkpoint.train_seconds,
+            "calibration_dir": checkpoint.calibration_dir,
         },
         buffer,
     )
@@ -368,6 +370,7 @@ def load_checkpoint(run_dir: Path) -> TrainCheckpoint:
         calibration_files=list(raw["calibration_files"]),
         detector_state=raw["detector_state"],
         train_seconds=float(raw.get("train_seconds", 0.0)),
+        calibration_dir=raw.get("calibration_dir"),
     )
 
 

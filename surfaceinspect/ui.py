@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from surfaceinspect.detectors.base import TrainProgress
+if TYPE_CHECKING:  # the CLI imports this module; torch only when a detector is used
+    from surfaceinspect.detectors.base import TrainProgress
 
 # A part of a message: plain text (shown literally), a (text, style) pair, or a rich Text.
 Part = str | tuple[str, str] | Text

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surfaceinspect import engine
-from surfaceinspect.config import list_profiles, parse_set_option
+from surfaceinspect.config import list_profiles, parse_set_option, resolve_run_config
 from surfaceinspect.errors import ConfigError
 
 
@@ -13,18 +12,23 @@ def test_profile_then_yaml_then_flags_then_set(toy_method, tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("method: toy\ncommon:\n  batch_size: 2\n  seed: 5\ntoy:\n  epochs: 3\n")
     # profile alone
-    run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu")
     assert (run.common.image_size, run.common.batch_size, run.method_config.epochs) == (64, 4, 2)
     # YAML overrides the profile
-    run = engine.resolve_run_config("toy", "cpu", cfg_file, {}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu", config_file=cfg_file)
     assert (run.common.batch_size, run.common.seed, run.method_config.epochs) == (2, 5, 3)
     # flags override YAML, --set overrides flags
-    run = engine.resolve_run_config(
-        None, "cpu", cfg_file, {"batch_size": 6, "seed": None}, {"epochs": 7}, ["toy.epochs=9"]
+    run = resolve_run_config(
+        method=None,
+        profile="cpu",
+        config_file=cfg_file,
+        common_flags={"batch_size": 6, "seed": None},
+        method_flags={"epochs": 7},
+        sets=["toy.epochs=9"],
     )
     assert (run.method, run.common.batch_size, run.common.seed, run.method_config.epochs) == ("toy", 6, 5, 9)
     # nested common flags
-    run = engine.resolve_run_config("toy", "cpu", None, {"calibration.fraction": 0.3}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu", common_flags={"calibration.fraction": 0.3})
     assert run.common.calibration.fraction == 0.3
 
 
@@ -42,30 +46,30 @@ def test_profile_then_yaml_then_flags_then_set(toy_method, tmp_path):
 )
 def test_validation_messages_name_key_and_fix(toy_method, sets, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        engine.resolve_run_config("toy", "cpu", None, {}, {}, sets)
+        resolve_run_config(method="toy", profile="cpu", sets=sets)
 
 
 def test_unknown_profile_lists_choices(toy_method):
     with pytest.raises(ConfigError, match="choose one of: cpu, paper"):
-        engine.resolve_run_config("toy", "fast", None, {}, {}, [])
+        resolve_run_config(method="toy", profile="fast")
 
 
 def test_flag_not_applicable_to_method_is_an_error(toy_method):
     with pytest.raises(ConfigError, match="--backbone-weights does not apply to method toy"):
-        engine.resolve_run_config("toy", "cpu", None, {}, {"backbone_weights": "x.pth"}, [])
+        resolve_run_config(method="toy", profile="cpu", method_flags={"backbone_weights": "x.pth"})
 
 
 def test_method_mismatch_and_bad_yaml(toy_method, tmp_path):
     other = tmp_path / "o.yaml"
     other.write_text("method: draem\n")
     with pytest.raises(ConfigError, match="for method 'draem' but --method is 'toy'"):
-        engine.resolve_run_config("toy", "cpu", other, {}, {}, [])
+        resolve_run_config(method="toy", profile="cpu", config_file=other)
     broken = tmp_path / "b.yaml"
     broken.write_text("common: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        engine.resolve_run_config("toy", "cpu", broken, {}, {}, [])
+        resolve_run_config(method="toy", profile="cpu", config_file=broken)
     with pytest.raises(ConfigError, match="does not exist"):
-        engine.resolve_run_config("toy", "cpu", tmp_path / "missing.yaml", {}, {}, [])
+        resolve_run_config(method="toy", profile="cpu", config_file=tmp_path / "missing.yaml")
 
 
 def test_parse_set_option():
@@ -80,7 +84,7 @@ def test_round_trip_of_effective_config(toy_method):
 
     from surfaceinspect.config import run_config_from_dict
 
-    run = engine.resolve_run_config("toy", "cpu", None, {"seed": 3}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu", common_flags={"seed": 3})
     again = run_config_from_dict(ToyConfig, run.to_dict())
     assert again.to_dict() == run.to_dict()
     assert "seed: 3" in run.to_yaml()
@@ -93,7 +97,7 @@ def test_shipped_profiles_exist_for_every_method_and_validate():
     for method in available_methods():
         for name in ("cpu", "paper"):
             assert f"{method}-{name}" in profiles, f"sample_configs/{method}-{name}.yaml is missing"
-            run = engine.resolve_run_config(method, name, None, {"device": "cpu"}, {}, [])
+            run = resolve_run_config(method=method, profile=name, common_flags={"device": "cpu"})
             assert run.method == method and run.profile == name
 
 

@@ -13,13 +13,14 @@ import torch
 
 from surfaceinspect import engine, modeldir
 from surfaceinspect.atomic import atomic_open, write_json_atomic
+from surfaceinspect.config import resolve_run_config
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.errors import ModelDirError
 
 
 @pytest.fixture
 def trained_toy(toy_method, synthetic_dataset, tmp_path):
-    run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu")
     result = engine.train(synthetic_dataset / "train" / "good", run, run_dir=tmp_path / "run")
     return result.run_dir
 
@@ -45,7 +46,7 @@ def test_round_trip_gives_identical_scores(trained_toy, synthetic_dataset):
 
 
 def test_latest_marker_points_at_finished_run(trained_toy, isolated_runs, toy_method, synthetic_dataset):
-    run = engine.resolve_run_config("toy", "cpu", None, {}, {}, [])
+    run = resolve_run_config(method="toy", profile="cpu")
     result = engine.train(synthetic_dataset / "train" / "good", run, mark_latest=True)
     assert result.run_dir.parent == isolated_runs
     assert modeldir.latest_run() == result.run_dir
@@ -154,8 +155,14 @@ def test_saved_model_scores_like_the_model_in_memory(method, tmp_path):
 
     cls = get_detector_class(method)
     tiny = {
-        "draem": {"steps": 3, "recon_width": 8, "disc_width": 4, "recon_levels": 3, "disc_levels": 3,
-                  "smoothing_kernel": 5},
+        "draem": {
+            "steps": 3,
+            "recon_width": 8,
+            "disc_width": 4,
+            "recon_levels": 3,
+            "disc_levels": 3,
+            "smoothing_kernel": 5,
+        },
         "csflow": {"epochs": 1, "hidden_channels": 16, "feature_norm": "channel"},
     }[method]
     common = {"image_size": 64 if method == "draem" else 128, "batch_size": 4, "workers": 0, "device": "cpu"}

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from surfaceinspect import cli, engine, modeldir
 from surfaceinspect.cli import app
+from surfaceinspect.config import resolve_run_config
 from surfaceinspect.errors import (
     EXIT_DEFECT,
     EXIT_INTERNAL,
@@ -399,7 +400,7 @@ def test_8e_profiles_lists_method_profile_pairs_that_work(toy_method):
     pairs = [(r[0], r[1]) for r in rows if len(r) == 3]
     assert ("draem", "cpu") in pairs and ("csflow", "paper") in pairs and ("toy", "cpu") in pairs
     for method, profile in pairs:
-        assert engine.resolve_run_config(method, profile, None, {}, {}, []).method == method
+        assert resolve_run_config(method=method, profile=profile).method == method
 
 
 def test_8f_score_heatmap_recalibrate_take_threads_and_workers(trained, synthetic_dataset, tmp_path):

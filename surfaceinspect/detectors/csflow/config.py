@@ -22,6 +22,9 @@ class CSFlowConfig(MethodConfig):
 
     method: ClassVar[str] = "csflow"
     inference_keys: ClassVar[frozenset[str]] = frozenset({"map_mode", "map_sigma", "channels_last"})
+    cli_options: ClassVar[dict[str, str]] = {
+        "backbone_weights": "local file with the backbone's ImageNet weights (offline installs of B5)",
+    }
 
     epochs: int = 240  # paper: 4 meta-epochs x 60
     lr: float = 2e-4

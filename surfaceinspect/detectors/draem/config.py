@@ -22,6 +22,10 @@ class DraemConfig(MethodConfig):
 
     method: ClassVar[str] = "draem"
     inference_keys: ClassVar[frozenset[str]] = frozenset({"smoothing_kernel", "inference_bf16", "fuse_bn"})
+    cli_options: ClassVar[dict[str, str]] = {
+        "anomaly_source": "folder of texture images (e.g. DTD), or builtin (= self: transformed crops of the "
+        "good images), fractal, structured",
+    }
     epochs: int = 700
     lr: float = 1e-4
     steps: int = 0  # >0: train exactly this many optimiser steps instead of ``epochs`` passes
