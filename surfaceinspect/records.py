@@ -17,7 +17,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,22 +26,6 @@ from surfaceinspect.outputs import check_output_file, open_for_writing, write_er
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("csv", "jsonl")
-
-FIELDS = (
-    "path",
-    "verdict",
-    "score",
-    "score_normalized",
-    "n_regions",
-    "largest_region_area",
-    "bbox_x",
-    "bbox_y",
-    "bbox_width",
-    "bbox_height",
-    "width",
-    "height",
-    "error",
-)
 
 
 @dataclass
@@ -68,6 +52,10 @@ class ScoreRecord:
             if out[key] is not None:
                 out[key] = round(float(out[key]), 6) if math.isfinite(out[key]) else None
         return out
+
+
+# Column order of CSV files and key order of JSON records: the ScoreRecord fields, in order.
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ScoreRecord))
 
 
 def spreadsheet_safe(value: Any) -> Any:
