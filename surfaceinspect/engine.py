@@ -561,26 +561,30 @@ def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: boo
     fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
     modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
 
-    if plan.calibration_dir is not None:
-        good, defect = _labelled_split(plan.calibration_dir)
-        calibration = calibrate_detector(
-            detector, good, plan.calibration_dir, run_config, reporter, defect, str(plan.calibration_dir)
-        )
-    else:
-        calibration = calibrate_detector(
-            detector,
-            plan.calibration_files,
-            data_dir,
-            run_config,
-            reporter,
-            source=f"{len(plan.calibration_files)} held-out images of {data_dir}",
-        )
+    calibration = _calibrate_run(plan, detector, reporter)
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
     if mark_latest:
         modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary["total_seconds"] = round(time.monotonic() - started, 2)
     return TrainResult(run_dir, summary, calibration)
+
+
+def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -> Calibration:
+    """Calibrate on the labelled calibration folder, or on the held-out good images."""
+    if plan.calibration_dir is not None:
+        good, defect = _labelled_split(plan.calibration_dir)
+        return calibrate_detector(
+            detector, good, plan.calibration_dir, plan.run_config, reporter, defect, str(plan.calibration_dir)
+        )
+    return calibrate_detector(
+        detector,
+        plan.calibration_files,
+        plan.data_dir,
+        plan.run_config,
+        reporter,
+        source=f"{len(plan.calibration_files)} held-out images of {plan.data_dir}",
+    )
 
 
 def _read_training_images(plan: TrainingPlan) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
