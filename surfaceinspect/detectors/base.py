@@ -33,7 +33,7 @@ class Prediction:
     """Output of :meth:`Detector.predict` for one batch (tensors on the CPU, float32)."""
 
     scores: torch.Tensor  # (B,)
-    maps: torch.Tensor  # (B, S, S)
+    maps: torch.Tensor  # (B, H, W)
 
 
 @dataclass

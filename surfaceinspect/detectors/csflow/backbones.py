@@ -328,16 +328,15 @@ class MultiScaleFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        size = x.shape[-1]
+        h, w = x.shape[-2:]
         feats = []
         for s in range(self.n_scales):
             xs = x
             if s > 0:
-                target = size // 2**s
                 antialias = self.downscale_mode in ("bilinear", "bicubic")
                 align = False if self.downscale_mode in ("bilinear", "bicubic") else None
                 xs = F.interpolate(
-                    x, size=(target, target), mode=self.downscale_mode, align_corners=align, antialias=antialias
+                    x, size=(h >> s, w >> s), mode=self.downscale_mode, align_corners=align, antialias=antialias
                 )
             feats.append(self.trunk(xs))
         return feats

@@ -225,7 +225,7 @@ class CSFlowDetector(Detector):
         cfg = self.config
         cfg.check_resources()  # fail with the one-line message before any work
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"fit expects uint8 images (N, 3, S, S), got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(f"fit expects uint8 images (N, 3, H, W), got {tuple(images.shape)} {images.dtype}")
         if len(images) == 0:
             raise TrainingError("no training images; add good images to the training folder")
         self._build(pretrained=True)
@@ -357,7 +357,7 @@ class CSFlowDetector(Detector):
 
     @torch.inference_mode()
     def latents(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Latent maps ``z`` per scale for images ``(B, 3, S, S)`` in [0, 1]."""
+        """Latent maps ``z`` per scale for images ``(B, 3, H, W)`` in [0, 1]."""
         if self.extractor is None or self.flow is None:
             raise RuntimeError("CSFlowDetector: call fit() or load_state_dict() before predict()")
         x = images.to(self.device, non_blocking=True).float()
@@ -369,23 +369,24 @@ class CSFlowDetector(Detector):
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
-        return self.prediction_from_latents(self.latents(images), images.shape[-1])
+        h, w = images.shape[-2:]
+        return self.prediction_from_latents(self.latents(images), (h, w))
 
     @torch.inference_mode()
-    def prediction_from_latents(self, zs: list[torch.Tensor], size: int) -> Prediction:
-        """Image scores (mean z^2/2 over positions, channels, scales) and ``size x size`` maps."""
+    def prediction_from_latents(self, zs: list[torch.Tensor], size: tuple[int, int]) -> Prediction:
+        """Image scores (mean z^2/2 over positions, channels, scales) and maps of ``size`` (H, W)."""
         energy = [z.float().pow(2).mul_(0.5) for z in zs]
         total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
         count = sum(e[0].numel() for e in energy)
         scores = total / count
         per_scale = [e.mean(dim=1, keepdim=True) for e in energy]
         if self.config.map_mode == "largest":
-            maps = F.interpolate(per_scale[0], size=(size, size), mode="bilinear", align_corners=False)
+            maps = F.interpolate(per_scale[0], size=size, mode="bilinear", align_corners=False)
         else:
             # Geometric mean over scales: ranks pixels like the product (anomalib's "all" mode) but
             # stays in the units of z^2/2, like the image score.
             logs = [
-                F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False).clamp_min(1e-12).log()
+                F.interpolate(m, size=size, mode="bilinear", align_corners=False).clamp_min(1e-12).log()
                 for m in per_scale
             ]
             maps = torch.stack(logs).mean(0).exp()

@@ -84,7 +84,7 @@ class DraemDetector(Detector):
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         cfg, common = self.cfg, self.run_config.common
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"fit() expects uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"fit() expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         n, batch = images.shape[0], common.batch_size
         dataset, grey = self._synthesis_dataset(images)
         steps_per_epoch = math.ceil(n / batch)
@@ -223,7 +223,7 @@ class DraemDetector(Detector):
 
     def predict(self, images: torch.Tensor) -> Prediction:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"predict() expects images (B, 3, S, S), got {tuple(images.shape)}")
+            raise ValueError(f"predict() expects images (B, 3, H, W), got {tuple(images.shape)}")
         lo, hi = float(images.min()), float(images.max())
         if lo < -INPUT_SLACK or hi > 1.0 + INPUT_SLACK:
             raise ValueError(

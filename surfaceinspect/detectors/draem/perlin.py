@@ -4,6 +4,10 @@ The authors' code draws noise on a power-of-two grid and rotates the *thresholde
 affine warp, which needs sizes divisible by the noise period and leaves empty (never-anomalous)
 corners. Here the noise is a continuous function, so we evaluate it at rotated pixel coordinates:
 any size works, nothing is interpolated, and every pixel can become anomalous.
+
+Periods count along the *short* side for both axes, so noise cells are square in pixels whatever
+the aspect: a 256 x 1024 strip gets the blobs of four 256 x 256 images side by side instead of
+blobs stretched 4x along the strip (on square images this is exactly the paper's convention).
 """
 
 from __future__ import annotations
@@ -17,17 +21,27 @@ def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
 
 
+def as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` from a square side or an ``(H, W)`` pair."""
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
 def perlin_noise(
     shape: tuple[int, int],
     res: tuple[float, float],
     rng: np.random.Generator,
     angle_deg: float = 0.0,
 ) -> np.ndarray:
-    """Perlin noise of ``shape`` (H, W) with ``res`` = (periods along y, periods along x), rotated.
+    """Perlin noise of ``shape`` (H, W), rotated by ``angle_deg``.
 
-    Values lie in about [-1, 1] (scaled by sqrt(2) like the reference implementation).
+    ``res`` = (periods along the noise's y axis, along its x axis), both counted over the short
+    side of ``shape`` (equal to the image side for square shapes). Values lie in about [-1, 1]
+    (scaled by sqrt(2) like the reference implementation).
     """
     h, w = shape
+    short = min(h, w)
     ry, rx = float(res[0]), float(res[1])
     ys = np.arange(h, dtype=np.float32)[:, None] + 0.5 - h / 2.0
     xs = np.arange(w, dtype=np.float32)[None, :] + 0.5 - w / 2.0
@@ -35,10 +49,10 @@ def perlin_noise(
     cos_a, sin_a = math.cos(a), math.sin(a)
     radius = math.hypot(h / 2.0, w / 2.0)
     # Rotated coordinates, shifted to be >= 0, in units of noise cells.
-    u = (cos_a * xs - sin_a * ys + radius) * (rx / w)
-    v = (sin_a * xs + cos_a * ys + radius) * (ry / h)
-    gx = math.ceil(2.0 * radius * rx / w) + 2
-    gy = math.ceil(2.0 * radius * ry / h) + 2
+    u = (cos_a * xs - sin_a * ys + radius) * (rx / short)
+    v = (sin_a * xs + cos_a * ys + radius) * (ry / short)
+    gx = math.ceil(2.0 * radius * rx / short) + 2
+    gy = math.ceil(2.0 * radius * ry / short) + 2
     angles = rng.uniform(0.0, 2.0 * math.pi, size=(gy, gx)).astype(np.float32)
     grad_x, grad_y = np.cos(angles), np.sin(angles)
     j0 = np.floor(u).astype(np.int64)
@@ -76,18 +90,19 @@ def fractal_noise(
 
 
 def perlin_mask(
-    size: int,
+    size: int | tuple[int, int],
     rng: np.random.Generator,
     scale_range: tuple[int, int] = (0, 5),
     threshold: float = 0.5,
 ) -> np.ndarray:
-    """A binary anomaly mask (size, size) float32 in {0, 1}, as in DRAEM's synthesis.
+    """A binary anomaly mask of ``size`` (S or (H, W)), float32 in {0, 1}, as in DRAEM's synthesis.
 
-    Periods 2^a x 2^b with a, b uniform in ``scale_range`` (inclusive), rotation uniform in
-    (-90, 90) degrees, thresholded at ``threshold``. The mask may be empty (then the sample is normal).
+    Periods 2^a x 2^b over the short side with a, b uniform in ``scale_range`` (inclusive), rotation
+    uniform in (-90, 90) degrees, thresholded at ``threshold``. The mask may be empty (then the
+    sample is normal).
     """
     a = int(rng.integers(scale_range[0], scale_range[1] + 1))
     b = int(rng.integers(scale_range[0], scale_range[1] + 1))
     angle = float(rng.uniform(-90.0, 90.0))
-    noise = perlin_noise((size, size), (2.0**a, 2.0**b), rng, angle)
+    noise = perlin_noise(as_hw(size), (2.0**a, 2.0**b), rng, angle)
     return (noise > threshold).astype(np.float32)

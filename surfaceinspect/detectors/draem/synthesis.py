@@ -121,14 +121,14 @@ class SynthesisParams:
 def synthesize(
     image: np.ndarray, source: AnomalySource, params: SynthesisParams, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One training pair from a float (S, S, 3) image: (augmented image, mask (S, S) in {0, 1})."""
-    size = image.shape[0]
+    """One training pair from a float (H, W, 3) image: (augmented image, mask (H, W) in {0, 1})."""
+    shape = (image.shape[0], image.shape[1])
     if rng.random() >= params.anomaly_prob:
-        return image, np.zeros((size, size), dtype=np.float32)
-    mask = perlin_mask(size, rng, params.perlin_scale_range, params.perlin_threshold)
+        return image, np.zeros(shape, dtype=np.float32)
+    mask = perlin_mask(shape, rng, params.perlin_scale_range, params.perlin_threshold)
     if not mask.any():  # as in the reference code: an empty Perlin mask leaves the sample normal
         return image, mask
-    texture = augment_texture(source.sample(rng, size), rng, params.augment_ops)
+    texture = augment_texture(source.sample(rng, shape), rng, params.augment_ops)
     if params.grayscale:
         texture = np.repeat(texture.mean(axis=2, keepdims=True), 3, axis=2)
     beta = float(rng.uniform(*params.opacity_range))
@@ -154,7 +154,7 @@ class SynthesisDataset(Dataset):
     """Map-style dataset over *global sample indices* (step * batch_size + j); endless."""
 
     def __init__(self, images: np.ndarray, source: AnomalySource, params: SynthesisParams, seed: int) -> None:
-        # images: uint8 (N, S, S, 3) numpy (shared with workers copy-on-write after fork).
+        # images: uint8 (N, H, W, 3) numpy (shared with workers copy-on-write after fork).
         self.images = images
         self.source = source
         self.params = params
@@ -198,7 +198,7 @@ def worker_init(_: int) -> None:
 
 
 def is_grayscale(images: np.ndarray, sample: int = 32) -> bool:
-    """True when (a sample of) the uint8 (N, S, S, 3) images have identical channels."""
+    """True when (a sample of) the uint8 (N, H, W, 3) images have identical channels."""
     idx = np.linspace(0, len(images) - 1, num=min(sample, len(images))).astype(int)
     sub = images[idx].astype(np.int16)
     return bool(np.abs(sub[..., 0] - sub[..., 1]).max() <= 2 and np.abs(sub[..., 1] - sub[..., 2]).max() <= 2)
