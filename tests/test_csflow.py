@@ -31,7 +31,7 @@ def _threads():
     torch.set_num_threads(old)
 
 
-def make_detector(size: int = 64, batch_size: int = 8, **overrides) -> CSFlowDetector:
+def make_detector(size: int | list[int] = 64, batch_size: int = 8, **overrides) -> CSFlowDetector:
     cfg = CSFlowConfig(**{**TINY, "epochs": 2, **overrides})
     common = CommonConfig(image_size=size, batch_size=batch_size, seed=0)
     cfg.validate(common)

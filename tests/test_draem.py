@@ -25,7 +25,7 @@ from surfaceinspect.detectors.draem.synthesis import SynthesisDataset, Synthesis
 from surfaceinspect.errors import ConfigError
 
 
-def tiny_run(size: int = 32, **draem: object) -> RunConfig:
+def tiny_run(size: int | list[int] = 32, **draem: object) -> RunConfig:
     """A small, fast configuration (3 levels each -> sizes must be multiples of 4).
 
     One thread: tiny convs gain nothing from more, and on a busy machine OpenMP barriers across
