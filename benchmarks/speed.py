@@ -45,9 +45,9 @@ def build(args: argparse.Namespace, extra_sets: list[str]):
 def infer(args: argparse.Namespace) -> dict:
     det, run = build(args, [])
     det.init_random_weights()
-    size = run.common.image_size
+    h, w = run.common.input_hw()
     batched = args.batch or run.common.batch_size
-    x1, xb = torch.rand(1, 3, size, size), torch.rand(batched, 3, size, size)
+    x1, xb = torch.rand(1, 3, h, w), torch.rand(batched, 3, h, w)
     with FlopCounterMode(display=False) as counter:
         det.predict(x1)
     for _ in range(2):  # warm-up: allocator, oneDNN primitive creation
@@ -81,9 +81,9 @@ def infer(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace) -> dict:
     schedule = {"draem": [f"draem.steps={args.steps}"], "csflow": [f"csflow.epochs={args.epochs}"]}
     det, run = build(args, schedule.get(args.method, []))
-    size = run.common.image_size
+    h, w = run.common.input_hw()
     n = args.images or max(4 * run.common.batch_size, 32)
-    images = (torch.rand(n, 3, size, size) * 255).to(torch.uint8)
+    images = (torch.rand(n, 3, h, w) * 255).to(torch.uint8)
     summary = det.fit(images, TrainContext())
     return {
         "n_images": n,
