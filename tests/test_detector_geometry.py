@@ -154,7 +154,7 @@ def test_csflow_multiscale_features_halve_each_side() -> None:
     assert [tuple(f.shape[-2:]) for f in feats] == [(8, 20), (4, 10), (2, 5)]  # stride 8, then 1/2, 1/4
 
 
-@pytest.mark.parametrize("options", [{}, {"map_mode": "product", "feature_norm": "channel"}])
+@pytest.mark.parametrize("options", [{}, {"map_mode": "product", "feature_norm": "channel", "feature_cache": "disk"}])
 def test_csflow_fits_and_predicts_non_square(options: dict, tmp_path) -> None:
     hw = [64, 160]
     det = make_csflow(hw, epochs=1, **options)
@@ -162,6 +162,18 @@ def test_csflow_fits_and_predicts_non_square(options: dict, tmp_path) -> None:
     assert summary.steps == 1 and np.isfinite(summary.final_loss)
     probe = strips(2, (64, 160), seed=1).float() / 255
     assert_round_trip(det, make_csflow(hw, epochs=1, **options), probe, tmp_path)
+
+
+def test_csflow_map_peaks_where_the_defect_is_on_a_strip() -> None:
+    # Maps are aligned with the image: a swapped or squashed axis would move the peak.
+    det = make_csflow([64, 160], epochs=2, feature_norm="channel")
+    det.fit(strips(8, (64, 160)), TrainContext())
+    probe = strips(2, (64, 160), seed=3).float() / 255
+    probe[0, :, 20:36, 120:136] = 0.0  # dark square, right
+    probe[1, :, 30:46, 10:26] = 1.0  # bright square, left
+    for amap, (y0, x0) in zip(det.predict(probe).maps, [(20, 120), (30, 10)], strict=True):
+        y, x = divmod(int(amap.argmax()), 160)
+        assert y0 - 8 <= y < y0 + 24 and x0 - 8 <= x < x0 + 24
 
 
 # ---------------------------------------------------------------------------------------------- CLI
