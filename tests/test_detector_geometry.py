@@ -198,19 +198,28 @@ def strip_dataset(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("method", "hw"), [("draem", [32, 96]), ("csflow", [64, 192])])
-def test_cli_train_score_heatmap_on_strips(method: str, hw: list[int], strip_dataset: Path, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("method", "geometry", "stored_size"),
+    [
+        ("draem", ["--image-size", "32x96"], [32, 96]),
+        ("draem", ["--image-size", "keep:96"], [32, 96]),  # the strips are 1:3
+        ("draem", ["--image-size", "32", "--set", "common.tiling.enabled=true"], 32),  # square tiles of the strips
+        ("csflow", ["--image-size", "64x192"], [64, 192]),
+    ],
+)
+def test_cli_train_score_heatmap_on_strips(
+    method: str, geometry: list[str], stored_size: object, strip_dataset: Path, tmp_path
+) -> None:
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["train", "-m", method, str(strip_dataset / "train"), "--threads", "1", "--workers", "0", "-q",
-         "--set", f"common.image_size=[{hw[0]},{hw[1]}]", "--set", "common.time_budget_min=0",
-         "--set", "common.calibration.min_images=3", *TINY_CLI[method]],
+        ["train", "-m", method, str(strip_dataset / "train"), "--threads", "1", "--workers", "0", "-q", *geometry,
+         "--set", "common.time_budget_min=0", "--set", "common.calibration.min_images=3", *TINY_CLI[method]],
         catch_exceptions=False,
     )
     assert result.exit_code == EXIT_OK, result.output
     meta = json.loads((modeldir.latest_run() / "metadata.json").read_text())
-    assert meta["config"]["common"]["image_size"] == hw
+    assert meta["config"]["common"]["image_size"] == stored_size
 
     out_csv = tmp_path / "scores.csv"
     result = runner.invoke(
