@@ -191,6 +191,24 @@ FormatOpt = Annotated[
     RecordFormat | None,
     typer.Option("--format", help="Records format; must agree with FILE's extension. [default: from the extension]"),
 ]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Only the images of shard I of N (I = 0 .. N-1), split by a hash of each image's path relative to "
+        "the folder: N runs with I = 0 .. N-1 (a Slurm array, GNU parallel, ...) score every image exactly once, "
+        "and their records concatenate into those of one unsharded run. The exit code covers this shard only.",
+    ),
+]
+
+
+def _parse_shard(text: str | None) -> Any:
+    from surfaceinspect.sharding import Shard
+
+    return None if text is None else Shard.parse(text)
+
+
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -487,7 +505,9 @@ def _open_records(output: Path | None, fmt: str | None, inputs: list[Path], forc
         "Examples:\n\n"
         "  surfaceinspect score ./line_camera_dump\n\n"
         "  surfaceinspect score ./dump --output results.csv     (or .jsonl)\n\n"
-        "  surfaceinspect score ./dump --json | jq 'select(.verdict==\"defect\")'\n\n" + EXIT_CODES_HELP
+        "  surfaceinspect score ./dump --json | jq 'select(.verdict==\"defect\")'\n\n"
+        "  surfaceinspect score ./dump --shard $SLURM_ARRAY_TASK_ID/8 --output scores-$SLURM_ARRAY_TASK_ID.jsonl\n\n"
+        + EXIT_CODES_HELP
     )
 )
 @handle_errors
@@ -500,6 +520,7 @@ def score(
         bool, typer.Option("--json", help="Write JSON Lines records to stdout (and nothing else to stdout).")
     ] = False,
     force: ForceOpt = False,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -518,6 +539,7 @@ def score(
     from surfaceinspect.records import RecordWriter
 
     reporter = _reporter(quiet)
+    selected = _parse_shard(shard)
     engine.require_input(images_dir)
     # Outputs are checked (and opened) before the model loads: a refused path fails in a second.
     fmt_name = fmt.value if fmt is not None else None
@@ -537,6 +559,7 @@ def score(
             batch_size=batch_size,
             workers=workers,
             reporter=reporter,
+            shard=selected,
         )
     finally:
         for writer in active:
@@ -555,6 +578,7 @@ def score(
         "  surfaceinspect heatmap ./line_camera_dump --out heatmaps/\n\n"
         "  surfaceinspect heatmap ./dump --out heatmaps/ --save-maps   (also .npy maps)\n\n"
         "  surfaceinspect heatmap ./dump --out ./dump/heatmaps/       (a subfolder: later runs skip it)\n\n"
+        "  surfaceinspect heatmap ./dump --shard 0/4 --out heatmaps/shard-0   (one folder per shard)\n\n"
         "Open heatmaps/index.html in a browser: all overlays sorted by score, the unreadable files, the "
         "model and its thresholds.\n\n" + EXIT_CODES_HELP
     )
@@ -591,6 +615,7 @@ def heatmap(
         typer.Option("--output", metavar="FILE", help="Also write records to FILE.csv/.jsonl (see score)."),
     ] = None,
     force: ForceOpt = False,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -606,6 +631,7 @@ def heatmap(
     from surfaceinspect.outputs import prepare_output_dir
 
     reporter = _reporter(quiet)
+    selected = _parse_shard(shard)
     engine.require_input(images_dir)
     prepare_output_dir(out, [images_dir], force=force)  # fail before the model loads (checked again, idempotent)
     writer = _open_records(output, None, [images_dir], force, reporter)
@@ -623,6 +649,7 @@ def heatmap(
             reporter=reporter,
             force=force,
             opacity=opacity,
+            shard=selected,
         )
     finally:
         if writer:

@@ -36,6 +36,7 @@ from surfaceinspect.imageio import discover_images, greyscale, image_size
 from surfaceinspect.outputs import prepare_output_dir
 from surfaceinspect.records import ScoreRecord
 from surfaceinspect.regions import find_regions
+from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
 from surfaceinspect.ui import Reporter, TrainProgressView
 
@@ -858,17 +859,24 @@ def score_folder(
     reporter: Reporter | None = None,
     n_worst: int = 10,
     label: str = "score",
+    shard: Shard | None = None,
 ) -> ScoreSummary:
     """Score every image under ``images_dir`` (recursive), calling ``on_result`` as each is done.
 
     Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores and the
     first unreadable files. Images of another colour mode than the training images (grey on a
-    colour model or the reverse) are named in one warning at the end.
+    colour model or the reverse) are named in one warning at the end. With ``shard`` only the
+    images of that shard are scored (see :mod:`surfaceinspect.sharding`); a shard may be empty.
     """
     reporter = reporter or Reporter(quiet=True)
     paths = find_images(images_dir, reporter)
     if not paths:
         raise DatasetError(f"no images found in {images_dir}; expected .png/.jpg/.jpeg/.bmp/.tif files")
+    root = images_dir if images_dir.is_dir() else images_dir.parent
+    if shard is not None:
+        n_found = len(paths)
+        paths = shard.select(paths, root)
+        reporter.info(shard.describe(len(paths), n_found))
     common = model.detector.run_config.common
     summary = ScoreSummary()
     worst: list[tuple[float, str, str]] = []
@@ -878,7 +886,6 @@ def score_folder(
         AspectCheck(training.get("image_aspect"), common.tiling.enabled),
     ]
     started = time.monotonic()
-    root = images_dir if images_dir.is_dir() else images_dir.parent
     with reporter.progress(label, len(paths)) as bar:
         for result in run_inference(
             paths,
@@ -957,12 +964,14 @@ def heatmap_folder(
     reporter: Reporter | None = None,
     force: bool = False,
     opacity: float | None = None,
+    shard: Shard | None = None,
 ) -> tuple[ScoreSummary, Path]:
     """Write an overlay PNG per image (and optionally the raw map as .npy) plus ``index.html``.
 
     ``out_dir`` follows the output rules (:mod:`surfaceinspect.outputs`): never the input folder,
     a dedicated subfolder of it at most. ``index.html`` lists unreadable files too, shows the
-    model, thresholds and source folder, and is written even when the run is interrupted.
+    model, thresholds and source folder (and the shard, with ``shard``), and is written even
+    when the run is interrupted.
     """
     from surfaceinspect.atomic import atomic_open
     from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
@@ -1005,6 +1014,8 @@ def heatmap_folder(
         )
 
     context = _gallery_context(model, images_dir)
+    if shard is not None:
+        context["shard"] = f"{shard.index} of {shard.count} (numbered 0..{shard.count - 1}): only this shard's images"
     try:
         summary = score_folder(
             model,
@@ -1015,6 +1026,7 @@ def heatmap_folder(
             keep_original=True,
             reporter=reporter,
             label="heatmap",
+            shard=shard,
         )
     except KeyboardInterrupt:
         # Leave a valid gallery of what was done before the interruption.
