@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -883,6 +886,157 @@ def profiles() -> None:
             if name.startswith(method + "-"):
                 table.add_row(Text(method), Text(name[len(method) + 1 :]), Text(str(path)))
     out_console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# watch
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  surfaceinspect watch /camera/line3 --output line3.jsonl\n\n"
+        "  surfaceinspect watch /camera/line3 -o line3.csv --defects-dir /camera/line3/defects\n\n"
+        "  surfaceinspect watch /camera/line3 -o line3.jsonl --on-defect '/opt/plc/reject --line 3'\n\n"
+        "  surfaceinspect watch /mnt/share/cam -o cam.jsonl --poll   (network share: events from other machines "
+        "do not arrive)\n\n"
+        "  surfaceinspect watch ./inbox -o batch.jsonl --idle-timeout 60   (stop after a minute without new images)\n\n"
+        "Restarting with the same --output continues it: images already recorded there are not scored again.\n\n"
+        "Exit codes: 130 stopped by Ctrl-C or SIGTERM (records written so far are complete) · "
+        "after --stop-after/--idle-timeout, as score for the images of this session: 0 all good · 1 a defect · "
+        "3 some unreadable · 2 usage, input, output or model error · 4 internal error."
+    )
+)
+@handle_errors
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Folder the images are written into (watched recursively).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Records FILE (.csv or .jsonl), one flushed line per image, appended. An existing records file is "
+            "continued: the images it holds are not scored again.",
+        ),
+    ],
+    model: ModelOpt = None,
+    fmt: FormatOpt = None,
+    on_defect: Annotated[
+        str | None,
+        typer.Option(
+            "--on-defect",
+            metavar="CMD",
+            help="Run CMD with the defective image's path as its last argument (no shell: CMD is split into words, "
+            "nothing in a file name is interpreted). The record is in $SURFACEINSPECT_RECORD (JSON), "
+            "$SURFACEINSPECT_SCORE and $SURFACEINSPECT_SCORE_NORMALIZED. Up to 4 run at once; a failure is a warning.",
+        ),
+    ] = None,
+    defects_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--defects-dir",
+            metavar="FOLDER",
+            help="Copy each defective image to FOLDER/<relative path>. May be a subfolder of the watched folder "
+            "(marked as an output, so it is not watched); never the folder itself.",
+        ),
+    ] = None,
+    existing: Annotated[
+        bool,
+        typer.Option(
+            "--existing/--no-existing",
+            help="Also score the images already in the folder at start (those not yet in --output); "
+            "--no-existing: only images written after the start.",
+        ),
+    ] = True,
+    settle: Annotated[
+        float,
+        typer.Option(
+            "--settle",
+            min=0.0,
+            metavar="SECONDS",
+            help="Score a file once its size and time stamp have not changed for SECONDS (its writer is done). "
+            "An unreadable file gets 5x as long (a writer may pause) before its error is recorded.",
+        ),
+    ] = 0.5,
+    stop_after: Annotated[
+        int | None, typer.Option("--stop-after", min=1, metavar="N", help="Stop after N new records.")
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout", min=0.0, metavar="SECONDS", help="Stop after SECONDS without a new image to score."
+        ),
+    ] = None,
+    poll: Annotated[
+        bool,
+        typer.Option(
+            "--poll", help="Poll the folder instead of using file events (network shares such as NFS or SMB)."
+        ),
+    ] = False,
+    force: ForceOpt = False,
+    batch_size: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score each new image written into FOLDER, as soon as it is complete; append its record to --output.
+
+    Files are judged complete when their size and time stamp stop changing (--settle), or when
+    they are renamed into place (write .name.png.tmp or name.png.part, then rename). Unreadable
+    files get an error record and never stop the watch. Runs until Ctrl-C (or SIGTERM), --stop-after
+    or --idle-timeout; the summary covers the images of this session.
+    """
+    from surfaceinspect import engine
+    from surfaceinspect.watch import WatchOptions, check_outputs, watch_folder
+
+    reporter = _reporter(quiet)
+    engine.require_input(folder)
+    fmt_name = fmt.value if fmt is not None else None
+    options = WatchOptions(
+        settle_s=settle,
+        existing=existing,
+        stop_after=stop_after,
+        idle_timeout_s=idle_timeout,
+        poll=poll,
+        on_defect=on_defect,
+        defects_dir=defects_dir,
+    )
+    check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
+    loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+    options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
+    reporter.info(
+        f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
+    )
+    with _sigterm_as_interrupt():
+        result = watch_folder(loaded, folder, output, options, fmt=fmt_name, force=force, reporter=reporter)
+    summary = result.summary
+    extra: list[Part] = [f"records: {output}"]
+    if result.already_recorded:
+        extra.append(f"({result.already_recorded} image(s) were recorded by earlier runs)")
+    if defects_dir is not None:
+        extra.append(f"defect copies: {defects_dir} ({len(result.copied)} this session)")
+    _print_summary(summary, quiet, False, extra)
+    if result.stopped_by == "interrupted":
+        raise _fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
+    raise typer.Exit(summary.exit_code())
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, Kubernetes, kill) stops a watch as cleanly as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

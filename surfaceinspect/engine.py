@@ -839,6 +839,17 @@ class ScoreSummary:
     def total(self) -> int:
         return self.n_good + self.n_defect + self.n_error
 
+    def add(self, record: ScoreRecord) -> None:
+        """Count one record (keeps the first unreadable files; ``worst`` is left to the caller)."""
+        if record.verdict == "error":
+            self.n_error += 1
+            if len(self.unreadable) < MAX_LISTED_FAILURES:
+                self.unreadable.append((record.path, record.error or "unreadable"))
+        elif record.verdict == "defect":
+            self.n_defect += 1
+        else:
+            self.n_good += 1
+
     def exit_code(self) -> int:
         """1 if any defect, else 3 if any unreadable, else 0."""
         if self.n_defect:
@@ -897,14 +908,7 @@ def score_folder(
             keep_original=keep_original,
         ):
             record = result.record
-            if record.verdict == "error":
-                summary.n_error += 1
-                if len(summary.unreadable) < MAX_LISTED_FAILURES:
-                    summary.unreadable.append((record.path, record.error or "unreadable"))
-            elif record.verdict == "defect":
-                summary.n_defect += 1
-            else:
-                summary.n_good += 1
+            summary.add(record)
             for check in checks:
                 check.see(result.item, record.path)
             if record.score is not None and math.isfinite(record.score):

@@ -65,16 +65,23 @@ def spreadsheet_safe(value: Any) -> Any:
     return value
 
 
+def undo_spreadsheet_safe(value: str) -> str:
+    """The text of a CSV cell as it was before :func:`spreadsheet_safe` (reading records back)."""
+    if value.startswith("'") and value[1:].startswith(_FORMULA_START):
+        return value[1:]
+    return value
+
+
 class RecordWriter:
     """Streams records to a CSV or JSONL file (or stdout), one flushed line per record."""
 
-    def __init__(self, handle: IO[str], fmt: str, close: bool, target: Path | None = None) -> None:
+    def __init__(self, handle: IO[str], fmt: str, close: bool, target: Path | None = None, header: bool = True) -> None:
         self._handle = handle
         self._fmt = fmt
         self._close = close
         self.target = target
         self.replaced = False  # the file existed (an earlier records file, or --force) and was replaced
-        if fmt == "csv":
+        if fmt == "csv" and header:  # no header when appending to a file that has one (watch)
             self._write_line(_CSV_HEADER)
 
     @classmethod

@@ -1,0 +1,532 @@
+"""Watch mode (``surfaceinspect watch``): score each image written into a folder, as it appears.
+
+File events come from ``watchfiles`` (Rust ``notify``: inotify, FSEvents, ReadDirectoryChanges,
+or polling for network shares, where events from other machines never arrive). An event only
+says that a file changed, not that its writer is done, so a file is scored once its size and
+modification time have stayed the same for ``settle_s`` seconds (:class:`SettleTracker`); a file
+renamed into place (write ``.img.png.tmp`` or ``img.png.part``, then rename) is complete when it
+appears and is scored after the same short wait. A file that cannot be decoded gets more time
+(its writer may have paused): it is retried whenever it changes, and recorded as an error only
+once it has stayed unchanged for ``error_grace_s``.
+
+Records go to one CSV/JSONL file, one flushed line per image, appended: on a restart the paths
+already recorded there are not scored again (an incomplete last line, left by a kill, is dropped
+and its image rescored). Each path is scored at most once per output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surfaceinspect.errors import ConfigError, OutputError
+from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
+from surfaceinspect.outputs import check_output_file, open_for_writing, prepare_output_dir
+from surfaceinspect.records import RecordWriter, ScoreRecord, is_records_file, output_format, undo_spreadsheet_safe
+from surfaceinspect.ui import Reporter
+
+# How often the loop wakes up without events to check files that are settling (seconds).
+TICK_S = 0.05
+MAX_RUNNING_HOOKS = 4  # --on-defect commands running at once; the next waits (back-pressure)
+HOOK_WAIT_AT_EXIT_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# When is a file completely written?
+
+
+@dataclass
+class _Pending:
+    signature: tuple[int, int]  # (size, mtime_ns) when last seen changed
+    since: float  # clock time at which the signature was last seen changing
+    failed: bool = False  # it was read at this signature and could not be decoded
+
+
+@dataclass
+class Ready:
+    """A file judged complete; ``final``: its writer has had ``error_grace_s``, so an error is recorded."""
+
+    path: Path
+    final: bool
+    signature: tuple[int, int]
+    since: float
+
+
+class SettleTracker:
+    """Files seen changing, and when each is complete enough to score (see the module docstring)."""
+
+    def __init__(self, settle_s: float, error_grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle_s = settle_s
+        self.error_grace_s = max(error_grace_s, settle_s)
+        self._clock = clock
+        self._pending: dict[Path, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._pending
+
+    def touch(self, path: Path) -> None:
+        """A file was created or changed: watch it until it stays unchanged."""
+        signature = _signature(path)
+        if signature is None:
+            self._pending.pop(path, None)
+            return
+        entry = self._pending.get(path)
+        if entry is None or entry.signature != signature:
+            self._pending[path] = _Pending(signature, self._clock())
+
+    def forget(self, path: Path) -> None:
+        self._pending.pop(path, None)
+
+    def failed(self, ready: Ready) -> None:
+        """A file handed out by :meth:`due` could not be decoded: retry it when it changes (or at the grace)."""
+        self.restore(ready, failed=True)
+
+    def restore(self, ready: Ready, failed: bool = False) -> None:
+        """Put back a file handed out by :meth:`due` (not scored after all), keeping its time of last change."""
+        signature = _signature(ready.path)
+        if signature == ready.signature:
+            self._pending[ready.path] = _Pending(signature, ready.since, failed)
+        elif signature is not None:
+            self._pending[ready.path] = _Pending(signature, self._clock())
+
+    def due(self) -> list[Ready]:
+        """The files to score now (removed from the tracker), oldest change first."""
+        now = self._clock()
+        ready: list[Ready] = []
+        for path, entry in list(self._pending.items()):
+            signature = _signature(path)
+            if signature is None:  # deleted or moved away before it was scored
+                del self._pending[path]
+                continue
+            if signature != entry.signature:
+                self._pending[path] = _Pending(signature, now)
+                continue
+            quiet = now - entry.since
+            final = quiet >= self.error_grace_s
+            if final or (not entry.failed and quiet >= self.settle_s and signature[0] > 0):
+                del self._pending[path]
+                ready.append(Ready(path, final, signature, entry.since))
+        return sorted(ready, key=lambda r: r.since)
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which files are images of the watched folder?
+
+
+class ImageFilter:
+    """Image files under ``root`` as :func:`~surfaceinspect.imageio.discover_images` sees them.
+
+    Hidden names (temporary files such as ``.img.png.tmp``), other suffixes (``img.png.part``)
+    and anything inside an output folder of surfaceinspect are not images of the folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def relative(self, path: Path) -> str | None:
+        """The record path (relative, POSIX) of an image of the folder, or None for anything else."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return None
+        if not rel.parts or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return None
+        if any(part.startswith(".") for part in rel.parts):
+            return None
+        folder = self.root
+        for part in rel.parts[:-1]:  # not cached: an output folder gets its marker just after it appears
+            folder = folder / part
+            if is_output_dir(folder):
+                return None
+        return rel.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# The records file: resume and append
+
+
+def recorded_paths(path: Path, fmt: str) -> set[str]:
+    """The image paths recorded in an existing records file (empty if there is none).
+
+    An incomplete last line (the process was killed while writing it) is cut off, so the file
+    holds complete records only and that image is scored again.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+        data = data[:cut]
+    text = data.decode("utf-8", errors="replace")
+    if fmt == "csv":
+        return {undo_spreadsheet_safe(row["path"]) for row in csv.DictReader(text.splitlines(keepends=True))}
+    paths = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            paths.add(json.loads(line)["path"])
+        except (ValueError, TypeError, KeyError):
+            if line.strip():
+                raise OutputError(
+                    f"--output {path}: line {number} is not a record; give a new file or repair this one"
+                ) from None
+    return paths
+
+
+def open_records_for_append(
+    output: Path, fmt: str | None, folder: Path, force: bool
+) -> tuple[RecordWriter, set[str], str]:
+    """Open ``output`` to append records; returns (writer, paths already recorded, format).
+
+    An existing records file of surfaceinspect is continued; any other existing file is refused
+    (with ``force``: replaced). Follows :mod:`surfaceinspect.outputs` (never an input image).
+    """
+    fmt = output_format(output, fmt)
+    exists = check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
+    resume = exists and is_records_file(output)
+    if resume and fmt == "csv" and output.stat().st_size and not _has_csv_header(output):
+        raise OutputError(f"--output {output} holds JSON Lines records; name the file .jsonl")
+    if resume and fmt == "jsonl" and output.stat().st_size and _has_csv_header(output):
+        raise OutputError(f"--output {output} holds CSV records; name the file .csv")
+    if resume:
+        try:
+            handle = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115 - the writer closes it
+        except OSError as exc:
+            raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
+    else:
+        handle = open_for_writing(output)
+    _lock(handle, output)  # before reading: a second watch on the same file would interleave records
+    done = recorded_paths(output, fmt) if resume else set()
+    handle.seek(0, os.SEEK_END)
+    empty = handle.tell() == 0
+    return RecordWriter(handle, fmt, close=True, target=output, header=empty), done, fmt
+
+
+def _lock(handle: Any, output: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; one watch per output file is the user's job
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutputError(
+            f"--output {output} is being written by another watch; give each watch its own file"
+        ) from None
+
+
+def _has_csv_header(path: Path) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().startswith("path,verdict,")
+
+
+# ---------------------------------------------------------------------------------------------
+# What happens to a defect
+
+
+class DefectHook:
+    """Runs ``--on-defect CMD`` for each defective image, without a shell.
+
+    ``CMD`` is split like a shell would (``shlex``), but never run by one: the image path is
+    passed as the last argument, so no file name can inject a command. The record is in the
+    environment (``SURFACEINSPECT_RECORD`` as JSON, ``SURFACEINSPECT_SCORE``,
+    ``SURFACEINSPECT_SCORE_NORMALIZED``). Commands run in the background, at most
+    :data:`MAX_RUNNING_HOOKS` at once; a failure is a warning, never the end of the watch.
+    """
+
+    def __init__(self, command: str, reporter: Reporter) -> None:
+        try:
+            self.argv = shlex.split(command)
+        except ValueError as exc:
+            raise ConfigError(f"--on-defect {command!r}: {exc}") from None
+        if not self.argv:
+            raise ConfigError("--on-defect is empty; give a command, e.g. --on-defect 'notify-line 3'")
+        if shutil.which(self.argv[0]) is None:
+            raise ConfigError(f"--on-defect: command {self.argv[0]!r} not found or not executable; give its full path")
+        self.reporter = reporter
+        self.running: list[tuple[subprocess.Popen[bytes], str]] = []
+        self.failures = 0
+
+    def __call__(self, image: Path, record: ScoreRecord) -> None:
+        self.reap()
+        while len(self.running) >= MAX_RUNNING_HOOKS:
+            self._finish(*self.running.pop(0))
+        data = record.to_dict()
+        env = {
+            **os.environ,
+            "SURFACEINSPECT_RECORD": json.dumps(data, ensure_ascii=False),
+            "SURFACEINSPECT_SCORE": str(data["score"]),
+            "SURFACEINSPECT_SCORE_NORMALIZED": str(data["score_normalized"]),
+        }
+        try:
+            proc = subprocess.Popen([*self.argv, str(image)], stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            self.failures += 1
+            self.reporter.warn(f"--on-defect could not start for {record.path}: {exc.strerror or exc}")
+            return
+        self.running.append((proc, record.path))
+
+    def reap(self) -> None:
+        """Collect finished commands (non-blocking) and warn about failures."""
+        still = []
+        for proc, name in self.running:
+            if proc.poll() is None:
+                still.append((proc, name))
+            else:
+                self._finish(proc, name)
+        self.running = still
+
+    def _finish(self, proc: subprocess.Popen[bytes], name: str, timeout: float | None = None) -> None:
+        code = proc.wait(timeout)
+        if code != 0:
+            self.failures += 1
+            self.reporter.warn(f"--on-defect exited with {code} for {name}")
+
+    def close(self) -> None:
+        """Wait (up to :data:`HOOK_WAIT_AT_EXIT_S` in all) for the commands still running."""
+        deadline = time.monotonic() + HOOK_WAIT_AT_EXIT_S
+        for proc, name in self.running:
+            try:
+                self._finish(proc, name, timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.reporter.warn(f"--on-defect for {name} still running (pid {proc.pid}); not waiting for it")
+        self.running = []
+
+
+def copy_defect(image: Path, rel: str, defects_dir: Path) -> Path:
+    """Copy ``image`` to ``defects_dir/rel`` atomically (readers never see a partial copy)."""
+    from surfaceinspect.atomic import atomic_open
+
+    target = defects_dir / rel
+    with open(image, "rb") as source, atomic_open(target, "wb") as handle:
+        shutil.copyfileobj(source, handle)
+    shutil.copystat(image, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class WatchOptions:
+    """What ``watch`` does besides scoring; see ``surfaceinspect watch --help``."""
+
+    settle_s: float = 0.5
+    error_grace_s: float | None = None  # default: 5 x settle_s
+    existing: bool = True
+    stop_after: int | None = None
+    idle_timeout_s: float | None = None
+    rescan_s: float = 60.0
+    poll: bool = False
+    batch_size: int = 8
+    on_defect: str | None = None
+    defects_dir: Path | None = None
+
+
+def check_outputs(
+    folder: Path,
+    output: Path,
+    options: WatchOptions,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> DefectHook | None:
+    """Check (and create) what a watch writes, before a model is loaded; returns the --on-defect hook.
+
+    Idempotent, so :func:`watch_folder` calls it again.
+    """
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder; watch needs the folder the images are written into")
+    output_format(output, fmt)
+    check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
+    if options.defects_dir is not None:
+        prepare_output_dir(options.defects_dir, [folder], option="--defects-dir")
+    return DefectHook(options.on_defect, reporter or Reporter(quiet=True)) if options.on_defect else None
+
+
+@dataclass
+class WatchResult:
+    """How a watch ended: the counts of this session, and why it stopped."""
+
+    summary: Any  # engine.ScoreSummary of the images scored in this session
+    already_recorded: int
+    stopped_by: str  # "stop-after", "idle-timeout", "interrupted" or "stop-event"
+    hook_failures: int = 0
+    copied: list[Path] = field(default_factory=list)
+
+
+def watch_folder(
+    model: Any,
+    folder: Path,
+    output: Path,
+    options: WatchOptions,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    stop_event: Any = None,
+    on_record: Callable[[ScoreRecord], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> WatchResult:
+    """Score images as they are written into ``folder`` until a stop condition; see the module docstring.
+
+    ``model`` is an :class:`~surfaceinspect.engine.LoadedModel`. Stops after ``stop_after`` new
+    records, after ``idle_timeout_s`` without a new image (nothing pending either), when
+    ``stop_event`` (anything with ``is_set()``) is set, or on Ctrl-C (``stopped_by ==
+    "interrupted"``, records written so far are complete and flushed). ``on_record`` is called
+    after each record is written, ``on_ready`` once the watcher runs (files written from then on
+    are seen).
+    """
+    import watchfiles
+
+    from surfaceinspect.engine import ScoreSummary, run_inference
+
+    reporter = reporter or Reporter(quiet=True)
+    root = folder.expanduser().resolve()
+    hook = check_outputs(folder, output, options, fmt=fmt, force=force, reporter=reporter)
+    writer, done, _fmt = open_records_for_append(output, fmt, folder, force)
+    if done:
+        reporter.info(f"resuming {output}: {len(done)} image(s) already recorded are not scored again")
+    images = ImageFilter(root)
+    grace = options.error_grace_s if options.error_grace_s is not None else 5.0 * options.settle_s
+    tracker = SettleTracker(options.settle_s, grace)
+    summary = ScoreSummary()
+    result = WatchResult(summary, len(done), "stop-event")
+    detector, calibration = model.detector, model.calibration
+    started_wall = time.time()
+    last_activity = time.monotonic()
+    next_rescan = time.monotonic() + options.rescan_s if options.rescan_s > 0 else float("inf")
+
+    def consider(paths: Iterable[Path], *, new_only: bool = False) -> None:
+        for path in paths:
+            rel = images.relative(path)
+            if rel is None or rel in done or path in tracker:
+                continue
+            if new_only and _mtime(path) < started_wall:
+                continue  # --no-existing: a file older than the watch is not new
+            tracker.touch(path)
+
+    def score(batch: Sequence[Ready]) -> None:
+        by_path = {r.path: r for r in batch}
+        for item in run_inference(
+            [r.path for r in batch], root, detector, calibration, batch_size=len(batch), workers=0
+        ):
+            record = item.record
+            if record.verdict == "error" and not by_path[item.item.path].final:
+                tracker.failed(by_path[item.item.path])  # its writer may be pausing: retry when it changes
+                continue
+            writer.write(record)
+            done.add(record.path)
+            summary.add(record)
+            if on_record is not None:
+                on_record(record)
+            if record.verdict == "defect":
+                reporter.info(("defect", "red"), f" {record.score_normalized:.3f} ", record.path)
+                if options.defects_dir is not None:
+                    try:
+                        result.copied.append(copy_defect(item.item.path, record.path, options.defects_dir))
+                    except OSError as exc:
+                        reporter.warn(f"could not copy {record.path} to {options.defects_dir}: {exc.strerror or exc}")
+                if hook is not None:
+                    hook(item.item.path, record)
+            elif record.verdict == "error":
+                reporter.warn(f"unreadable {record.path}: {record.error}")
+
+    watcher = watchfiles.watch(
+        root,
+        watch_filter=None,
+        debounce=200,
+        step=20,
+        rust_timeout=max(1, int(TICK_S * 1000)),
+        yield_on_timeout=True,
+        stop_event=stop_event,
+        force_polling=options.poll or None,
+        poll_delay_ms=100,
+        raise_interrupt=True,
+    )
+    first = True
+    try:
+        for changes in watcher:
+            for change, raw in changes:
+                path = Path(raw)
+                if change == watchfiles.Change.deleted:
+                    tracker.forget(path)
+                elif path.is_dir():
+                    consider(discover_images(path))  # a folder moved in at once brings its images
+                else:
+                    consider([path])
+            if first:  # the watcher is running now, so no file written from here on can be missed
+                first = False
+                # files written since the start but before the watcher ran count as new ones
+                consider(discover_images(root), new_only=not options.existing)
+                last_activity = time.monotonic()  # --idle-timeout counts from here
+                if on_ready is not None:
+                    on_ready()
+                reporter.info(f"watching {folder} ({'polling' if options.poll else 'file events'}); records: {output}")
+            if time.monotonic() >= next_rescan:  # catch files whose event was lost (queue overflow, shares)
+                next_rescan = time.monotonic() + options.rescan_s
+                consider(discover_images(root), new_only=not options.existing)
+            ready = tracker.due()
+            if ready or len(tracker):
+                last_activity = time.monotonic()
+            while ready:
+                room = options.batch_size
+                if options.stop_after is not None:
+                    room = min(room, options.stop_after - summary.total)
+                if room <= 0:
+                    for leftover in ready:
+                        tracker.restore(leftover)
+                    break
+                batch, ready = ready[:room], ready[room:]
+                score(batch)
+            if hook is not None:
+                hook.reap()
+            if options.stop_after is not None and summary.total >= options.stop_after:
+                result.stopped_by = "stop-after"
+                break
+            idle = time.monotonic() - last_activity
+            if options.idle_timeout_s is not None and not len(tracker) and idle >= options.idle_timeout_s:
+                result.stopped_by = "idle-timeout"
+                break
+    except KeyboardInterrupt:
+        result.stopped_by = "interrupted"
+    finally:
+        with contextlib.suppress(Exception):
+            watcher.close()
+        writer.close()
+        if hook is not None:
+            hook.close()
+            result.hook_failures = hook.failures
+    return result
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
