@@ -1,0 +1,36 @@
+"""Run by ``torchrun`` in tests/test_scaleout_ddp.py: data-parallel training on the CPU (gloo).
+
+``ddp_worker.py OUT``: each rank takes its half of a batch of a linear problem through
+GradientAverager and saves the averaged gradient to OUT/grad<r>.pt; then a tiny DRAEM is trained
+with DistributedDraem and each rank saves its weights to OUT/rank<r>.pt, its summary to
+OUT/summary<r>.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from ddp_common import linear_problem, tiny_draem_run, training_images
+
+from surfaceinspect.detectors.base import TrainContext
+from surfaceinspect.distributed import DistEnv, DistributedDraem, GradientAverager, process_group
+
+out = Path(sys.argv[1])
+env = DistEnv.from_environ()
+assert env is not None, "run me with torchrun"
+torch.set_num_threads(1)
+with process_group(env, torch.device("cpu")):
+    model, x, y = linear_problem()
+    half = len(x) // env.world_size
+    rows = slice(env.rank * half, (env.rank + 1) * half)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step only triggers the hook
+    with GradientAverager(model):
+        torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        optimizer.step()
+    torch.save([p.grad for p in model.parameters()], out / f"grad{env.rank}.pt")
+
+    detector = DistributedDraem(tiny_draem_run(), torch.device("cpu"))
+    summary = detector.fit(training_images(), TrainContext())
+    torch.save(detector.state_dict(), out / f"rank{env.rank}.pt")
+    (out / f"summary{env.rank}.json").write_text(json.dumps(summary.to_dict()))

@@ -1,0 +1,121 @@
+"""Data-parallel DRAEM training under torchrun (issue #16): 2 CPU processes with gloo.
+
+What is checked: the gradient averaging equals the full-batch gradient; the ranks split every
+global batch of DRAEM's sample stream (each synthesises its own anomalies, together exactly the
+single-process samples); both ranks end with the same model; and the 2-process training equals
+a single process taking the same steps on the same samples with BatchNorm statistics per half
+batch. BatchNorm is the one expected difference from a plain single-process run with the whole
+batch (SyncBatchNorm needs CUDA), so that is what the single-process reference reproduces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_common import linear_problem, tiny_draem_run, training_images
+from torch.utils.data import default_collate
+
+from surfaceinspect.detectors.base import TrainContext
+from surfaceinspect.detectors.draem.detector import DraemDetector, lr_at
+from surfaceinspect.detectors.draem.losses import DraemLoss
+from surfaceinspect.distributed import DistEnv, RankSlice
+from surfaceinspect.errors import ConfigError
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def test_dist_env_reads_torchrun_variables():
+    assert DistEnv.from_environ({}) is None
+    env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert env == DistEnv(3, 4, 1) and not env.is_main and env.device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("world", "per_rank"), [(2, 2), (3, 4), (4, 1)])
+def test_ranks_split_every_global_batch(world, per_rank):
+    steps = 7
+    seen = []
+    for rank in range(world):
+        view = RankSlice(list(range(10_000)), per_rank, world, rank)
+        for step in range(steps):
+            batch = [view[step * per_rank + j] for j in range(per_rank)]
+            # rank r's part of global batch `step` lies inside that global batch
+            assert all(step * per_rank * world <= i < (step + 1) * per_rank * world for i in batch)
+            seen += batch
+    assert sorted(seen) == list(range(steps * per_rank * world))  # disjoint, and nothing missing
+
+
+@pytest.fixture(scope="module")
+def torchrun_outputs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*command, str(TESTS_DIR / "ddp_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_gradient_averager_gives_the_full_batch_gradient(torchrun_outputs):
+    model, x, y = linear_problem()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    for rank in (0, 1):
+        grads = torch.load(torchrun_outputs / f"grad{rank}.pt")
+        for got, param in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(got, param.grad, rtol=1e-5, atol=1e-6)
+
+
+def _reference_training(run, images) -> dict[str, torch.Tensor]:
+    """One process, the same steps and samples as 2 ranks: each half batch through BatchNorm on its own."""
+    detector = DraemDetector(run, torch.device("cpu"))
+    cfg, batch = detector.cfg, run.common.batch_size
+    dataset, _ = detector._synthesis_dataset(images)
+    optimizer = torch.optim.Adam(detector.model.parameters(), lr=cfg.lr)
+    loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
+    detector.model.train()
+    half = batch // 2
+    for step in range(cfg.steps):
+        optimizer.zero_grad()
+        for part in range(2):
+            samples = default_collate([dataset[step * batch + part * half + j] for j in range(half)])
+            rec, logits = detector.model(samples["augmented"])
+            loss, _ = loss_fn(rec, samples["image"], logits, samples["mask"])
+            (loss / 2).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
+        optimizer.step()
+    return {name: p.detach() for name, p in detector.model.named_parameters()}
+
+
+def test_two_process_draem_equals_single_process_on_the_same_samples(torchrun_outputs):
+    ranks = [torch.load(torchrun_outputs / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # one model, buffers included
+    run = tiny_draem_run()
+    reference = _reference_training(run, training_images())
+    initial = DraemDetector(tiny_draem_run(), torch.device("cpu")).state_dict()
+    for name, value in reference.items():
+        assert not torch.equal(value, initial[name])  # it trained
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5)
+    summary = json.loads((torchrun_outputs / "summary0.json").read_text())
+    assert summary["steps"] == run.method_config.steps and summary["world_size"] == 2
+    assert summary["batch_per_rank"] == 2 and summary["epochs"] == round(3 * 4 / 8, 3)
+
+
+def test_batch_must_divide_and_time_budget_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    from surfaceinspect.distributed import DistributedDraem
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        detector = DistributedDraem(tiny_draem_run(), torch.device("cpu"))
+        with pytest.raises(ConfigError, match="time budget is not supported"):
+            detector.fit(training_images(), TrainContext(time_budget_s=10.0))
+    finally:
+        dist.destroy_process_group()
