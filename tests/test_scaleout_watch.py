@@ -319,3 +319,22 @@ def test_interrupt_exits_130_with_complete_records(trained, images, tmp_path, si
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert sorted(r["path"] for r in _records(output)) == ["good0.png", "good1.png"]
     assert output.read_text().endswith("\n")
+
+
+def test_latency_benchmark_script_reports_percentiles_and_rate(synthetic_dataset, tmp_path):
+    """benchmarks/watch_latency.py drives the real CLI end to end (a smoke test: it must not rot)."""
+    sets = ["common.image_size=32", "common.batch_size=4", "common.workers=0", "common.time_budget_min=0",
+            "draem.recon_width=8", "draem.disc_width=4", "draem.recon_levels=3", "draem.disc_levels=3",
+            "draem.steps=2", "common.calibration.min_images=4"]  # fmt: skip
+    run_dir = tmp_path / "model"
+    train = ["train", "-m", "draem", "--profile", "cpu", synthetic_dataset / "train" / "good", "--out", run_dir, "-q"]
+    result = run(*train, *[arg for item in sets for arg in ("--set", item)])
+    assert result.exit_code == EXIT_OK, result.output
+    script = TESTS_DIR.parent / "benchmarks" / "watch_latency.py"
+    command = [sys.executable, str(script), "--model", str(run_dir), "--images", str(synthetic_dataset / "test")]
+    command += ["--n", "3", "--interval", "0", "--burst", "4", "--settle", "0.1", "--threads", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert 100 <= report["latency_ms_p50"] <= report["latency_ms_p95"] <= report["latency_ms_max"]  # >= settle
+    assert report["sustained_images_per_s"] > 0 and report["watch_exit_code"] == EXIT_INTERRUPTED
