@@ -15,8 +15,18 @@ Building blocks, kept apart from the single-process code paths:
   the rank's ``B/N`` samples (SyncBatchNorm exists for CUDA only); the running statistics are
   averaged over the ranks at the end, so every rank holds the same model.
 
-Not here yet (see the issue): the ``train`` command under torchrun (rank 0 writing the run
-directory, checkpoints and calibration), and CS-Flow's sharded feature cache.
+:func:`main` runs the ``train`` command under torchrun::
+
+    torchrun --nproc-per-node 2 -m surfaceinspect.distributed train -m draem ./good --out run --threads 1
+
+Every rank runs the ordinary ``train`` command, so configuration, data split and messages are
+those of a single-process run. Rank 0 is the run: it writes the run directory, its checkpoints
+(all ranks hold the same weights), the model, and calibrates once at the end. The other ranks
+train in a scratch runs folder without writing checkpoints, and leave right after training.
+``--resume RUN`` resumes every rank from RUN's checkpoint.
+
+Not here yet (see the issue): CS-Flow (its feature cache built in shards and gathered) is refused
+under torchrun; calibration scores are not spread over the ranks (rank 0 scores them alone).
 """
 
 from __future__ import annotations
@@ -25,8 +35,12 @@ import contextlib
 import datetime
 import math
 import os
-from collections.abc import Iterator
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,10 +50,11 @@ from torch.utils.data import Dataset
 
 from surfaceinspect.detectors.base import TrainContext, TrainSummary
 from surfaceinspect.detectors.draem.detector import DraemDetector
-from surfaceinspect.errors import ConfigError
+from surfaceinspect.errors import ConfigError, SurfaceInspectError
 
 # A rank that fails leaves the others waiting in a collective; they give up after this long.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+_leave_after_training = False  # set by main(): ranks > 0 leave the train command after fit
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,8 @@ class DistEnv:
 @contextlib.contextmanager
 def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     """Join the job's process group (NCCL for CUDA, gloo for the CPU) for the duration of the block."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # gloo for CPU tensors always; NCCL for CUDA tensors where there are GPUs
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=COLLECTIVE_TIMEOUT)
@@ -174,6 +190,13 @@ class DistributedDraem(DraemDetector):
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         common, cfg = self.run_config.common, self.cfg
+        if self.rank != 0:  # the run is rank 0's: the others neither checkpoint nor report progress
+            context = TrainContext(
+                checkpoint_every_s=context.checkpoint_every_s,
+                resume_state=context.resume_state,
+                time_budget_s=context.time_budget_s,
+                elapsed_before_s=context.elapsed_before_s,
+            )
         if common.batch_size % self.world:
             raise ConfigError(
                 f"common.batch_size {common.batch_size} does not divide among {self.world} processes; "
@@ -194,8 +217,99 @@ class DistributedDraem(DraemDetector):
             common.batch_size, cfg.steps = batch, steps
         summary.epochs = round(summary.steps * batch / images.shape[0], 3)
         summary.details.update(world_size=self.world, batch_per_rank=self._per_rank)
+        if self.rank != 0 and _leave_after_training:
+            raise TrainedOnOtherRank
         return summary
 
     def _synthesis_dataset(self, images: torch.Tensor) -> tuple[Any, bool]:
         dataset, grey = super()._synthesis_dataset(images)
         return RankSlice(dataset, self._per_rank, self.world, self.rank), grey
+
+
+# ---------------------------------------------------------------------------------------------
+# The train command under torchrun
+
+
+class TrainedOnOtherRank(BaseException):
+    """Raised on ranks > 0 after training: saving and calibration are rank 0's (not an Exception,
+    so no error handler of the train command takes it for a failure)."""
+
+
+def _train_method(args: Sequence[str]) -> str:
+    """The method a ``train`` command line trains (as ``train`` resolves it), parsed before any work."""
+    import typer
+
+    from surfaceinspect import cli, modeldir
+    from surfaceinspect.config import load_yaml_file
+
+    command = typer.main.get_command(cli.app).get_command(None, "train")  # type: ignore[attr-defined]
+    params = command.make_context("train", list(args), resilient_parsing=True).params
+    if params.get("resume"):
+        return str(modeldir.load_checkpoint(_resolve_resume(params["resume"])).run_config["method"])
+    config = params.get("config")
+    return params.get("method") or (load_yaml_file(config).get("method") if config else None) or "draem"
+
+
+def _worker_arguments(args: Sequence[str], scratch: Path) -> list[str]:
+    """The train arguments of a rank > 0: its run directory in ``scratch``, quiet.
+
+    With ``--resume RUN`` the rank resumes from a copy of RUN (rank 0 writes RUN itself). Click
+    takes the last value of a repeated option, so appending overrides the user's ``--out``.
+    """
+    args = list(args)
+    for flag in ("--resume",):
+        if flag in args:
+            index = args.index(flag) + 1
+            source = _resolve_resume(args[index])
+            copy = scratch / "resume"
+            shutil.copytree(source, copy)
+            return [*args, "--resume", str(copy), "-q"]
+    return [*args, "--out", str(scratch / "run"), "-q"]
+
+
+def _resolve_resume(value: str) -> Path:
+    from surfaceinspect import modeldir
+
+    return modeldir.find_resumable() if value == "latest" else Path(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``torchrun ... -m surfaceinspect.distributed train ARGS``: see the module docstring."""
+    from surfaceinspect import cli
+    from surfaceinspect.detectors import REGISTRY
+
+    global _leave_after_training
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = DistEnv.from_environ()
+    if env is None or not args or args[0] != "train":
+        sys.stderr.write(
+            "error: run the train command under torchrun: torchrun --nproc-per-node N -m "
+            "surfaceinspect.distributed train -m draem GOOD_DIR [train options]\n"
+        )
+        sys.exit(2)
+    try:
+        method = _train_method(args[1:])
+    except SurfaceInspectError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    if method != "draem":
+        sys.stderr.write(f"error: {method} training under torchrun is not supported yet; train it in one process\n")
+        sys.exit(2)
+    REGISTRY["draem"] = f"{__name__}:DistributedDraem"
+    _leave_after_training = True
+    with process_group(env, env.device()), tempfile.TemporaryDirectory(prefix=f"si-rank{env.rank}-") as scratch:
+        if not env.is_main:
+            args = _worker_arguments(args, Path(scratch))
+            os.environ["SURFACEINSPECT_HOME"] = scratch  # its run is not the latest model of anyone
+        sys.argv = ["surfaceinspect", *args]
+        try:
+            cli.main()
+        except TrainedOnOtherRank:
+            pass
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+
+
+if __name__ == "__main__":
+    main()

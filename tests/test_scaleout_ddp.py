@@ -119,3 +119,79 @@ def test_batch_must_divide_and_time_budget_is_refused(tmp_path):
             detector.fit(training_images(), TrainContext(time_budget_s=10.0))
     finally:
         dist.destroy_process_group()
+
+
+TINY_DRAEM_SETS = [
+    "common.image_size=32", "common.batch_size=4", "common.workers=0", "common.time_budget_min=0",
+    "common.calibration.min_images=4", "draem.recon_width=8", "draem.disc_width=4", "draem.recon_levels=3",
+    "draem.disc_levels=3", "draem.steps=4",
+]  # fmt: skip
+
+
+def _torchrun_train(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "surfaceinspect.distributed", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SURFACEINSPECT_HOME": str(home)}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_command_under_torchrun_writes_one_model_from_rank_0(synthetic_dataset, tmp_path):
+    home, out = tmp_path / "home", tmp_path / "run"
+    sets = [arg for item in TINY_DRAEM_SETS for arg in ("--set", item)]
+    result = _torchrun_train(
+        ["-m", "draem", "--profile", "cpu", str(synthetic_dataset / "train" / "good"), "--out", str(out),
+         "--threads", "1", *sets],
+        home,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"model.safetensors", "calibration.json", "metadata.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "checkpoint.pt").exists()
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["batch_per_rank"] == 2 and training["steps"] == 4
+    assert [p.name for p in (home / "runs").iterdir() if p.is_dir()] == []  # no scratch run of rank 1 left
+    assert result.stdout.count("done in") + result.stderr.count("done in") == 1  # rank 0 reports, once
+    # the model is an ordinary DRAEM run: score loads it
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    scored = CliRunner().invoke(app, ["score", str(synthetic_dataset / "test"), "--model", str(out), "-q"])
+    assert scored.exit_code in (0, 1), scored.output
+
+
+def test_csflow_and_bare_runs_are_refused_with_one_line(synthetic_dataset, tmp_path):
+    result = _torchrun_train(["-m", "csflow", str(synthetic_dataset / "train" / "good"), "--out", str(tmp_path / "r")],
+                             tmp_path / "home")  # fmt: skip
+    assert result.returncode != 0 and not (tmp_path / "r").exists()
+    assert "csflow training under torchrun is not supported yet" in result.stderr
+    bare = subprocess.run([sys.executable, "-m", "surfaceinspect.distributed", "train"], capture_output=True, text=True)
+    assert bare.returncode == 2 and "torchrun --nproc-per-node N" in bare.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_an_interrupted_run(synthetic_dataset, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    home, out = tmp_path / "home", tmp_path / "run"
+    monkeypatch.setenv("SURFACEINSPECT_HOME", str(home))
+    original, calls = DraemDetector._train_step, []
+
+    def interrupted_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraemDetector, "_train_step", interrupted_at_step_3)
+    sets = [arg for item in [*TINY_DRAEM_SETS, "common.checkpoint_every_s=0.001"] for arg in ("--set", item)]
+    args = ["train", "-m", "draem", "--profile", "cpu", str(synthetic_dataset / "train" / "good"), "--out", str(out)]
+    first = CliRunner().invoke(app, [*args, "--threads", "1", "-q", *sets])
+    assert first.exit_code == 130 and (out / "checkpoint.pt").is_file(), first.output
+    result = _torchrun_train(["--resume", str(out)], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    assert training["resumed_from_step"] == 2 and training["steps"] == 4 and training["world_size"] == 2
+    assert (out / "calibration.json").is_file() and not (out / "checkpoint.pt").exists()
