@@ -207,7 +207,7 @@ def test_paper_network_sizes_and_init() -> None:
     small = DraemModel(8, 4, 4, 4)
     init_weights(small)
     w = torch.cat([m.weight.flatten() for m in small.modules() if isinstance(m, torch.nn.Conv2d)])
-    assert abs(float(w.std()) - 0.02) < 0.003
+    assert abs(float(w.detach().std()) - 0.02) < 0.003
     rec, logits = small(torch.rand(2, 3, 40, 40))
     assert rec.shape == (2, 3, 40, 40) and logits.shape == (2, 2, 40, 40)
 
