@@ -1039,6 +1039,28 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reflow_help(doc: str) -> str:
+    """A docstring as help text whose paragraphs rewrap to the terminal.
+
+    Rich keeps a docstring's single line breaks, which splits sentences at the source's line length;
+    paragraphs are joined into one line each, except lists and examples (lines that start with a space,
+    ``- ``, ``* `` or ``$ ``), which keep their lines.
+    """
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines = paragraph.splitlines()
+        if any(line.startswith((" ", "- ", "* ", "$ ")) for line in lines):
+            paragraphs.append(paragraph)
+        else:
+            paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
+
+
+for _command in app.registered_commands:
+    if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+        _command.help = _reflow_help(_command.callback.__doc__)
+
+
 def main() -> None:
     """Console-script entry point: whatever happens, a bug exits 4, never 0, 1 or 3."""
     try:
