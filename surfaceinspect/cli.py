@@ -184,6 +184,17 @@ RecordsOpt = Annotated[
     ),
 ]
 
+RuntimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        metavar="torch|onnx",
+        help="torch: the trained model; onnx: its export (written by `surfaceinspect export`, RUN/export-onnx/), "
+        "run with onnxruntime on the CPU (--device is ignored). Same records, scores within the export's "
+        "parity tolerance. --model may also be an export folder (then onnx). [default: torch]",
+    ),
+]
+
 
 class RecordFormat(str, Enum):
     csv = "csv"
@@ -524,6 +535,7 @@ def score(
     ] = False,
     force: ForceOpt = False,
     shard: ShardOpt = None,
+    runtime: RuntimeOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -551,9 +563,10 @@ def score(
         writers.append(RecordWriter.open(None, fmt_name, to_stdout=True))
     active = [w for w in writers if w is not None]
     try:
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+        loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
         reporter.info(
             f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
+            + _runtime_note(loaded)
         )
         summary = engine.score_folder(
             loaded,
@@ -569,6 +582,12 @@ def score(
             writer.close()
     _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
     raise typer.Exit(summary.exit_code())
+
+
+def _runtime_note(loaded: Any) -> str:
+    """' [onnx: FOLDER]' when an exported model scores, so the operator sees which runtime ran."""
+    export_dir = getattr(loaded.detector, "export_dir", None)
+    return f" [onnx: {export_dir}]" if export_dir is not None else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +638,7 @@ def heatmap(
     ] = None,
     force: ForceOpt = False,
     shard: ShardOpt = None,
+    runtime: RuntimeOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -639,8 +659,8 @@ def heatmap(
     prepare_output_dir(out, [images_dir], force=force)  # fail before the model loads (checked again, idempotent)
     writer = _open_records(output, None, [images_dir], force, reporter)
     try:
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
-        reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})")
+        loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
+        reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})" + _runtime_note(loaded))
         summary, index = engine.heatmap_folder(
             loaded,
             images_dir,
@@ -660,6 +680,77 @@ def heatmap(
     outputs: list[Part] = [f"overlays: {out}   index: {index}"]
     _print_summary(summary, quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
     raise typer.Exit(summary.exit_code())
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+@app.command(
+    "export",
+    epilog=(
+        "Examples:\n\n"
+        "  surfaceinspect export                                 (latest run -> RUN/export-onnx/)\n\n"
+        "  surfaceinspect export --model RUN --out line3_model/\n\n"
+        "  surfaceinspect export --images ./good_samples          (parity on these instead)\n\n"
+        "  surfaceinspect score ./dump --runtime onnx             (score with the export)\n\n"
+        "The folder holds model.onnx (image (B,3,H,W) float32 RGB in [0,1] -> score (B,), map (B,H,W), raw units), "
+        "calibration.json and export.json (input contract, thresholds, parity result). Refused (exit 2, nothing "
+        "written) if the exported graph disagrees with the torch model on the parity images."
+    ),
+)
+@handle_errors
+def export(
+    model: ModelOpt = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="onnx", help="Artefact format (onnx).")] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FOLDER",
+            help="New or empty FOLDER, or an earlier export. [default: RUN/export-onnx, which --runtime onnx uses]",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            metavar="DIR",
+            help="Images for the parity check. [default: the run's held-out calibration images]",
+        ),
+    ] = None,
+    n_images: Annotated[int, typer.Option("--parity-images", min=1, help="How many parity images (at most).")] = 8,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a trained model to ONNX, after checking that the export scores exactly like it.
+
+    The graph contains the whole inference (DRAEM's networks, softmax and smoothing; CS-Flow's
+    backbone, flow and map post-processing) with a dynamic batch axis. Parity: scores and maps
+    of the export agree with the torch model within 0.1% of max(|value|, threshold) on the
+    parity images, and every verdict is identical. Tiled models export the per-tile graph;
+    cutting tiles and blending their maps happen outside it (export.json says how).
+    """
+    from surfaceinspect import engine
+    from surfaceinspect.export import export_run
+
+    reporter = _reporter(quiet)
+    loaded = engine.load(model, device="cpu", threads=threads or 0, runtime="torch")
+    reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name}); exporting, then checking parity...")
+    result = export_run(
+        loaded.run_dir,
+        loaded.detector,
+        loaded.calibration,
+        loaded.metadata,
+        out,
+        fmt=fmt,
+        images=images,
+        n_images=n_images,
+        force=force,
+    )
+    reporter.info(("exported", "green"), f" {result.out_dir}: parity on {result.parity.describe()}")
 
 
 # ---------------------------------------------------------------------------------------------

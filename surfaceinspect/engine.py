@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from surfaceinspect import modeldir
+from surfaceinspect import modeldir, runtimes
 from surfaceinspect.calibration import Calibration, calibrate
 from surfaceinspect.config import CommonConfig, RunConfig, resolve_keep_aspect, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
@@ -692,15 +692,24 @@ class LoadedModel:
 
 
 def load(
-    model_dir: str | Path | None, device: str = "auto", threads: int = 0, inference_sets: Sequence[str] = ()
+    model_dir: str | Path | None,
+    device: str = "auto",
+    threads: int = 0,
+    inference_sets: Sequence[str] = (),
+    runtime: str | None = None,
 ) -> LoadedModel:
     """Load a finished run (``None`` = the latest) with its calibration.
 
     ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
-    stored calibration then no longer matches the scores, so callers recalibrate.
+    stored calibration then no longer matches the scores, so callers recalibrate. ``runtime``
+    ``onnx`` (or ``model_dir`` being an export folder) scores with the run's exported graph
+    instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
+    if runtime not in (None, "torch") or runtimes.is_export_dir(run_dir):
+        detector, calibration, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
+        return LoadedModel(run_dir, detector, calibration, metadata)
     detector, metadata = modeldir.load_model(run_dir, resolve_device(device), inference_sets)
     calibration = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
     return LoadedModel(run_dir, detector, calibration, metadata)

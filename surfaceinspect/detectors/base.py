@@ -168,6 +168,14 @@ class Detector(ABC):
     def predict(self, images: torch.Tensor) -> Prediction:
         """Score a batch ``(B, 3, H, W)`` float in [0, 1]; return CPU float32 scores and ``(B, H, W)`` maps."""
 
+    def inference_module(self) -> torch.nn.Module:
+        """``predict`` as one float32 ``nn.Module`` for export: images ``(B, 3, H, W)`` in [0, 1] -> (scores, maps).
+
+        The module must compute what :meth:`predict` returns (its scores and maps, in the same
+        units); ``surfaceinspect export`` checks this on real images before writing an artefact.
+        """
+        raise NotImplementedError(f"the {self.name} detector cannot be exported")
+
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed for inference, as a flat dict of tensors (saved as safetensors)."""

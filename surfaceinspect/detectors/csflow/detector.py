@@ -39,6 +39,59 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
+def latent_scores(
+    zs: list[torch.Tensor], size: tuple[int, int], map_mode: str, map_sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores ``(B,)`` (mean z^2/2 over positions, channels, scales) and maps ``(B, H, W)`` of ``size``."""
+    energy = [z.float().pow(2).mul_(0.5) for z in zs]
+    total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
+    count = sum(e[0].numel() for e in energy)
+    scores = total / count
+    per_scale = [e.mean(dim=1, keepdim=True) for e in energy]
+    if map_mode == "largest":
+        maps = F.interpolate(per_scale[0], size=size, mode="bilinear", align_corners=False)
+    else:
+        # Geometric mean over scales: ranks pixels like the product (anomalib's "all" mode) but
+        # stays in the units of z^2/2, like the image score.
+        logs = [
+            F.interpolate(m, size=size, mode="bilinear", align_corners=False).clamp_min(1e-12).log() for m in per_scale
+        ]
+        maps = torch.stack(logs).mean(0).exp()
+    maps = gaussian_blur(maps[:, 0].contiguous(), map_sigma)
+    return scores, maps
+
+
+class CSFlowInference(torch.nn.Module):
+    """CS-Flow's whole inference as one module (what ``export`` writes): images -> (scores, maps)."""
+
+    def __init__(
+        self,
+        extractor: torch.nn.Module,
+        flow: torch.nn.Module,
+        norm: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        map_mode: str,
+        map_sigma: float,
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.flow = flow
+        self.n_norm = len(norm or [])
+        for i, (mean, std) in enumerate(norm or []):
+            self.register_buffer(f"norm_mean_{i}", mean)
+            self.register_buffer(f"norm_std_{i}", std)
+        self.map_mode = map_mode
+        self.map_sigma = map_sigma
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.extractor(images)
+        if self.n_norm:
+            feats = [
+                (f - getattr(self, f"norm_mean_{i}")) / getattr(self, f"norm_std_{i}") for i, f in enumerate(feats)
+            ]
+        zs, _ = self.flow(feats)
+        return latent_scores(zs, (images.shape[-2], images.shape[-1]), self.map_mode, self.map_sigma)
+
+
 class FeatureStore:
     """Backbone features of the training set, extracted once (``memory`` / ``disk``) or on demand (``none``)."""
 
@@ -375,23 +428,14 @@ class CSFlowDetector(Detector):
     @torch.inference_mode()
     def prediction_from_latents(self, zs: list[torch.Tensor], size: tuple[int, int]) -> Prediction:
         """Image scores (mean z^2/2 over positions, channels, scales) and maps of ``size`` (H, W)."""
-        energy = [z.float().pow(2).mul_(0.5) for z in zs]
-        total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
-        count = sum(e[0].numel() for e in energy)
-        scores = total / count
-        per_scale = [e.mean(dim=1, keepdim=True) for e in energy]
-        if self.config.map_mode == "largest":
-            maps = F.interpolate(per_scale[0], size=size, mode="bilinear", align_corners=False)
-        else:
-            # Geometric mean over scales: ranks pixels like the product (anomalib's "all" mode) but
-            # stays in the units of z^2/2, like the image score.
-            logs = [
-                F.interpolate(m, size=size, mode="bilinear", align_corners=False).clamp_min(1e-12).log()
-                for m in per_scale
-            ]
-            maps = torch.stack(logs).mean(0).exp()
-        maps = gaussian_blur(maps[:, 0].contiguous(), self.config.map_sigma)
+        scores, maps = latent_scores(zs, size, self.config.map_mode, self.config.map_sigma)
         return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu().contiguous())
+
+    def inference_module(self) -> torch.nn.Module:
+        """``predict`` as one float32 module for export: images (B, 3, H, W) in [0, 1] -> (scores, maps)."""
+        if self.extractor is None or self.flow is None:
+            raise RuntimeError("CSFlowDetector: call fit() or load_state_dict() before inference_module()")
+        return CSFlowInference(self.extractor, self.flow, self.norm, self.config.map_mode, self.config.map_sigma).eval()
 
     # ------------------------------------------------------------------ persistence
 

@@ -40,6 +40,28 @@ def lr_at(step: int, total: int, base_lr: float, milestones: tuple[float, ...], 
     return base_lr * gamma**drops
 
 
+def mask_scores(logits: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B,)`` and maps ``(B, H, W)`` from the discriminator's logits: smoothed anomaly probability."""
+    prob = F.softmax(logits.float(), dim=1)[:, 1:]
+    # Mean filter; count_include_pad=False keeps it a true mean at the borders (the
+    # authors' zero padding would damp defects that touch the image edge).
+    smooth = F.avg_pool2d(prob, kernel, stride=1, padding=kernel // 2, count_include_pad=False)[:, 0]
+    return smooth.flatten(1).amax(dim=1), smooth
+
+
+class DraemInference(torch.nn.Module):
+    """DRAEM's whole inference as one module (what ``export`` writes): images -> (scores, maps)."""
+
+    def __init__(self, model: torch.nn.Module, kernel: int) -> None:
+        super().__init__()
+        self.model = model
+        self.kernel = kernel
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, logits = self.model(images)
+        return mask_scores(logits, self.kernel)
+
+
 @dataclass
 class _Position:
     """Where training stands: the resumable part of the schedule."""
@@ -232,19 +254,18 @@ class DraemDetector(Detector):
             )
         model = self._inference_model()
         x = images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
-        k = self.cfg.smoothing_kernel
         with (
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.inference_bf16),
         ):
             _, logits = model(x)
         with torch.inference_mode():
-            prob = F.softmax(logits.float(), dim=1)[:, 1:]
-            # Mean filter; count_include_pad=False keeps it a true mean at the borders (the
-            # authors' zero padding would damp defects that touch the image edge).
-            smooth = F.avg_pool2d(prob, k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
-            scores = smooth.flatten(1).amax(dim=1)
+            scores, smooth = mask_scores(logits, self.cfg.smoothing_kernel)
         return Prediction(scores=scores.float().cpu().contiguous(), maps=smooth.float().cpu().contiguous())
+
+    def inference_module(self) -> torch.nn.Module:
+        """``predict`` as one float32 module for export: images (B, 3, H, W) in [0, 1] -> (scores, maps)."""
+        return DraemInference(self._inference_model(), self.cfg.smoothing_kernel).eval()
 
     # ------------------------------------------------------------------------------------------
     # persistence

@@ -1,0 +1,180 @@
+"""Runtimes that score with an exported model instead of the torch detector.
+
+An export folder (written by ``surfaceinspect export``, see :mod:`surfaceinspect.export`) holds::
+
+    model.onnx         the whole inference graph: image (B, 3, H, W) -> score (B,), map (B, H, W)
+    calibration.json   the run's thresholds, copied at export time
+    export.json        format version, input contract, output units, thresholds, the run's config
+
+:class:`ExportedDetector` wraps such a graph as a :class:`~surfaceinspect.detectors.base.Detector`,
+so ``score``/``heatmap`` use the same engine path (batching, tiling, records, regions) for every
+runtime; only ``predict`` differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surfaceinspect.calibration import Calibration
+from surfaceinspect.config import run_config_from_dict
+from surfaceinspect.detectors import get_detector_class
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainSummary
+from surfaceinspect.errors import ConfigError, ModelDirError
+
+RUNTIMES = ("torch", "onnx")
+EXPORT_FORMAT = "surfaceinspect-export"
+EXPORT_FORMAT_VERSION = 1
+MANIFEST_FILE = "export.json"
+ONNX_FILE = "model.onnx"
+DEFAULT_EXPORT_SUBDIR = "export-onnx"  # `export`'s default --out, inside the run folder
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "map")
+INSTALL_HINT = "install it with `.venv/bin/pip install onnxruntime` (or `make install`)"
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a one-line error saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelDirError(
+            f"--runtime onnx needs the onnxruntime package, which is not installed; {INSTALL_HINT}"
+        ) from None
+    return onnxruntime
+
+
+def is_export_dir(path: Path) -> bool:
+    """True if ``path`` is a folder written by ``surfaceinspect export``."""
+    return (path / MANIFEST_FILE).is_file()
+
+
+def read_manifest(export_dir: Path) -> dict[str, Any]:
+    """Parse and check ``export.json``: refuses another format or format version with one line."""
+    path = export_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelDirError(
+            f"{export_dir} holds no {MANIFEST_FILE}: not an export folder; write one with "
+            "`surfaceinspect export --model RUN --format onnx`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelDirError(f"{path} is corrupt (not valid JSON); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise ModelDirError(f"{path} is not a surfaceinspect export manifest; export the model again")
+    version = manifest.get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        raise ModelDirError(
+            f"{export_dir} is export format {version}, this surfaceinspect reads export format "
+            f"{EXPORT_FORMAT_VERSION}; export the model again with this version (`surfaceinspect export`)"
+        )
+    return manifest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def onnx_session(model: bytes, threads: int = 0) -> Any:
+    """An onnxruntime CPU session for a serialised model; ``threads`` 0 = onnxruntime's default."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initialisers are noise to an operator
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class ExportedDetector(Detector):
+    """A detector that only scores: ``predict`` runs an exported ONNX graph with onnxruntime.
+
+    ``name``, ``run_config`` and ``input_size`` are those of the run it was exported from, so the
+    engine batches, tiles, calibrates and writes records exactly as for the torch detector.
+    """
+
+    def __init__(self, export_dir: Path, threads: int = 0) -> None:
+        manifest = read_manifest(export_dir)
+        try:
+            cls = get_detector_class(str(manifest["method"]))
+            run_config = run_config_from_dict(cls.config_cls, manifest["config"])
+        except (ConfigError, KeyError) as exc:
+            raise ModelDirError(f"{export_dir / MANIFEST_FILE} has an invalid config ({exc}); export again") from None
+        super().__init__(run_config, torch.device("cpu"))
+        self.name = cls.name  # type: ignore[misc] - the method the graph computes, for messages and records
+        self.config_cls = cls.config_cls  # type: ignore[misc]
+        self.export_dir = export_dir
+        self.manifest = manifest
+        model_path = export_dir / manifest.get("model_file", ONNX_FILE)
+        if not model_path.is_file():
+            raise ModelDirError(f"{model_path} is missing; the export folder is incomplete, export again")
+        data = model_path.read_bytes()
+        if sha256_bytes(data) != manifest.get("model_sha256"):
+            raise ModelDirError(
+                f"{model_path} does not match the checksum in {MANIFEST_FILE}: the file was modified or damaged; "
+                "export the model again"
+            )
+        self.session = onnx_session(data, threads)
+
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
+        raise ModelDirError(f"{self.export_dir} is an exported model: it scores only; train with the torch runtime")
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        h, w = self.input_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
+            raise ValueError(f"the exported model expects images (B, 3, {h}, {w}), got {tuple(images.shape)}")
+        feed = {INPUT_NAME: np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)}
+        scores, maps = self.session.run(list(OUTPUT_NAMES), feed)
+        return Prediction(scores=torch.from_numpy(np.asarray(scores, np.float32)), maps=torch.from_numpy(maps))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise ModelDirError(f"{self.export_dir} is an exported model: its weights live in the ONNX graph")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise ModelDirError(f"{self.export_dir} is an exported model: its weights live in the ONNX graph")
+
+
+def load_exported(
+    model_dir: Path, runtime: str | None, threads: int = 0, inference_sets: Sequence[str] = ()
+) -> tuple[ExportedDetector, Calibration, dict[str, Any]]:
+    """``--model`` with ``--runtime onnx``: an export folder itself, or a run folder with its default export.
+
+    A run folder's own (possibly recalibrated) ``calibration.json`` applies, and its export must
+    come from the run's current weights; an export folder uses the calibration copied into it.
+    """
+    from surfaceinspect import modeldir  # modeldir imports torch-heavy detector code; runtimes stays light
+
+    if runtime not in (None, *RUNTIMES):
+        raise ConfigError(f"--runtime {runtime} is unknown; choose one of: {', '.join(RUNTIMES)}")
+    if inference_sets:
+        raise ConfigError("--set of inference settings needs the torch runtime: the exported graph is fixed")
+    if is_export_dir(model_dir):
+        if runtime == "torch":
+            raise ConfigError(
+                f"{model_dir} is an exported model: it runs with --runtime onnx; for torch pass the run folder "
+                "it was exported from"
+            )
+        detector = ExportedDetector(model_dir, threads)
+        calibration = Calibration.load(model_dir / modeldir.CALIBRATION_FILE)
+        return detector, calibration, {"training": detector.manifest.get("training", {})}
+    metadata = modeldir.read_metadata(model_dir)
+    export_dir = model_dir / DEFAULT_EXPORT_SUBDIR
+    if not is_export_dir(export_dir):
+        raise ModelDirError(
+            f"{model_dir} has no ONNX export ({export_dir.name}/ is missing); write it with "
+            f"`surfaceinspect export --model {model_dir}`, or pass --model EXPORT_FOLDER"
+        )
+    detector = ExportedDetector(export_dir, threads)
+    if detector.manifest.get("source_weights_sha256") != metadata.get("weights_sha256"):
+        raise ModelDirError(
+            f"{export_dir} was exported from other weights than {model_dir} holds now; export again with "
+            f"`surfaceinspect export --model {model_dir} --force`"
+        )
+    return detector, Calibration.load(model_dir / modeldir.CALIBRATION_FILE), metadata

@@ -1,0 +1,193 @@
+"""`surfaceinspect export` and `--runtime onnx`: round trip, parity, refusals (generated data, tiny models)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from surfaceinspect import engine, runtimes
+from surfaceinspect.cli import app
+from surfaceinspect.errors import EXIT_OK, EXIT_USAGE, ModelDirError
+from surfaceinspect.export import RTOL, ExportError, export_run
+
+pytest.importorskip("onnxruntime")
+
+TRAIN = {
+    "draem": ["--image-size", "64", "--set", "draem.steps=20", "--set", "draem.recon_width=8",
+              "--set", "draem.disc_width=4", "--set", "draem.recon_levels=3", "--set", "draem.disc_levels=3"],
+    "csflow": ["--image-size", "96", "--epochs", "2", "--set", "csflow.hidden_channels=16",
+               "--set", "csflow.n_blocks=2", "--set", "csflow.feature_stage=3"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["draem", "csflow"])
+def exported_run(request, synthetic_dataset, tmp_path_factory):
+    """A tiny trained run of each method, exported to RUN/export-onnx with the CLI."""
+    method = request.param
+    run_dir = tmp_path_factory.mktemp(f"run_{method}") / "run"
+    runner = CliRunner()
+    args = ["train", "--method", method, str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
+            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", *TRAIN[method]]  # fmt: skip
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == EXIT_OK, result.output
+    result = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)
+    assert result.exit_code == EXIT_OK, result.output
+    assert "exported" in result.output
+    return method, run_dir
+
+
+def _records(runner, images, *args):
+    result = runner.invoke(app, ["score", str(images), "--threads", "1", "--workers", "0", "--json", "-q", *args])
+    assert result.exit_code in (0, 1), result.output
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_export_folder_holds_graph_calibration_and_contract(exported_run):
+    method, run_dir = exported_run
+    out = run_dir / runtimes.DEFAULT_EXPORT_SUBDIR
+    manifest = json.loads((out / "export.json").read_text())
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    assert (out / "model.onnx").stat().st_size > 0
+    assert json.loads((out / "calibration.json").read_text())["image_threshold"] == calibration["image_threshold"]
+    assert manifest["format_version"] == runtimes.EXPORT_FORMAT_VERSION
+    assert manifest["method"] == method
+    size = 64 if method == "draem" else 96
+    assert manifest["input"]["shape"] == ["batch", 3, size, size]
+    assert manifest["input"]["value_range"] == [0.0, 1.0]
+    assert manifest["thresholds"]["image_threshold"] == calibration["image_threshold"]
+    assert manifest["parity"]["verdicts_identical"] is True
+    assert manifest["parity"]["images"] >= 4  # the run's held-out calibration images
+    assert manifest["parity"]["max_abs_score_diff"] <= manifest["parity"]["score_tolerance"]
+
+
+def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset):
+    """What the README tells a user of another language: read, resize, run, compare with the threshold."""
+    import onnxruntime as ort
+
+    _, run_dir = exported_run
+    out = run_dir / runtimes.DEFAULT_EXPORT_SUBDIR
+    manifest = json.loads((out / "export.json").read_text())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    loaded = engine.load(run_dir, device="cpu", threads=1)
+    paths = sorted((synthetic_dataset / "test").rglob("*.png"))[:5]
+    from surfaceinspect.data import iterate_images, stack_images
+
+    items = next(iter(iterate_images(paths, loaded.detector.input_size, len(paths), 0)))
+    batch = stack_images(items)
+    scores, maps = session.run(["score", "map"], {"image": batch.numpy()})
+    torch_pred = loaded.detector.predict(batch)
+    threshold = manifest["thresholds"]["image_threshold"]
+    assert maps.shape == tuple(torch_pred.maps.shape)
+    assert ((scores >= threshold) == (torch_pred.scores.numpy() >= threshold)).all()
+    scale = max(float(np.abs(torch_pred.scores.numpy()).max()), abs(threshold))
+    assert np.abs(scores - torch_pred.scores.numpy()).max() <= RTOL * scale
+
+
+def test_score_runtime_onnx_gives_the_same_records(exported_run, synthetic_dataset):
+    _, run_dir = exported_run
+    runner = CliRunner()
+    images = synthetic_dataset / "test"
+    torch_records = _records(runner, images, "--model", str(run_dir))
+    onnx_records = _records(runner, images, "--model", str(run_dir), "--runtime", "onnx")
+    folder_records = _records(runner, images, "--model", str(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR))
+    assert len(torch_records) == len(onnx_records) == len(folder_records) > 10
+    threshold = engine.load(run_dir, device="cpu").calibration.image_threshold
+    for a, b, c in zip(torch_records, onnx_records, folder_records, strict=True):
+        assert a["path"] == b["path"] == c["path"]
+        assert a["verdict"] == b["verdict"] == c["verdict"]
+        assert a["n_regions"] == b["n_regions"]
+        assert b["score"] == c["score"]
+        assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
+
+
+def test_export_that_disagrees_is_refused_and_nothing_written(exported_run, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    _, run_dir = exported_run
+
+    def tamper(data: bytes) -> bytes:
+        """Scores 1% too high: the graph runs, but does not score like the model."""
+        model = onnx.load_from_string(data)
+        for node in model.graph.node:
+            node.output[:] = ["score_raw" if name == "score" else name for name in node.output]
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "tamper_factor"))
+        model.graph.node.append(onnx.helper.make_node("Mul", ["score_raw", "tamper_factor"], ["score"]))
+        return model.SerializeToString()
+
+    loaded = engine.load(run_dir, device="cpu", threads=1)
+    out = tmp_path / "bad_export"
+    with pytest.raises(ExportError, match="does not score like the torch model"):
+        export_run(loaded.run_dir, loaded.detector, loaded.calibration, loaded.metadata, out, tamper=tamper)
+    assert not (out / "model.onnx").exists() and not (out / "export.json").exists()
+
+
+def test_modified_or_other_version_export_is_refused_with_one_line(exported_run, synthetic_dataset, tmp_path):
+    _, run_dir = exported_run
+    copy = tmp_path / "export_copy"
+    shutil.copytree(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR, copy)
+    runner = CliRunner()
+    images = str(synthetic_dataset / "test")
+
+    manifest = json.loads((copy / "export.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "export.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["score", images, "--model", str(copy), "-q"])
+    assert result.exit_code == EXIT_USAGE
+    assert "export format 99" in result.output and "export the model again" in result.output
+    assert "Traceback" not in result.output
+
+    manifest["format_version"] = runtimes.EXPORT_FORMAT_VERSION
+    (copy / "export.json").write_text(json.dumps(manifest))
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    result = runner.invoke(app, ["score", images, "--model", str(copy), "-q"])
+    assert result.exit_code == EXIT_USAGE
+    assert "does not match the checksum" in result.output
+
+
+def test_runtime_onnx_without_an_export_says_how_to_make_one(exported_run, synthetic_dataset, tmp_path):
+    _, run_dir = exported_run
+    bare = tmp_path / "run_copy"
+    shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns(runtimes.DEFAULT_EXPORT_SUBDIR))
+    result = CliRunner().invoke(app, ["score", str(synthetic_dataset / "test"), "--model", str(bare),
+                                      "--runtime", "onnx", "-q"])  # fmt: skip
+    assert result.exit_code == EXIT_USAGE
+    assert "surfaceinspect export --model" in result.output
+
+
+def test_export_refuses_a_foreign_folder(exported_run, tmp_path):
+    _, run_dir = exported_run
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_bytes(b"someone else's model")
+    result = CliRunner().invoke(app, ["export", "--model", str(run_dir), "--out", str(foreign), "-q"])
+    assert result.exit_code == EXIT_USAGE
+    assert (foreign / "model.onnx").read_bytes() == b"someone else's model"
+
+
+def test_missing_onnxruntime_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ModelDirError, match="pip install onnxruntime"):
+        runtimes.import_onnxruntime()
+
+
+def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path):
+    """--output with --runtime onnx writes the same columns (one engine path, one record type)."""
+    _, run_dir = exported_run
+    runner = CliRunner()
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / f"{runtime}.csv"
+        result = runner.invoke(app, ["score", str(synthetic_dataset / "test"), "--model", str(run_dir),
+                                     "--runtime", runtime, "--output", str(out), "-q", "--threads", "1"])  # fmt: skip
+        assert result.exit_code in (0, 1), result.output
+    with open(tmp_path / "torch.csv") as a, open(tmp_path / "onnx.csv") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert rows_a[0].keys() == rows_b[0].keys()
+    assert [r["verdict"] for r in rows_a] == [r["verdict"] for r in rows_b]
