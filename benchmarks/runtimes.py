@@ -1,0 +1,194 @@
+"""Inference speed of one configuration in each runtime: torch eager, torch.compile, ONNX Runtime, OpenVINO.
+
+Random weights (timing does not depend on them), the profile's input size. Every runtime runs the
+same graph: ``Detector.predict`` for torch eager (what ``score`` runs), the detector's
+``inference_module()`` for torch.compile, and its ONNX export (what ``surfaceinspect export``
+writes) for ONNX Runtime and OpenVINO. Before timing, each runtime's scores and maps are compared
+with torch eager on the same random batch (``parity_max_rel_diff``). Ratios are to torch eager
+measured in the same process, so run it on an otherwise idle machine, one job at a time:
+
+    .venv/bin/python benchmarks/runtimes.py --method draem --profile cpu --threads 2
+    .venv/bin/python benchmarks/runtimes.py --method csflow --profile cpu --threads 2
+    .venv/bin/python benchmarks/runtimes.py --method csflow --profile paper --threads 2 --batch 8
+    .venv/bin/python benchmarks/runtimes.py --method draem --profile cpu --runtime onnx   (one runtime: its RSS)
+
+Prints one JSON object: per runtime img/s at batch 1 and batched, p50/p95 batch-1 latency, GFLOP/s,
+the ratio to torch eager and the fraction of ``--peak-gflops`` (the machine's measured fp32 peak,
+``benchmarks/cpu_peak.py``). ``peak_rss_mb`` is the whole process's: compare it across runtimes
+only with one ``--runtime`` per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import build  # the same detector construction as benchmarks/speed.py
+
+from surfaceinspect import runtimes
+from surfaceinspect.benchmark import peak_rss_mb
+from surfaceinspect.export import onnx_bytes
+
+RUNTIMES = ("torch", "compile", "onnx", "openvino")
+Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+def torch_runner(det) -> Runner:
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        p = det.predict(x)
+        return p.scores.numpy(), p.maps.numpy()
+
+    return run
+
+
+def compile_runner(det) -> Runner:
+    module = torch.compile(det.inference_module())
+
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            s, m = module(x)
+        return s.numpy(), m.numpy()
+
+    return run
+
+
+def onnx_runner(model: bytes, threads: int) -> Runner:
+    session = runtimes.onnx_session(model, threads)
+
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        s, m = session.run(list(runtimes.OUTPUT_NAMES), {runtimes.INPUT_NAME: x.numpy()})
+        return s, m
+
+    return run
+
+
+def openvino_runner(model: bytes, threads: int) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads} if threads > 0 else {}
+    config["INFERENCE_PRECISION_HINT"] = "f32"  # no silent bf16/f16: parity first
+    compiled = core.compile_model(core.read_model(model), "CPU", config)
+
+    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = compiled(x.numpy())
+        return out[0], out[1]
+
+    return run
+
+
+def rel_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Largest |difference| of scores and maps, relative to the largest |reference value|."""
+    return max(float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)) for x, y in zip(a, b, strict=True))
+
+
+def measure(run: Runner, x1: torch.Tensor, xb: torch.Tensor, seconds: float) -> dict:
+    for _ in range(3):  # warm-up: allocator, primitive creation, compilation
+        run(x1)
+    run(xb)
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop or len(latencies) < 5:
+        t = time.perf_counter()
+        run(x1)
+        latencies.append(time.perf_counter() - t)
+    rounds, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or rounds < 2:
+        run(xb)
+        rounds += 1
+    latencies.sort()
+    return {
+        "images_per_s_batch1": len(latencies) / sum(latencies),
+        "images_per_s_batched": rounds * len(xb) / (time.perf_counter() - t0),
+        "latency_ms_p50": 1000 * statistics.median(latencies),
+        "latency_ms_p95": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", action="append", default=[], help="override a setting, e.g. common.image_size=256")
+    ap.add_argument("--threads", type=int, default=0, help="threads for every runtime (0 = all cores)")
+    ap.add_argument("--runtime", action="append", choices=RUNTIMES, help="repeatable [default: all available]")
+    ap.add_argument("--batch", type=int, default=0, help="batched measurement size (default: the profile's)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measure each batch size for about this long")
+    ap.add_argument("--peak-gflops", type=float, default=120.0, help="measured machine fp32 peak (cpu_peak.py)")
+    args = ap.parse_args()
+
+    det, run = build(args, [])
+    det.init_random_weights()
+    h, w = run.common.input_hw()
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.rand(1, 3, h, w, generator=gen)
+    xb = torch.rand(args.batch or run.common.batch_size, 3, h, w, generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        det.predict(x1)
+    gflop = counter.get_total_flops() / 1e9
+    threads = torch.get_num_threads()
+
+    wanted = args.runtime or list(RUNTIMES)
+    reference = torch_runner(det)(xb)
+    model = onnx_bytes(det.inference_module(), xb[:2]) if {"onnx", "openvino"} & set(wanted) else b""
+    builders = {
+        "torch": lambda: torch_runner(det),
+        "compile": lambda: compile_runner(det),
+        "onnx": lambda: onnx_runner(model, threads),
+        "openvino": lambda: openvino_runner(model, threads),
+    }
+    results: dict[str, dict] = {}
+    for name in wanted:
+        try:
+            runner = builders[name]()
+            parity = rel_diff(reference, runner(xb))
+        except ImportError as exc:
+            results[name] = {"skipped": f"{exc.name} is not installed"}
+            continue
+        except Exception as exc:  # noqa: BLE001 - report the runtime's failure and measure the others
+            results[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            continue
+        results[name] = {"parity_max_rel_diff": parity, **measure(runner, x1, xb, args.seconds)}
+    eager = results.get("torch", {})
+    for entry in results.values():
+        if "images_per_s_batch1" not in entry:
+            continue
+        entry["gflop_per_s_batch1"] = gflop * entry["images_per_s_batch1"]
+        entry["fraction_of_peak_batch1"] = entry["gflop_per_s_batch1"] / args.peak_gflops
+        entry["fraction_of_peak_batched"] = gflop * entry["images_per_s_batched"] / args.peak_gflops
+        if "images_per_s_batch1" in eager:
+            entry["vs_torch_batch1"] = entry["images_per_s_batch1"] / eager["images_per_s_batch1"]
+            entry["vs_torch_batched"] = entry["images_per_s_batched"] / eager["images_per_s_batched"]
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "profile": args.profile,
+                "sets": args.set,
+                "input_hw": [h, w],
+                "batched": len(xb),
+                "gflop_per_image": gflop,
+                "threads": threads,
+                "runtimes": {
+                    k: {m: round(v, 4) if isinstance(v, float) else v for m, v in e.items()} for k, e in results.items()
+                },
+                "peak_rss_mb": peak_rss_mb(),
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
