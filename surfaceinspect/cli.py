@@ -191,7 +191,7 @@ RuntimeOpt = Annotated[
         metavar="torch|onnx",
         help="torch: the trained model; onnx: its export (written by `surfaceinspect export`, RUN/export-onnx/), "
         "run with onnxruntime on the CPU (--device is ignored). Same records, scores within the export's "
-        "parity tolerance. --model may also be an export folder (then onnx). [default: torch]",
+        "parity tolerance. --model may also be an export folder (then onnx). (default: torch)",
     ),
 ]
 
@@ -709,7 +709,7 @@ def export(
             "--out",
             "-o",
             metavar="FOLDER",
-            help="New or empty FOLDER, or an earlier export. [default: RUN/export-onnx, which --runtime onnx uses]",
+            help="New or empty FOLDER, or an earlier export (default: RUN/export-onnx, which --runtime onnx uses).",
         ),
     ] = None,
     images: Annotated[
@@ -717,7 +717,7 @@ def export(
         typer.Option(
             "--images",
             metavar="DIR",
-            help="Images for the parity check. [default: the run's held-out calibration images]",
+            help="Images for the parity check (default: the run's held-out calibration images).",
         ),
     ] = None,
     n_images: Annotated[int, typer.Option("--parity-images", min=1, help="How many parity images (at most).")] = 8,
@@ -725,7 +725,7 @@ def export(
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a trained model to ONNX, after checking that the export scores exactly like it.
+    """Export a trained model to ONNX, after checking that the export scores like it (see Parity below).
 
     The graph contains the whole inference (DRAEM's networks, softmax and smoothing; CS-Flow's
     backbone, flow and map post-processing) with a dynamic batch axis. Parity: scores and maps
