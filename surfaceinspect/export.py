@@ -244,8 +244,8 @@ def manifest(
             {
                 **dataclasses.asdict(tiling),
                 "tile": [h, w],
-                "note": "the graph scores one tile; cut the image into overlapping tiles, blend the tile maps "
-                "(surfaceinspect.tiling) and take the image score from the blended map, as score does",
+                "note": "the graph scores one tile; cut the image (resized by scale) into overlapping tiles, blend "
+                "the tile maps with surfaceinspect.tiling's window; the image score is the highest tile score",
             }
             if tiling.enabled
             else None

@@ -192,3 +192,25 @@ def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path
         rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
     assert rows_a[0].keys() == rows_b[0].keys()
     assert [r["verdict"] for r in rows_a] == [r["verdict"] for r in rows_b]
+
+
+def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tmp_path):
+    """Tiling stays outside the graph: the export takes one tile, --runtime onnx tiles like torch."""
+    run_dir = tmp_path / "tiled"
+    runner = CliRunner()
+    args = ["train", "--method", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
+            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0",
+            "--set", "common.tiling.enabled=true", *TRAIN["draem"]]  # fmt: skip
+    assert runner.invoke(app, args, catch_exceptions=False).exit_code == EXIT_OK
+    result = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)
+    assert result.exit_code == EXIT_OK, result.output
+    manifest = json.loads((run_dir / runtimes.DEFAULT_EXPORT_SUBDIR / "export.json").read_text())
+    assert manifest["tiling"]["enabled"] is True and manifest["tiling"]["tile"] == [64, 64]
+    assert manifest["input"]["shape"] == ["batch", 3, 64, 64]
+    images = synthetic_dataset / "test"  # 96 px images: 4 overlapping 64 px tiles each
+    torch_records = _records(runner, images, "--model", str(run_dir))
+    onnx_records = _records(runner, images, "--model", str(run_dir), "--runtime", "onnx")
+    threshold = engine.load(run_dir, device="cpu").calibration.image_threshold
+    for a, b in zip(torch_records, onnx_records, strict=True):
+        assert a["verdict"] == b["verdict"] and a["width"] == b["width"] == 96
+        assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
