@@ -37,6 +37,7 @@ from speed import build  # the same detector construction as benchmarks/speed.py
 
 from surfaceinspect import runtimes
 from surfaceinspect.benchmark import peak_rss_mb
+from surfaceinspect.errors import SurfaceInspectError
 from surfaceinspect.export import onnx_bytes
 
 RUNTIMES = ("torch", "compile", "onnx", "openvino")
@@ -62,29 +63,10 @@ def compile_runner(det) -> Runner:
     return run
 
 
-def onnx_runner(model: bytes, threads: int) -> Runner:
-    session = runtimes.onnx_session(model, threads)
-
-    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        s, m = session.run(list(runtimes.OUTPUT_NAMES), {runtimes.INPUT_NAME: x.numpy()})
-        return s, m
-
-    return run
-
-
-def openvino_runner(model: bytes, threads: int) -> Runner:
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads} if threads > 0 else {}
-    config["INFERENCE_PRECISION_HINT"] = "f32"  # no silent bf16/f16: parity first
-    compiled = core.compile_model(core.read_model(model), "CPU", config)
-
-    def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        out = compiled(x.numpy())
-        return out[0], out[1]
-
-    return run
+def graph_runner(model: bytes, runtime: str, threads: int) -> Runner:
+    """The exported graph in onnxruntime or OpenVINO, as ``score --runtime`` runs it."""
+    run_graph = runtimes.graph_runner(model, runtime, threads)
+    return lambda x: run_graph(x.numpy())
 
 
 def rel_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
@@ -144,16 +126,16 @@ def main() -> None:
     builders = {
         "torch": lambda: torch_runner(det),
         "compile": lambda: compile_runner(det),
-        "onnx": lambda: onnx_runner(model, threads),
-        "openvino": lambda: openvino_runner(model, threads),
+        "onnx": lambda: graph_runner(model, "onnx", threads),
+        "openvino": lambda: graph_runner(model, "openvino", threads),
     }
     results: dict[str, dict] = {}
     for name in wanted:
         try:
             runner = builders[name]()
             parity = rel_diff(reference, runner(xb))
-        except ImportError as exc:
-            results[name] = {"skipped": f"{exc.name} is not installed"}
+        except SurfaceInspectError as exc:  # runtime not installed: its install hint
+            results[name] = {"skipped": str(exc)}
             continue
         except Exception as exc:  # noqa: BLE001 - report the runtime's failure and measure the others
             results[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

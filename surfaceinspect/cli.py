@@ -188,10 +188,11 @@ RuntimeOpt = Annotated[
     str | None,
     typer.Option(
         "--runtime",
-        metavar="torch|onnx",
+        metavar="torch|onnx|openvino",
         help="torch: the trained model; onnx: its export (written by `surfaceinspect export`, RUN/export-onnx/), "
-        "run with onnxruntime on the CPU (--device is ignored). Same records, scores within the export's "
-        "parity tolerance. --model may also be an export folder (then onnx). (default: torch)",
+        "run with onnxruntime on the CPU (--device is ignored); openvino: the same graph in OpenVINO (optional "
+        "extra; only if export checked its parity). Same records, scores within the export's parity tolerance. "
+        "--model may also be an export folder (then onnx). (default: torch)",
     ),
 ]
 
@@ -587,7 +588,7 @@ def score(
 def _runtime_note(loaded: Any) -> str:
     """' [onnx: FOLDER]' when an exported model scores, so the operator sees which runtime ran."""
     export_dir = getattr(loaded.detector, "export_dir", None)
-    return f" [onnx: {export_dir}]" if export_dir is not None else ""
+    return f" [{loaded.detector.runtime}: {export_dir}]" if export_dir is not None else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +752,10 @@ def export(
         force=force,
     )
     reporter.info(("exported", "green"), f" {result.out_dir}: parity on {result.parity.describe()}")
+    for runtime, parity in result.parity_other.items():
+        reporter.info(
+            f"  {runtime}: " + ("parity passed" if parity["passed"] else parity.get("reason", "parity failed"))
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from surfaceinspect.detectors import get_detector_class
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainSummary
 from surfaceinspect.errors import ConfigError, ModelDirError
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "openvino")
+GRAPH_RUNTIMES = ("onnx", "openvino")  # runtimes that run the exported graph
 EXPORT_FORMAT = "surfaceinspect-export"
 EXPORT_FORMAT_VERSION = 1
 MANIFEST_FILE = "export.json"
@@ -45,9 +46,21 @@ def import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError:
         raise ModelDirError(
-            f"--runtime onnx needs the onnxruntime package, which is not installed; {INSTALL_HINT}"
+            f"exported models need the onnxruntime package, which is not installed; {INSTALL_HINT}"
         ) from None
     return onnxruntime
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, or a one-line error saying how to install it (an optional extra)."""
+    try:
+        import openvino
+    except ImportError:
+        raise ModelDirError(
+            "--runtime openvino needs the openvino package, which is not installed; install it with "
+            "`.venv/bin/pip install -e '.[openvino]'` (not officially supported on AMD CPUs)"
+        ) from None
+    return openvino
 
 
 def is_export_dir(path: Path) -> bool:
@@ -93,6 +106,32 @@ def onnx_session(model: bytes, threads: int = 0) -> Any:
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+GraphRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def graph_runner(model: bytes, runtime: str = "onnx", threads: int = 0) -> GraphRunner:
+    """A function images ``(B, 3, H, W)`` float32 -> (scores, maps) running the ONNX graph in ``runtime``."""
+    if runtime == "onnx":
+        session = onnx_session(model, threads)
+        return lambda images: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))  # type: ignore[return-value]
+    if runtime == "openvino":
+        ov = import_openvino()
+        core = ov.Core()
+        # f32 explicitly: OpenVINO may otherwise pick bf16/f16 kernels, which would break parity.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(core.read_model(model), "CPU", config)
+        outputs = [compiled.output(name) for name in OUTPUT_NAMES]
+
+        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            result = compiled(images)
+            return result[outputs[0]], result[outputs[1]]
+
+        return run
+    raise ConfigError(f"no graph runtime {runtime}; choose one of: {', '.join(GRAPH_RUNTIMES)}")
+
+
 class ExportedDetector(Detector):
     """A detector that only scores: ``predict`` runs an exported ONNX graph with onnxruntime.
 
@@ -100,7 +139,7 @@ class ExportedDetector(Detector):
     engine batches, tiles, calibrates and writes records exactly as for the torch detector.
     """
 
-    def __init__(self, export_dir: Path, threads: int = 0) -> None:
+    def __init__(self, export_dir: Path, threads: int = 0, runtime: str = "onnx") -> None:
         manifest = read_manifest(export_dir)
         try:
             cls = get_detector_class(str(manifest["method"]))
@@ -121,7 +160,20 @@ class ExportedDetector(Detector):
                 f"{model_path} does not match the checksum in {MANIFEST_FILE}: the file was modified or damaged; "
                 "export the model again"
             )
-        self.session = onnx_session(data, threads)
+        parity = manifest.get("parity_other", {}).get(runtime, {})
+        if runtime != "onnx" and not parity.get("passed"):
+            why = (
+                "it scored unlike the torch model at export time "
+                f"(max |score diff| {parity['max_abs_score_diff']:.3g}, tolerance {parity['score_tolerance']:.3g})"
+                if "max_abs_score_diff" in parity
+                else parity.get("reason", f"{runtime} was not installed at export time")
+            )
+            raise ModelDirError(
+                f"{export_dir} cannot run with {runtime}: {why}; use --runtime onnx "
+                f"(or export again once {runtime} passes the parity check)"
+            )
+        self.runtime = runtime
+        self.run_graph = graph_runner(data, runtime, threads)
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         raise ModelDirError(f"{self.export_dir} is an exported model: it scores only; train with the torch runtime")
@@ -130,8 +182,7 @@ class ExportedDetector(Detector):
         h, w = self.input_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
             raise ValueError(f"the exported model expects images (B, 3, {h}, {w}), got {tuple(images.shape)}")
-        feed = {INPUT_NAME: np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)}
-        scores, maps = self.session.run(list(OUTPUT_NAMES), feed)
+        scores, maps = self.run_graph(np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32))
         return Prediction(scores=torch.from_numpy(np.asarray(scores, np.float32)), maps=torch.from_numpy(maps))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -155,13 +206,14 @@ def load_exported(
         raise ConfigError(f"--runtime {runtime} is unknown; choose one of: {', '.join(RUNTIMES)}")
     if inference_sets:
         raise ConfigError("--set of inference settings needs the torch runtime: the exported graph is fixed")
+    graph = runtime or "onnx"
     if is_export_dir(model_dir):
         if runtime == "torch":
             raise ConfigError(
-                f"{model_dir} is an exported model: it runs with --runtime onnx; for torch pass the run folder "
-                "it was exported from"
+                f"{model_dir} is an exported model: it runs with --runtime onnx or openvino; for torch pass "
+                "the run folder it was exported from"
             )
-        detector = ExportedDetector(model_dir, threads)
+        detector = ExportedDetector(model_dir, threads, graph)
         calibration = Calibration.load(model_dir / modeldir.CALIBRATION_FILE)
         return detector, calibration, {"training": detector.manifest.get("training", {})}
     metadata = modeldir.read_metadata(model_dir)
@@ -171,7 +223,7 @@ def load_exported(
             f"{model_dir} has no ONNX export ({export_dir.name}/ is missing); write it with "
             f"`surfaceinspect export --model {model_dir}`, or pass --model EXPORT_FOLDER"
         )
-    detector = ExportedDetector(export_dir, threads)
+    detector = ExportedDetector(export_dir, threads, graph)
     if detector.manifest.get("source_weights_sha256") != metadata.get("weights_sha256"):
         raise ModelDirError(
             f"{export_dir} was exported from other weights than {model_dir} holds now; export again with "

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,14 @@ def _records(runner, images, *args):
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
+def _refused(*args: str) -> str:
+    """Run the CLI, expect a one-line refusal (exit 2, no traceback); return its output."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
 def test_export_folder_holds_graph_calibration_and_contract(exported_run):
     method, run_dir = exported_run
     out = run_dir / runtimes.DEFAULT_EXPORT_SUBDIR
@@ -90,21 +99,43 @@ def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset
     assert np.abs(scores - torch_pred.scores.numpy()).max() <= RTOL * scale
 
 
-def test_score_runtime_onnx_gives_the_same_records(exported_run, synthetic_dataset):
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_score_with_an_exported_runtime_gives_the_same_records(exported_run, synthetic_dataset, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")  # the optional extra
     _, run_dir = exported_run
     runner = CliRunner()
     images = synthetic_dataset / "test"
+    manifest = json.loads((run_dir / runtimes.DEFAULT_EXPORT_SUBDIR / "export.json").read_text())
+    if runtime != "onnx" and not manifest["parity_other"][runtime]["passed"]:
+        # Export found this runtime disagreeing (OpenVINO 2026.4 on CS-Flow: its ONNX Resize with
+        # antialias differs from torch's): scoring with it must be refused, not silently different.
+        output = _refused("score", str(images), "--model", str(run_dir), "--runtime", runtime, "-q")
+        assert f"cannot run with {runtime}" in output
+        return
     torch_records = _records(runner, images, "--model", str(run_dir))
-    onnx_records = _records(runner, images, "--model", str(run_dir), "--runtime", "onnx")
-    folder_records = _records(runner, images, "--model", str(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR))
-    assert len(torch_records) == len(onnx_records) == len(folder_records) > 10
+    graph_records = _records(runner, images, "--model", str(run_dir), "--runtime", runtime)
+    folder_records = _records(runner, images, "--model", str(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR),
+                              "--runtime", runtime)  # fmt: skip
+    assert len(torch_records) == len(graph_records) == len(folder_records) > 10
     threshold = engine.load(run_dir, device="cpu").calibration.image_threshold
-    for a, b, c in zip(torch_records, onnx_records, folder_records, strict=True):
+    for a, b, c in zip(torch_records, graph_records, folder_records, strict=True):
         assert a["path"] == b["path"] == c["path"]
         assert a["verdict"] == b["verdict"] == c["verdict"]
         assert a["n_regions"] == b["n_regions"]
         assert b["score"] == c["score"]
         assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
+
+
+def test_openvino_refuses_an_export_it_was_not_checked_with(exported_run, synthetic_dataset, tmp_path):
+    _, run_dir = exported_run
+    copy = tmp_path / "export_copy"
+    shutil.copytree(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR, copy)
+    manifest = json.loads((copy / "export.json").read_text())
+    manifest["parity_other"] = {"openvino": {"passed": False, "reason": "openvino is not installed"}}
+    (copy / "export.json").write_text(json.dumps(manifest))
+    output = _refused("score", str(synthetic_dataset / "test"), "--model", str(copy), "--runtime", "openvino", "-q")
+    assert "cannot run with openvino: openvino is not installed" in output
 
 
 def test_export_that_disagrees_is_refused_and_nothing_written(exported_run, tmp_path):
@@ -133,34 +164,27 @@ def test_modified_or_other_version_export_is_refused_with_one_line(exported_run,
     _, run_dir = exported_run
     copy = tmp_path / "export_copy"
     shutil.copytree(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR, copy)
-    runner = CliRunner()
     images = str(synthetic_dataset / "test")
 
     manifest = json.loads((copy / "export.json").read_text())
     manifest["format_version"] = 99
     (copy / "export.json").write_text(json.dumps(manifest))
-    result = runner.invoke(app, ["score", images, "--model", str(copy), "-q"])
-    assert result.exit_code == EXIT_USAGE
-    assert "export format 99" in result.output and "export the model again" in result.output
-    assert "Traceback" not in result.output
+    output = _refused("score", images, "--model", str(copy), "-q")
+    assert "export format 99" in output and "export the model again" in output
 
     manifest["format_version"] = runtimes.EXPORT_FORMAT_VERSION
     (copy / "export.json").write_text(json.dumps(manifest))
     with open(copy / "model.onnx", "ab") as handle:
         handle.write(b"\0")
-    result = runner.invoke(app, ["score", images, "--model", str(copy), "-q"])
-    assert result.exit_code == EXIT_USAGE
-    assert "does not match the checksum" in result.output
+    assert "does not match the checksum" in _refused("score", images, "--model", str(copy), "-q")
 
 
 def test_runtime_onnx_without_an_export_says_how_to_make_one(exported_run, synthetic_dataset, tmp_path):
     _, run_dir = exported_run
     bare = tmp_path / "run_copy"
     shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns(runtimes.DEFAULT_EXPORT_SUBDIR))
-    result = CliRunner().invoke(app, ["score", str(synthetic_dataset / "test"), "--model", str(bare),
-                                      "--runtime", "onnx", "-q"])  # fmt: skip
-    assert result.exit_code == EXIT_USAGE
-    assert "surfaceinspect export --model" in result.output
+    output = _refused("score", str(synthetic_dataset / "test"), "--model", str(bare), "--runtime", "onnx", "-q")
+    assert "surfaceinspect export --model" in output
 
 
 def test_export_refuses_a_foreign_folder(exported_run, tmp_path):
@@ -168,15 +192,36 @@ def test_export_refuses_a_foreign_folder(exported_run, tmp_path):
     foreign = tmp_path / "theirs"
     foreign.mkdir()
     (foreign / "model.onnx").write_bytes(b"someone else's model")
-    result = CliRunner().invoke(app, ["export", "--model", str(run_dir), "--out", str(foreign), "-q"])
-    assert result.exit_code == EXIT_USAGE
+    _refused("export", "--model", str(run_dir), "--out", str(foreign), "-q")
     assert (foreign / "model.onnx").read_bytes() == b"someone else's model"
 
 
-def test_missing_onnxruntime_names_the_install_command(monkeypatch):
+def test_missing_runtime_packages_name_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(ModelDirError, match="pip install onnxruntime"):
         runtimes.import_onnxruntime()
+    with pytest.raises(ModelDirError, match=r"pip install -e '\.\[openvino\]'"):
+        runtimes.graph_runner(b"", "openvino")
+
+
+def test_runtime_benchmark_script_reports_every_runtime_against_torch(tmp_path):
+    """Smoke test of benchmarks/runtimes.py (tiny model, a fraction of a second per runtime; no timing checked)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtimes.py"
+    sets = ["common.image_size=32", "draem.recon_width=4", "draem.disc_width=4", "draem.recon_levels=3",
+            "draem.disc_levels=3"]  # fmt: skip
+    cmd = [sys.executable, str(script), "--method", "draem", "--threads", "1", "--seconds", "0.05", "--batch", "2",
+           "--runtime", "torch", "--runtime", "onnx", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report["runtimes"]) == {"torch", "onnx"}
+    onnx = report["runtimes"]["onnx"]
+    assert onnx["parity_max_rel_diff"] < RTOL
+    assert onnx["images_per_s_batch1"] > 0 and onnx["latency_ms_p95"] >= onnx["latency_ms_p50"]
+    assert report["runtimes"]["torch"]["vs_torch_batch1"] == 1.0
 
 
 def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path):
