@@ -58,6 +58,7 @@ def _refused(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_export_folder_holds_graph_calibration_and_contract(exported_run):
     method, run_dir = exported_run
     out = run_dir / runtimes.DEFAULT_EXPORT_SUBDIR
@@ -76,6 +77,7 @@ def test_export_folder_holds_graph_calibration_and_contract(exported_run):
     assert manifest["parity"]["max_abs_score_diff"] <= manifest["parity"]["score_tolerance"]
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset):
     """What the README tells a user of another language: read, resize, run, compare with the threshold."""
     import onnxruntime as ort
@@ -99,6 +101,7 @@ def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset
     assert np.abs(scores - torch_pred.scores.numpy()).max() <= RTOL * scale
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 def test_score_with_an_exported_runtime_gives_the_same_records(exported_run, synthetic_dataset, runtime):
     if runtime == "openvino":
@@ -127,6 +130,7 @@ def test_score_with_an_exported_runtime_gives_the_same_records(exported_run, syn
         assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_openvino_refuses_an_export_it_was_not_checked_with(exported_run, synthetic_dataset, tmp_path):
     _, run_dir = exported_run
     copy = tmp_path / "export_copy"
@@ -138,6 +142,7 @@ def test_openvino_refuses_an_export_it_was_not_checked_with(exported_run, synthe
     assert "cannot run with openvino: openvino is not installed" in output
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_export_that_disagrees_is_refused_and_nothing_written(exported_run, tmp_path):
     import onnx
     from onnx import numpy_helper
@@ -160,6 +165,7 @@ def test_export_that_disagrees_is_refused_and_nothing_written(exported_run, tmp_
     assert not (out / "model.onnx").exists() and not (out / "export.json").exists()
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_modified_or_other_version_export_is_refused_with_one_line(exported_run, synthetic_dataset, tmp_path):
     _, run_dir = exported_run
     copy = tmp_path / "export_copy"
@@ -179,6 +185,7 @@ def test_modified_or_other_version_export_is_refused_with_one_line(exported_run,
     assert "does not match the checksum" in _refused("score", images, "--model", str(copy), "-q")
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_runtime_onnx_without_an_export_says_how_to_make_one(exported_run, synthetic_dataset, tmp_path):
     _, run_dir = exported_run
     bare = tmp_path / "run_copy"
@@ -187,6 +194,7 @@ def test_runtime_onnx_without_an_export_says_how_to_make_one(exported_run, synth
     assert "surfaceinspect export --model" in output
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_export_refuses_a_foreign_folder(exported_run, tmp_path):
     _, run_dir = exported_run
     foreign = tmp_path / "theirs"
@@ -194,6 +202,37 @@ def test_export_refuses_a_foreign_folder(exported_run, tmp_path):
     (foreign / "model.onnx").write_bytes(b"someone else's model")
     _refused("export", "--model", str(run_dir), "--out", str(foreign), "-q")
     assert (foreign / "model.onnx").read_bytes() == b"someone else's model"
+
+
+@pytest.mark.parametrize("method", ["draem", "csflow"])
+def test_inference_module_computes_what_predict_returns(method):
+    """The module export writes is predict itself (same networks, same post-processing), in float32."""
+    import torch
+    from test_csflow import make_detector
+    from test_draem import tiny_run
+
+    from surfaceinspect.detectors.draem.detector import DraemDetector
+
+    gen = torch.Generator().manual_seed(0)
+    if method == "draem":
+        detector = DraemDetector(tiny_run([32, 48]), torch.device("cpu"))
+        # Freshly initialised DRAEM outputs a flat 0.5; perturbed weights give maps that vary.
+        state = detector.state_dict()
+        for key, value in state.items():
+            if key.endswith(("weight", "bias")):
+                value += 0.3 * torch.randn(value.shape, generator=gen)
+        detector.load_state_dict(state)
+    else:
+        detector = make_detector([64, 96])
+        detector.init_random_weights()
+    images = torch.rand(3, 3, *detector.input_size, generator=gen)
+    expected = detector.predict(images)
+    with torch.inference_mode():
+        scores, maps = detector.inference_module()(images)
+    assert maps.shape == expected.maps.shape == (3, *detector.input_size)
+    assert expected.maps.std() > 1e-3 * expected.maps.abs().max()  # maps that vary: the comparison can fail
+    torch.testing.assert_close(scores, expected.scores, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(maps, expected.maps, rtol=1e-4, atol=0.0)
 
 
 def test_missing_runtime_packages_name_the_install_command(monkeypatch):
@@ -205,6 +244,7 @@ def test_missing_runtime_packages_name_the_install_command(monkeypatch):
         runtimes.graph_runner(b"", "openvino")
 
 
+@pytest.mark.slow  # exports a tiny random model in a subprocess (~30 s)
 def test_runtime_benchmark_script_reports_every_runtime_against_torch(tmp_path):
     """Smoke test of benchmarks/runtimes.py (tiny model, a fraction of a second per runtime; no timing checked)."""
     import subprocess
@@ -224,6 +264,7 @@ def test_runtime_benchmark_script_reports_every_runtime_against_torch(tmp_path):
     assert report["runtimes"]["torch"]["vs_torch_batch1"] == 1.0
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path):
     """--output with --runtime onnx writes the same columns (one engine path, one record type)."""
     _, run_dir = exported_run
@@ -239,6 +280,7 @@ def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path
     assert [r["verdict"] for r in rows_a] == [r["verdict"] for r in rows_b]
 
 
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tmp_path):
     """Tiling stays outside the graph: the export takes one tile, --runtime onnx tiles like torch."""
     run_dir = tmp_path / "tiled"
