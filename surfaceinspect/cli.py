@@ -726,13 +726,14 @@ def export(
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a trained model to ONNX, after checking that the export scores like it (see Parity below).
+    """Export a trained model to ONNX, after checking that the export scores like it.
 
     The graph contains the whole inference (DRAEM's networks, softmax and smoothing; CS-Flow's
     backbone, flow and map post-processing) with a dynamic batch axis. Parity: scores and maps
     of the export agree with the torch model within 0.1% of max(|value|, threshold) on the
-    parity images, and every verdict is identical. Tiled models export the per-tile graph;
-    cutting tiles and blending their maps happen outside it (export.json says how).
+    parity images, and every verdict is identical (otherwise nothing is written). With OpenVINO
+    installed, its parity is checked too and recorded for --runtime openvino. Tiled models export
+    the per-tile graph; cutting tiles and blending their maps happen outside it (export.json says how).
     """
     from surfaceinspect import engine
     from surfaceinspect.export import export_run
