@@ -14,6 +14,10 @@ Building blocks, kept apart from the single-process code paths:
   process with batch ``B`` sees. The one difference: BatchNorm normalises with the statistics of
   the rank's ``B/N`` samples (SyncBatchNorm exists for CUDA only); the running statistics are
   averaged over the ranks at the end, so every rank holds the same model.
+* :class:`DistributedCSFlow` trains CS-Flow on N ranks: the feature cache is extracted in shards
+  (:func:`shard_bounds`) and gathered on every rank (:func:`gather_feature_store`); the ranks
+  split every global batch and sum their weighted gradients (:func:`sum_gradients`), so the step
+  is the single-process one up to the order of floating-point sums (no BatchNorm in the flow).
 
 :func:`main` runs the ``train`` command under torchrun::
 
@@ -23,10 +27,13 @@ Every rank runs the ordinary ``train`` command, so configuration, data split and
 those of a single-process run. Rank 0 is the run: it writes the run directory, its checkpoints
 (all ranks hold the same weights), the model, and calibrates once at the end. The other ranks
 train in a scratch runs folder without writing checkpoints, and leave right after training.
-``--resume RUN`` resumes every rank from RUN's checkpoint.
+``--resume RUN`` resumes every rank from RUN's checkpoint; checkpoints count global batches, so
+a run resumes under another number of processes, or in one process.
 
-Not here yet (see the issue): CS-Flow (its feature cache built in shards and gathered) is refused
-under torchrun; calibration scores are not spread over the ranks (rank 0 scores them alone).
+Calibration: rank 0 scores the calibration images alone, after training, exactly as a single
+process does (same images, same model, so the same calibration). Spreading the scoring over the
+ranks and gathering the scores would only save wall time, and the calibration set is a small
+held-out share of the images, scored in one forward pass each, against many epochs of training.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import Dataset
 
 from surfaceinspect.detectors.base import TrainContext, TrainSummary
+from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
+from surfaceinspect.detectors.csflow.flow import nll_per_dim
 from surfaceinspect.detectors.draem.detector import DraemDetector
 from surfaceinspect.errors import ConfigError, SurfaceInspectError
 
@@ -121,20 +130,30 @@ class GradientAverager:
 
     def _average(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if id(p) in self.params]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(self.world)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            averaged = flat[offset : offset + p.numel()].view_as(p)
-            if p.grad is None:
-                p.grad = averaged.clone()
-            else:
-                g.copy_(averaged)
-            offset += p.numel()
+        if params:
+            sum_gradients(params, 1.0 / self.world)
+
+
+def sum_gradients(params: Sequence[torch.Tensor], weight: float, extra: torch.Tensor | None = None) -> float:
+    """Replace each gradient by the sum over ranks of ``weight * gradient`` (one all-reduce).
+
+    A parameter without a gradient counts as zeros (a rank with no samples in a step still takes
+    part). ``extra`` (a scalar, e.g. the rank's weighted loss) is summed in the same all-reduce;
+    the sum is returned (NaN when ``extra`` is None).
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    tail = torch.zeros(1) if extra is None else extra.detach().reshape(1)
+    flat = torch.cat([*(g.reshape(-1) * weight for g in grads), tail.to(grads[0])])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        summed = flat[offset : offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            g.copy_(summed)
+        offset += p.numel()
+    return float(flat[-1]) if extra is not None else math.nan
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
@@ -173,37 +192,66 @@ class RankSlice(Dataset):
         return self.dataset[self.global_index(local_index)]
 
 
-class DistributedDraem(DraemDetector):
+class RankTraining:
+    """What every data-parallel detector shares: rank 0 owns the run, the ranks agree on the schedule."""
+
+    world: int
+    rank: int
+
+    def _join(self) -> None:
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def _rank_context(self, context: TrainContext, method: str) -> TrainContext:
+        """``context`` on rank 0; on the others the same schedule without checkpoints or progress."""
+        if context.time_budget_s > 0:
+            raise ConfigError(
+                f"a time budget is not supported with torchrun; set {method}.epochs"
+                + (" or draem.steps" if method == "draem" else "")
+            )
+        if self.rank == 0:
+            return context
+        return TrainContext(
+            checkpoint_every_s=context.checkpoint_every_s,
+            resume_state=context.resume_state,
+            time_budget_s=context.time_budget_s,
+            elapsed_before_s=context.elapsed_before_s,
+        )
+
+    def _finish(self, summary: TrainSummary, **details: Any) -> TrainSummary:
+        """Add the job's facts to the summary (throughput summed over the ranks); ranks > 0 leave here."""
+        rates = ("images_per_s", "images_per_s_first_epoch", "images_per_s_later_epochs")
+        values = torch.tensor([getattr(summary, k) or math.nan for k in rates], dtype=torch.float64)
+        dist.all_reduce(values)
+        for key, value in zip(rates, values.tolist(), strict=True):
+            setattr(summary, key, None if math.isnan(value) else round(value, 3))
+        summary.details.update(world_size=self.world, **details)
+        if self.rank != 0 and _leave_after_training:
+            raise TrainedOnOtherRank
+        return summary
+
+
+class DistributedDraem(RankTraining, DraemDetector):
     """DRAEM trained on all ranks of a process group; see the module docstring.
 
     ``common.batch_size`` is the global batch (it must divide by the world size); each rank
     trains on ``batch_size / world``. The schedule (steps, epochs, learning-rate milestones) is the
-    single-process one. A time budget is refused: ranks timing themselves could stop at
-    different steps and leave the others waiting.
+    single-process one.
     """
 
     def __init__(self, run_config: Any, device: torch.device) -> None:
         super().__init__(run_config, device)
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self._join()
         broadcast_module(self.model)
         self._per_rank = run_config.common.batch_size // self.world
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         common, cfg = self.run_config.common, self.cfg
-        if self.rank != 0:  # the run is rank 0's: the others neither checkpoint nor report progress
-            context = TrainContext(
-                checkpoint_every_s=context.checkpoint_every_s,
-                resume_state=context.resume_state,
-                time_budget_s=context.time_budget_s,
-                elapsed_before_s=context.elapsed_before_s,
-            )
+        context = self._rank_context(context, "draem")
         if common.batch_size % self.world:
             raise ConfigError(
                 f"common.batch_size {common.batch_size} does not divide among {self.world} processes; "
                 f"use a multiple of {self.world}"
             )
-        if context.time_budget_s > 0:
-            raise ConfigError("a time budget is not supported with torchrun; set draem.epochs or draem.steps")
         batch, steps = common.batch_size, cfg.steps
         if steps <= 0:  # the plan in global batches, as a single process would count it
             cfg.steps = cfg.epochs * math.ceil(images.shape[0] / batch)
@@ -216,18 +264,129 @@ class DistributedDraem(DraemDetector):
         finally:
             common.batch_size, cfg.steps = batch, steps
         summary.epochs = round(summary.steps * batch / images.shape[0], 3)
-        summary.details.update(world_size=self.world, batch_per_rank=self._per_rank)
-        if self.rank != 0 and _leave_after_training:
-            raise TrainedOnOtherRank
-        return summary
+        return self._finish(summary, batch_per_rank=self._per_rank)
 
     def _synthesis_dataset(self, images: torch.Tensor) -> tuple[Any, bool]:
         dataset, grey = super()._synthesis_dataset(images)
         return RankSlice(dataset, self._per_rank, self.world, self.rank), grey
 
 
+def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[start, stop)`` of ``n`` items (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def gather_feature_store(local: FeatureStore, template: FeatureStore, n: int, chunk: int) -> FeatureStore:
+    """Every rank's shard of the feature cache (``local``, the rank's :func:`shard_bounds` of ``n``
+    training images) gathered into ``template``, in training-image order, on every rank.
+
+    ``chunk`` images per rank and per all-gather bound the memory in flight (``world * chunk``
+    images' features per scale); the last round pads the shorter shards with zeros.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    bounds = [shard_bounds(n, world, q) for q in range(world)]
+    local_n = bounds[rank][1] - bounds[rank][0]
+    largest = max(stop - start for start, stop in bounds)
+    for offset in range(0, largest, chunk):
+        mine = local.get(torch.arange(offset, min(offset + chunk, local_n)))
+        gathered = []
+        for f in mine:
+            padded = torch.zeros((chunk, *f.shape[1:]), dtype=f.dtype)
+            padded[: len(f)] = f
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            gathered.append(parts)
+        for q, (start, stop) in enumerate(bounds):
+            rows = min(chunk, stop - start - offset)
+            if rows > 0:
+                template.put(start + offset, [parts[q][:rows] for parts in gathered])
+    return template
+
+
+class DistributedCSFlow(RankTraining, CSFlowDetector):
+    """CS-Flow trained on all ranks of a process group.
+
+    * Feature cache (``csflow.feature_cache`` memory or disk): each rank extracts the backbone
+      features of its contiguous share of the training images, then the shares are gathered
+      (all-gather, CPU tensors over gloo) so every rank holds the whole cache in image order.
+      With ``none`` nothing is cached: each rank extracts the features of its own batches.
+    * Flow: every rank draws the same epoch order (the seed's generator) and takes a disjoint
+      slice of each global batch of ``common.batch_size``; each rank's loss is weighted by its
+      share of the batch and the gradients (and the loss) summed in one all-reduce, so the step
+      is the single-process step on the whole batch, gradient clipping included (it acts on the
+      summed gradient). Ranks differ from one process only in floating-point summation order.
+    * The schedule and checkpoints are the single-process ones (positions count global batches),
+      so a run resumes under any number of processes, or none.
+    """
+
+    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
+        self._join()
+        context = self._rank_context(context, "csflow")
+        if len(images) < self.world:
+            raise ConfigError(
+                f"{len(images)} training images cannot be shared among {self.world} processes; "
+                "use fewer processes or more images"
+            )
+        self._global_batch = 0
+        summary = super().fit(images, context)
+        n, bs = len(images), min(self.run_config.common.batch_size, len(images))
+        return self._finish(summary, batch_per_rank=math.ceil(bs / self.world), feature_shard=math.ceil(n / self.world))
+
+    def _build(self, pretrained: bool) -> None:
+        super()._build(pretrained)
+        if pretrained:  # building for training: start every rank from rank 0's flow
+            assert self.flow is not None
+            broadcast_module(self.flow)
+
+    def _feature_store(self, images: torch.Tensor, bs: int, on_progress: Any) -> FeatureStore:
+        cfg = self.config
+        if cfg.feature_cache == "none":  # features of each rank's own batch slices, extracted as it trains
+            return super()._feature_store(images, bs, on_progress)
+        assert self.extractor is not None
+        start, stop = shard_bounds(len(images), self.world, self.rank)
+        local = FeatureStore(
+            self.extractor, images[start:stop], cfg.feature_cache, bs, self.device, cfg.cache_dir, on_progress
+        )
+        try:
+            shapes = [a.shape[1:] for a in local.arrays]
+            full = FeatureStore.allocated(self.extractor, images, cfg.feature_cache, shapes, self.device, cfg.cache_dir)
+            try:
+                return gather_feature_store(local, full, len(images), bs)
+            except BaseException:
+                full.close()
+                raise
+        finally:
+            local.close()
+
+    def _batch_indices(self, perm: torch.Tensor, batch: int, bs: int) -> torch.Tensor:
+        idx = super()._batch_indices(perm, batch, bs)
+        self._global_batch = len(idx)
+        return idx.tensor_split(self.world)[self.rank]
+
+    def _train_step(self, feats: list[torch.Tensor], optimizer: torch.optim.Optimizer, pos: Any) -> float:
+        assert self.flow is not None
+        optimizer.zero_grad(set_to_none=True)
+        local, weight = len(feats[0]), len(feats[0]) / self._global_batch
+        loss = torch.zeros(())
+        if local:  # the last global batch of an epoch may leave a rank without images
+            zs, logdet = self.flow(self._layout(feats))
+            loss = nll_per_dim(zs, logdet) * weight
+            loss.backward()
+        params = [p for p in self.flow.parameters() if p.requires_grad]
+        loss_value = sum_gradients(params, 1.0, extra=loss)  # the rank's gradient already carries the weight
+        if not math.isfinite(loss_value):  # every rank sees the same sum, so all stop together
+            raise self._loss_error(loss_value, pos)
+        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
+        optimizer.step()
+        return loss_value
+
+
 # ---------------------------------------------------------------------------------------------
 # The train command under torchrun
+
+
+# method -> its data-parallel Detector class in this module
+DATA_PARALLEL = {"draem": "DistributedDraem", "csflow": "DistributedCSFlow"}
 
 
 class TrainedOnOtherRank(BaseException):
@@ -292,10 +451,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SurfaceInspectError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
-    if method != "draem":
-        sys.stderr.write(f"error: {method} training under torchrun is not supported yet; train it in one process\n")
+    if method not in DATA_PARALLEL:
+        sys.stderr.write(f"error: {method} training under torchrun is not supported; train it in one process\n")
         sys.exit(2)
-    REGISTRY["draem"] = f"{__name__}:DistributedDraem"
+    REGISTRY[method] = f"{__name__}:{DATA_PARALLEL[method]}"
     _leave_after_training = True
     with process_group(env, env.device()), tempfile.TemporaryDirectory(prefix=f"si-rank{env.rank}-") as scratch:
         if not env.is_main:

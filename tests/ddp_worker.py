@@ -3,7 +3,9 @@
 ``ddp_worker.py OUT``: each rank takes its half of a batch of a linear problem through
 GradientAverager and saves the averaged gradient to OUT/grad<r>.pt; then a tiny DRAEM is trained
 with DistributedDraem and each rank saves its weights to OUT/rank<r>.pt, its summary to
-OUT/summary<r>.json.
+OUT/summary<r>.json. Last CS-Flow: each rank saves the gathered feature cache (memory and disk) to
+OUT/cache<r>.pt, then trains a tiny CS-Flow with DistributedCSFlow and saves OUT/csflow<r>.pt and
+OUT/csflow_summary<r>.json.
 """
 
 import json
@@ -11,10 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
-from ddp_common import linear_problem, tiny_draem_run, training_images
+from ddp_common import linear_problem, tiny_csflow_run, tiny_draem_run, training_images
 
 from surfaceinspect.detectors.base import TrainContext
-from surfaceinspect.distributed import DistEnv, DistributedDraem, GradientAverager, process_group
+from surfaceinspect.distributed import DistEnv, DistributedCSFlow, DistributedDraem, GradientAverager, process_group
 
 out = Path(sys.argv[1])
 env = DistEnv.from_environ()
@@ -34,3 +36,22 @@ with process_group(env, torch.device("cpu")):
     summary = detector.fit(training_images(), TrainContext())
     torch.save(detector.state_dict(), out / f"rank{env.rank}.pt")
     (out / f"summary{env.rank}.json").write_text(json.dumps(summary.to_dict()))
+
+    images = training_images(9, 64)
+    caches = {}
+    for mode in ("memory", "disk"):
+        cache_dir = out / f"features{env.rank}"
+        cache_dir.mkdir()
+        detector = DistributedCSFlow(tiny_csflow_run(mode, str(cache_dir)), torch.device("cpu"))
+        detector._join()
+        detector._build(pretrained=True)
+        store = detector._feature_store(images, 4, None)
+        caches[mode] = [torch.as_tensor(a).clone() for a in store.arrays]
+        store.close()
+        cache_dir.rmdir()  # the disk cache is gone after close
+    torch.save(caches, out / f"cache{env.rank}.pt")
+
+    detector = DistributedCSFlow(tiny_csflow_run(), torch.device("cpu"))
+    summary = detector.fit(images, TrainContext())
+    torch.save(detector.state_dict(), out / f"csflow{env.rank}.pt")
+    (out / f"csflow_summary{env.rank}.json").write_text(json.dumps(summary.to_dict()))

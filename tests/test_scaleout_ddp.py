@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_common import linear_problem, tiny_draem_run, training_images
+from ddp_common import linear_problem, tiny_csflow_run, tiny_draem_run, training_images
 from torch.utils.data import default_collate
 
 from surfaceinspect.detectors.base import TrainContext
+from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
 from surfaceinspect.detectors.draem.detector import DraemDetector, lr_at
 from surfaceinspect.detectors.draem.losses import DraemLoss
-from surfaceinspect.distributed import DistEnv, RankSlice
+from surfaceinspect.distributed import DistEnv, RankSlice, shard_bounds
 from surfaceinspect.errors import ConfigError
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -107,6 +108,51 @@ def test_two_process_draem_equals_single_process_on_the_same_samples(torchrun_ou
     assert summary["batch_per_rank"] == 2 and summary["epochs"] == round(3 * 4 / 8, 3)
 
 
+@pytest.mark.parametrize(("n", "world"), [(9, 2), (10, 3), (4, 4), (7, 1)])
+def test_feature_shards_cover_the_images_in_order(n, world):
+    bounds = [shard_bounds(n, world, rank) for rank in range(world)]
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n))
+    assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_csflow_feature_cache_is_gathered_in_training_image_order(torchrun_outputs):
+    images = training_images(9, 64)
+    reference = CSFlowDetector(tiny_csflow_run(), torch.device("cpu"))
+    reference._build(pretrained=True)
+    expected = FeatureStore(reference.extractor, images, "memory", 4, torch.device("cpu")).arrays
+    for rank in (0, 1):
+        caches = torch.load(torchrun_outputs / f"cache{rank}.pt")
+        for mode in ("memory", "disk"):
+            for got, want in zip(caches[mode], expected, strict=True):
+                # rank 0 extracted images 0-3, rank 1 images 4-8, in other batches than one process
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                # and each row is its own image's: far closer to it than to any other image's features
+                distance = torch.cdist(got.flatten(1), want.flatten(1))
+                assert torch.equal(distance.argmin(dim=1), torch.arange(9))
+
+
+def test_two_process_csflow_equals_single_process(torchrun_outputs):
+    ranks = [torch.load(torchrun_outputs / f"csflow{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # one model
+    images = training_images(9, 64)
+    reference = CSFlowDetector(tiny_csflow_run(), torch.device("cpu"))
+    expected = reference.fit(images, TrainContext())
+    untrained = CSFlowDetector(tiny_csflow_run(), torch.device("cpu"))
+    untrained.init_random_weights()
+    initial = untrained.state_dict()
+    for name, value in reference.state_dict().items():
+        if name.startswith("flow.") and value.is_floating_point():
+            trained = not torch.equal(value, initial[name])
+            # 6 Adam steps on batches split 2+2, 2+2, 1+0: only the order of floating-point sums differs
+            # (measured: largest difference 7.5e-9 on weights of order 0.1)
+            torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=f"{name} (trained: {trained})")
+    assert any(not torch.equal(v, initial[k]) for k, v in reference.state_dict().items() if k.startswith("flow."))
+    summary = json.loads((torchrun_outputs / "csflow_summary0.json").read_text())
+    assert summary["steps"] == expected.steps == 6 and summary["epochs"] == 2 and summary["world_size"] == 2
+    assert summary["batch_per_rank"] == 2 and summary["feature_shard"] == 5
+    assert summary["final_loss"] == pytest.approx(expected.final_loss, rel=1e-4)  # the whole last batch's loss
+
+
 def test_batch_must_divide_and_time_budget_is_refused(tmp_path):
     import torch.distributed as dist
 
@@ -160,11 +206,7 @@ def test_train_command_under_torchrun_writes_one_model_from_rank_0(synthetic_dat
     assert scored.exit_code in (0, 1), scored.output
 
 
-def test_csflow_and_bare_runs_are_refused_with_one_line(synthetic_dataset, tmp_path):
-    result = _torchrun_train(["-m", "csflow", str(synthetic_dataset / "train" / "good"), "--out", str(tmp_path / "r")],
-                             tmp_path / "home")  # fmt: skip
-    assert result.returncode != 0 and not (tmp_path / "r").exists()
-    assert "csflow training under torchrun is not supported yet" in result.stderr
+def test_bare_runs_are_refused_with_one_line():
     bare = subprocess.run([sys.executable, "-m", "surfaceinspect.distributed", "train"], capture_output=True, text=True)
     assert bare.returncode == 2 and "torchrun --nproc-per-node N" in bare.stderr
 
@@ -195,3 +237,54 @@ def test_torchrun_resumes_an_interrupted_run(synthetic_dataset, tmp_path, monkey
     training = json.loads((out / "metadata.json").read_text())["training"]
     assert training["resumed_from_step"] == 2 and training["steps"] == 4 and training["world_size"] == 2
     assert (out / "calibration.json").is_file() and not (out / "checkpoint.pt").exists()
+
+
+TINY_CSFLOW_SETS = [
+    "common.image_size=64", "common.batch_size=4", "common.workers=0", "common.time_budget_min=0",
+    "common.calibration.min_images=4", "common.checkpoint_every_s=0.001", "csflow.feature_stage=3",
+    "csflow.hidden_channels=16", "csflow.n_blocks=2", "csflow.kernel_sizes=[3,5]", "csflow.epochs=2",
+    "csflow.feature_norm=channel", "csflow.lr=0.001",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_csflow_interrupted_in_one_process_resumes_under_torchrun(synthetic_dataset, tmp_path, monkeypatch):
+    """Train, interrupt mid-epoch 2, resume with 2 processes: the model of one uninterrupted process."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SURFACEINSPECT_HOME", str(home))
+    sets = [arg for item in TINY_CSFLOW_SETS for arg in ("--set", item)]
+    good = str(synthetic_dataset / "train" / "good")
+    args = ["train", "-m", "csflow", "--profile", "cpu", good, "--threads", "1", "-q", *sets]
+    whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+
+    original, calls = CSFlowDetector._train_step, []
+
+    def interrupted_at_step_8(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(CSFlowDetector, "_train_step", interrupted_at_step_8)
+    out = tmp_path / "run"
+    first = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert first.exit_code == 130 and (out / "checkpoint.pt").is_file(), first.output
+    result = _torchrun_train(["--resume", str(out)], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    steps = json.loads((tmp_path / "whole" / "metadata.json").read_text())["training"]["steps"]
+    assert steps == 2 * -(-training["n_train_images"] // 4)  # 2 epochs of batches of 4
+    assert training["resumed_from_step"] == 7 and training["steps"] == steps and training["world_size"] == 2
+    assert (out / "calibration.json").is_file() and not (out / "checkpoint.pt").exists()
+    assert [p.name for p in (home / "runs").iterdir() if p.is_dir()] == []  # no scratch run of rank 1 left
+    resumed, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -120,17 +120,38 @@ class FeatureStore:
             feats = self._compute(idx)
             if not self.arrays:
                 self._allocate(n, [f.shape[1:] for f in feats], cache_dir)
-            for store, f in zip(self.arrays, feats, strict=True):
-                if mode == "disk":
-                    store[start : start + len(idx)] = f.numpy()
-                else:
-                    store[start : start + len(idx)].copy_(f)
+            self.put(start, feats)
             done += len(idx)
             if on_progress is not None:
                 on_progress(done, n)
         if mode == "disk":
             for store in self.arrays:
                 store.flush()
+
+    @classmethod
+    def allocated(
+        cls,
+        extractor: MultiScaleFeatures,
+        images: torch.Tensor,
+        mode: str,
+        shapes: list[torch.Size],
+        device: torch.device,
+        cache_dir: str = "",
+    ) -> FeatureStore:
+        """An empty ``memory`` / ``disk`` store for the features of ``images`` (per-scale ``shapes``); fill it with
+        :meth:`put`."""
+        store = cls(extractor, images[:0], "none", 1, device)
+        store.images, store.mode = images, mode
+        store._allocate(len(images), shapes, cache_dir)
+        return store
+
+    def put(self, start: int, feats: list[torch.Tensor]) -> None:
+        """Store the features of training images ``start ... start + len(feats[0]) - 1``, one tensor per scale."""
+        for store, f in zip(self.arrays, feats, strict=True):
+            if self.mode == "disk":
+                store[start : start + len(f)] = f.numpy()
+            else:
+                store[start : start + len(f)].copy_(f)
 
     @classmethod
     def from_arrays(cls, arrays: list[torch.Tensor], device: torch.device) -> FeatureStore:
@@ -290,9 +311,7 @@ class CSFlowDetector(Detector):
         def feature_progress(done: int, total: int) -> None:
             context.report(TrainProgress(phase="features", step=done, total=total))
 
-        store = FeatureStore(
-            self.extractor, images, cfg.feature_cache, bs, self.device, cfg.cache_dir, feature_progress
-        )
+        store = self._feature_store(images, bs, feature_progress)
         feature_s = time.monotonic() - t0
         self.norm = channel_statistics(store, n, bs, self.device) if cfg.feature_norm == "channel" else None
         try:
@@ -306,6 +325,16 @@ class CSFlowDetector(Detector):
             feature_cache=cfg.feature_cache,
         )
         return summary
+
+    def _feature_store(self, images: torch.Tensor, bs: int, on_progress: Any) -> FeatureStore:
+        """The backbone features of all training images, in image order (``csflow.feature_cache``)."""
+        cfg = self.config
+        assert self.extractor is not None
+        return FeatureStore(self.extractor, images, cfg.feature_cache, bs, self.device, cfg.cache_dir, on_progress)
+
+    def _batch_indices(self, perm: torch.Tensor, batch: int, bs: int) -> torch.Tensor:
+        """The training images of batch ``batch`` of the epoch ordered by ``perm``."""
+        return perm[batch * bs : (batch + 1) * bs]
 
     def _train_flow(
         self, store: FeatureStore, n: int, bs: int, context: TrainContext, feature_s: float
@@ -344,7 +373,7 @@ class CSFlowDetector(Detector):
         flow.train()
         loss_value = float("nan")
         while pos.epoch < pos.total_epochs:
-            idx = pos.perm[pos.batch * bs : (pos.batch + 1) * bs]
+            idx = self._batch_indices(pos.perm, pos.batch, bs)
             loss_value = self._train_step(store.get(idx), optimizer, pos)
             meter.step_done(len(idx))
             pos.step += 1
@@ -395,16 +424,19 @@ class CSFlowDetector(Detector):
         zs, logdet = self.flow(self._layout(feats))
         loss = nll_per_dim(zs, logdet)
         if not torch.isfinite(loss):
-            cfg = self.config
-            raise TrainingError(
-                f"CS-Flow loss became {loss.item()} at epoch {pos.epoch + 1}, step {pos.step + 1}; lower csflow.lr "
-                f"(now {cfg.lr}) or csflow.clamp (now {cfg.clamp}), or check the training images"
-            )
+            raise self._loss_error(loss.item(), pos)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
         optimizer.step()
         return loss.item()
+
+    def _loss_error(self, loss: float, pos: _Position) -> TrainingError:
+        cfg = self.config
+        return TrainingError(
+            f"CS-Flow loss became {loss} at epoch {pos.epoch + 1}, step {pos.step + 1}; lower csflow.lr "
+            f"(now {cfg.lr}) or csflow.clamp (now {cfg.clamp}), or check the training images"
+        )
 
     # ------------------------------------------------------------------ inference
 
