@@ -45,7 +45,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from surfaceinspect.detectors.base import TrainContext, TrainSummary
 from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
 from surfaceinspect.detectors.csflow.flow import nll_per_dim
 from surfaceinspect.detectors.draem.detector import DraemDetector
+from surfaceinspect.detectors.schedule import TimeBudget
 from surfaceinspect.errors import ConfigError, SurfaceInspectError
 
 # A rank that fails leaves the others waiting in a collective; they give up after this long.
@@ -192,6 +193,23 @@ class RankSlice(Dataset):
         return self.dataset[self.global_index(local_index)]
 
 
+class RankConsistentBudget(TimeBudget):
+    """A :class:`TimeBudget` decided by rank 0 alone and broadcast after every step.
+
+    Ranks timing themselves would disagree (their step times differ) and stop at different steps,
+    leaving the others waiting in a collective; rank 0's clock is the run's (its ``elapsed_s``,
+    its checkpoints), so its schedule is the one every rank follows. One broadcast of one integer
+    per step (nothing without a budget).
+    """
+
+    def update(self, step: int, total: int) -> int:
+        if not self.enabled:
+            return total
+        decided = torch.tensor([super().update(step, total) if dist.get_rank() == 0 else total], dtype=torch.int64)
+        dist.broadcast(decided, 0)
+        return int(decided)
+
+
 class RankTraining:
     """What every data-parallel detector shares: rank 0 owns the run, the ranks agree on the schedule."""
 
@@ -201,13 +219,11 @@ class RankTraining:
     def _join(self) -> None:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
 
-    def _rank_context(self, context: TrainContext, method: str) -> TrainContext:
+    def time_budget(self, budget_s: float, planned: int, elapsed_s: Callable[[], float], **options: Any) -> TimeBudget:
+        return RankConsistentBudget(budget_s, planned, elapsed_s, **options)
+
+    def _rank_context(self, context: TrainContext) -> TrainContext:
         """``context`` on rank 0; on the others the same schedule without checkpoints or progress."""
-        if context.time_budget_s > 0:
-            raise ConfigError(
-                f"a time budget is not supported with torchrun; set {method}.epochs"
-                + (" or draem.steps" if method == "draem" else "")
-            )
         if self.rank == 0:
             return context
         return TrainContext(
@@ -246,7 +262,7 @@ class DistributedDraem(RankTraining, DraemDetector):
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         common, cfg = self.run_config.common, self.cfg
-        context = self._rank_context(context, "draem")
+        context = self._rank_context(context)
         if common.batch_size % self.world:
             raise ConfigError(
                 f"common.batch_size {common.batch_size} does not divide among {self.world} processes; "
@@ -321,7 +337,7 @@ class DistributedCSFlow(RankTraining, CSFlowDetector):
 
     def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
         self._join()
-        context = self._rank_context(context, "csflow")
+        context = self._rank_context(context)
         if len(images) < self.world:
             raise ConfigError(
                 f"{len(images)} training images cannot be shared among {self.world} processes; "

@@ -5,7 +5,9 @@ GradientAverager and saves the averaged gradient to OUT/grad<r>.pt; then a tiny 
 with DistributedDraem and each rank saves its weights to OUT/rank<r>.pt, its summary to
 OUT/summary<r>.json. Last CS-Flow: each rank saves the gathered feature cache (memory and disk) to
 OUT/cache<r>.pt, then trains a tiny CS-Flow with DistributedCSFlow and saves OUT/csflow<r>.pt and
-OUT/csflow_summary<r>.json.
+OUT/csflow_summary<r>.json. Then both methods train under a 2-second time budget with a far longer
+plan, rank 1 told that it has already spent 1.5 s (so a rank deciding by its own clock would stop
+earlier), and save OUT/budget_<method><r>.pt (summary and weights).
 """
 
 import json
@@ -55,3 +57,12 @@ with process_group(env, torch.device("cpu")):
     summary = detector.fit(images, TrainContext())
     torch.save(detector.state_dict(), out / f"csflow{env.rank}.pt")
     (out / f"csflow_summary{env.rank}.json").write_text(json.dumps(summary.to_dict()))
+
+    for method, run in (("csflow", tiny_csflow_run()), ("draem", tiny_draem_run(steps=100_000))):
+        run.method_config.epochs = 10_000
+        detector = (DistributedCSFlow if method == "csflow" else DistributedDraem)(run, torch.device("cpu"))
+        data = images if method == "csflow" else training_images()
+        context = TrainContext(time_budget_s=2.0, elapsed_before_s=1.5 if env.rank == 1 else 0.0)
+        summary = detector.fit(data, context)
+        result = {"summary": summary.to_dict(), "state": detector.state_dict()}
+        torch.save(result, out / f"budget_{method}{env.rank}.pt")

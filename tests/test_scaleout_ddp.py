@@ -26,7 +26,6 @@ from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStor
 from surfaceinspect.detectors.draem.detector import DraemDetector, lr_at
 from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.distributed import DistEnv, RankSlice, shard_bounds
-from surfaceinspect.errors import ConfigError
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -153,18 +152,14 @@ def test_two_process_csflow_equals_single_process(torchrun_outputs):
     assert summary["final_loss"] == pytest.approx(expected.final_loss, rel=1e-4)  # the whole last batch's loss
 
 
-def test_batch_must_divide_and_time_budget_is_refused(tmp_path):
-    import torch.distributed as dist
-
-    from surfaceinspect.distributed import DistributedDraem
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        detector = DistributedDraem(tiny_draem_run(), torch.device("cpu"))
-        with pytest.raises(ConfigError, match="time budget is not supported"):
-            detector.fit(training_images(), TrainContext(time_budget_s=10.0))
-    finally:
-        dist.destroy_process_group()
+@pytest.mark.parametrize("method", ["csflow", "draem"])
+def test_time_budget_is_decided_by_rank_0_for_all_ranks(torchrun_outputs, method):
+    ranks = [torch.load(torchrun_outputs / f"budget_{method}{r}.pt") for r in (0, 1)]
+    summaries = [r["summary"] for r in ranks]
+    # rank 1's clock ran 1.5 s ahead: on its own it would have stopped earlier (and left rank 0 waiting)
+    assert summaries[0]["steps"] == summaries[1]["steps"] < summaries[0]["planned_steps"]
+    assert summaries[0]["schedule_note"] and "time budget" in summaries[0]["schedule_note"]
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
 
 
 TINY_DRAEM_SETS = [

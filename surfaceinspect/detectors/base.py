@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from surfaceinspect.config import MethodConfig, RunConfig
+from surfaceinspect.detectors.schedule import TimeBudget
 
 
 @dataclass
@@ -156,6 +157,11 @@ class Detector(ABC):
         checkpoint dict produced by the ``state_fn`` it passed to ``report``) and
         ``context.time_budget_s`` (> 0: shorten the schedule to fit it).
         """
+
+    def time_budget(self, budget_s: float, planned: int, elapsed_s: Callable[[], float], **options: Any) -> TimeBudget:
+        """The planner that fits the schedule into ``budget_s`` (see :class:`TimeBudget`); ``fit`` gets it here
+        so that data-parallel training can make all processes agree on it."""
+        return TimeBudget(budget_s, planned, elapsed_s, **options)
 
     def init_random_weights(self) -> None:  # noqa: B027 - optional hook; doing nothing is the right default
         """Build the networks with random weights, needing no trained or pretrained file.

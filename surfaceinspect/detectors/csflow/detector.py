@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from surfaceinspect.config import RunConfig
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
-from surfaceinspect.detectors.schedule import Throughput, TimeBudget
+from surfaceinspect.detectors.schedule import Throughput
 from surfaceinspect.errors import ModelDirError, TrainingError
 
 from .backbones import BACKBONES, MultiScaleFeatures, build_trunk
@@ -352,7 +352,7 @@ class CSFlowDetector(Detector):
         if context.resume_state:
             pos = self._restore(context.resume_state, optimizer, gen)
         start_step = pos.step
-        budget = TimeBudget(
+        budget = self.time_budget(
             context.time_budget_s, cfg.epochs * steps_per_epoch, context.elapsed_s, granularity=steps_per_epoch
         )
         # The first epoch of a fresh run pays for the feature extraction.

@@ -25,7 +25,7 @@ from surfaceinspect.detectors.draem.synthesis import (
     is_grayscale,
     worker_init,
 )
-from surfaceinspect.detectors.schedule import Throughput, TimeBudget
+from surfaceinspect.detectors.schedule import Throughput
 from surfaceinspect.errors import ModelDirError, TrainingError
 
 STATE_VERSION = 1
@@ -115,7 +115,7 @@ class DraemDetector(Detector):
         position = self._restore(context.resume_state, optimizer) or _Position(0, planned, planned)
         start_step = position.step
         loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
-        budget = TimeBudget(context.time_budget_s, position.planned, context.elapsed_s)
+        budget = self.time_budget(context.time_budget_s, position.planned, context.elapsed_s)
         meter = Throughput(steps_per_epoch)
 
         def state_fn() -> dict[str, Any]:
