@@ -1,13 +1,14 @@
 """Run by ``torchrun`` in tests/test_scaleout_ddp.py: data-parallel training on the CPU (gloo).
 
-``ddp_worker.py OUT``: each rank takes its half of a batch of a linear problem through
-GradientAverager and saves the averaged gradient to OUT/grad<r>.pt; then a tiny DRAEM is trained
-with DistributedDraem and each rank saves its weights to OUT/rank<r>.pt, its summary to
-OUT/summary<r>.json. Last CS-Flow: each rank saves the gathered feature cache (memory and disk) to
-OUT/cache<r>.pt, then trains a tiny CS-Flow with DistributedCSFlow and saves OUT/csflow<r>.pt and
-OUT/csflow_summary<r>.json. Then both methods train under a 2-second time budget with a far longer
-plan, rank 1 told that it has already spent 1.5 s (so a rank deciding by its own clock would stop
-earlier), and save OUT/budget_<method><r>.pt (summary and weights).
+``ddp_worker.py OUT``, on each rank r:
+
+* its half of a batch of a linear problem through GradientAverager: the gradient to OUT/grad<r>.pt;
+* a tiny DRAEM with DistributedDraem: weights to OUT/rank<r>.pt, summary to OUT/summary<r>.json;
+* the gathered CS-Flow feature cache (memory and disk) to OUT/cache<r>.pt;
+* a tiny CS-Flow with DistributedCSFlow: OUT/csflow<r>.pt, OUT/csflow_summary<r>.json, and once
+  more without a feature cache: OUT/csflow_none<r>.pt;
+* both methods under a 2-second time budget with a far longer plan, rank 1 told that it has
+  already spent 1.5 s (a rank deciding by its own clock would stop earlier): OUT/budget_<method><r>.pt.
 """
 
 import json
@@ -57,6 +58,9 @@ with process_group(env, torch.device("cpu")):
     summary = detector.fit(images, TrainContext())
     torch.save(detector.state_dict(), out / f"csflow{env.rank}.pt")
     (out / f"csflow_summary{env.rank}.json").write_text(json.dumps(summary.to_dict()))
+    detector = DistributedCSFlow(tiny_csflow_run("none"), torch.device("cpu"))  # no cache: features per batch
+    detector.fit(images, TrainContext())
+    torch.save(detector.state_dict(), out / f"csflow_none{env.rank}.pt")
 
     for method, run in (("csflow", tiny_csflow_run()), ("draem", tiny_draem_run(steps=100_000))):
         run.method_config.epochs = 10_000

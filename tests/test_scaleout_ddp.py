@@ -130,8 +130,9 @@ def test_csflow_feature_cache_is_gathered_in_training_image_order(torchrun_outpu
                 assert torch.equal(distance.argmin(dim=1), torch.arange(9))
 
 
-def test_two_process_csflow_equals_single_process(torchrun_outputs):
-    ranks = [torch.load(torchrun_outputs / f"csflow{r}.pt") for r in (0, 1)]
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_two_process_csflow_equals_single_process(torchrun_outputs, cache):
+    ranks = [torch.load(torchrun_outputs / f"csflow{'' if cache == 'memory' else '_none'}{r}.pt") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # one model
     images = training_images(9, 64)
     reference = CSFlowDetector(tiny_csflow_run(), torch.device("cpu"))
