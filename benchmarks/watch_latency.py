@@ -10,9 +10,16 @@ Starts the real CLI (``python -m surfaceinspect watch``) in a subprocess on an e
    second the watch turns into records (from the first file closed to the last record written).
 
 The images are read from ``--images`` (a folder, cycled), so decoding cost is that of real files.
-Prints one JSON object. Run it alone on an otherwise idle machine.
+Prints one JSON line per model on stdout, then the results as BENCHMARKS.md table rows on stderr.
+Run it alone on an otherwise idle machine.
 
-    .venv/bin/python benchmarks/watch_latency.py --model RUN --images ../shared/data/mvtec_bottle/test/good
+Models: ``--model RUN`` (repeatable), or ``--train GOOD_DIR`` to train a short model of the ``cpu``
+profile of each ``--method`` (default: both) first: a few steps, since latency and rate depend on
+the profile's architecture and input size, not on the trained weights (the records' verdicts of
+such a model mean nothing). ``--keep DIR`` keeps those models, and uses them again the next time.
+
+    .venv/bin/python benchmarks/watch_latency.py --train ../shared/data/mvtec_bottle/train/good \\
+        --images ../shared/data/mvtec_bottle/test/good --keep /tmp/watch-models
     .venv/bin/python benchmarks/watch_latency.py --model RUN --images DIR --settle 0.1 --threads 2
 """
 
@@ -90,19 +97,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="run directory written by train")
-    parser.add_argument("--images", required=True, type=Path, help="folder of sample images (cycled)")
-    parser.add_argument("--n", type=int, default=30, help="images for the latency phase")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between images (latency phase)")
-    parser.add_argument("--burst", type=int, default=60, help="images for the sustained-rate phase (0: skip)")
-    parser.add_argument("--settle", type=float, default=0.5, help="watch --settle")
-    parser.add_argument("--threads", type=int, default=0, help="watch --threads (0 = all cores)")
-    parser.add_argument("--batch-size", type=int, default=None, help="watch --batch-size")
-    parser.add_argument("--write", choices=("direct", "rename"), default="direct")
-    args = parser.parse_args()
+# Short trainings for --train: latency and rate depend on the profile's architecture and input size,
+# not on how well the weights are trained, so a few steps give the cost of a finished model.
+SHORT_TRAINING = {"draem": ["draem.steps=5"], "csflow": ["csflow.epochs=1"]}
 
+
+def train_short_model(method: str, data: Path, out: Path, threads: int) -> str:
+    """A ``--profile cpu`` model of ``method`` trained for a few steps on ``data`` (see SHORT_TRAINING);
+    one already in ``out`` (an earlier run's ``--keep``) is used as it is."""
+    if (out / "metadata.json").is_file():
+        return str(out)
+    sets = [*SHORT_TRAINING[method], "common.time_budget_min=0"]
+    command = [sys.executable, "-m", "surfaceinspect", "train", "-m", method, "--profile", "cpu", str(data)]
+    command += ["--out", str(out), "--threads", str(threads), "-q", *[a for s in sets for a in ("--set", s)]]
+    print(f"training a short {method} cpu-profile model in {out}", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+    return str(out)
+
+
+def measure(model: str, args: argparse.Namespace) -> dict:
+    """Latency and sustained rate of ``watch --model model`` (see the module docstring)."""
     sources = discover_images(args.images)
     if not sources:
         raise SystemExit(f"no images in {args.images}")
@@ -111,7 +125,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="watch-latency-"))
     folder, output = work / "camera", work / "records.jsonl"
     folder.mkdir()
-    command = [sys.executable, "-m", "surfaceinspect", "watch", str(folder), "--model", args.model]
+    command = [sys.executable, "-m", "surfaceinspect", "watch", str(folder), "--model", model]
     command += ["-o", str(output), "--settle", str(args.settle), "--threads", str(args.threads)]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
@@ -159,23 +173,74 @@ def main() -> None:
         proc.wait(60)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "settle_s": args.settle,
-                "threads": args.threads,
-                "write": args.write,
-                "latency_images": args.n,
-                "latency_ms_p50": round(1000 * statistics.median(latencies), 1),
-                "latency_ms_p95": round(1000 * percentile(latencies, 0.95), 1),
-                "latency_ms_max": round(1000 * max(latencies), 1),
-                "burst_images": args.burst,
-                "sustained_images_per_s": round(rate, 2) if rate else None,
-                "watch_exit_code": proc.returncode,
-            }
+    metadata = json.loads((Path(model) / "metadata.json").read_text())
+    return {
+        "model": model,
+        "method": metadata.get("method"),
+        "profile": metadata["config"].get("profile"),
+        "image_size": metadata["config"]["common"].get("image_size"),
+        "settle_s": args.settle,
+        "threads": args.threads,
+        "write": args.write,
+        "latency_images": args.n,
+        "latency_ms_p50": round(1000 * statistics.median(latencies), 1),
+        "latency_ms_p95": round(1000 * percentile(latencies, 0.95), 1),
+        "latency_ms_max": round(1000 * max(latencies), 1),
+        "burst_images": args.burst,
+        "sustained_images_per_s": round(rate, 2) if rate else None,
+        "watch_exit_code": proc.returncode,
+    }
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """The results as BENCHMARKS.md rows."""
+    lines = [
+        "| method (profile) | input | settle s | threads | latency p50 / p95 / max ms | sustained img/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['method']} ({r['profile']}) | {r['image_size']} | {r['settle_s']} | {r['threads'] or 'all'} | "
+            f"{r['latency_ms_p50']} / {r['latency_ms_p95']} / {r['latency_ms_max']} | {r['sustained_images_per_s']} |"
         )
-    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="run directory written by train (repeatable)")
+    parser.add_argument("--train", type=Path, help="train a short cpu-profile model per --method on these good images")
+    parser.add_argument("--method", action="append", choices=sorted(SHORT_TRAINING), help="with --train (repeatable)")
+    parser.add_argument("--keep", type=Path, help="with --train: keep the trained models in this folder")
+    parser.add_argument("--images", required=True, type=Path, help="folder of sample images (cycled)")
+    parser.add_argument("--n", type=int, default=30, help="images for the latency phase")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between images (latency phase)")
+    parser.add_argument("--burst", type=int, default=60, help="images for the sustained-rate phase (0: skip)")
+    parser.add_argument("--settle", type=float, default=0.5, help="watch --settle")
+    parser.add_argument("--threads", type=int, default=0, help="watch --threads (0 = all cores)")
+    parser.add_argument("--batch-size", type=int, default=None, help="watch --batch-size")
+    parser.add_argument("--write", choices=("direct", "rename"), default="direct")
+    args = parser.parse_args()
+    if not args.model and not args.train:
+        parser.error("give --model RUN (repeatable), or --train GOOD_DIR --method draem --method csflow")
+
+    models = list(args.model)
+    scratch = None
+    if args.train:
+        if args.keep is None:
+            scratch = Path(tempfile.mkdtemp(prefix="watch-latency-models-"))
+        folder = args.keep or scratch
+        for method in args.method or sorted(SHORT_TRAINING):
+            models.append(train_short_model(method, args.train, folder / f"{method}-cpu", args.threads or 0))
+    reports = []
+    try:
+        for model in models:
+            reports.append(measure(model, args))
+            print(json.dumps(reports[-1]), flush=True)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(markdown_table(reports), file=sys.stderr)
 
 
 if __name__ == "__main__":

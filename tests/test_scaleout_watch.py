@@ -330,11 +330,31 @@ def test_latency_benchmark_script_reports_percentiles_and_rate(synthetic_dataset
     train = ["train", "-m", "draem", "--profile", "cpu", synthetic_dataset / "train" / "good", "--out", run_dir, "-q"]
     result = run(*train, *[arg for item in sets for arg in ("--set", item)])
     assert result.exit_code == EXIT_OK, result.output
+    out = _latency_benchmark(["--model", str(run_dir), "--model", str(run_dir)], synthetic_dataset / "test")
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(reports) == 2 and out.stderr.count("| draem (cpu) | 32 | 0.1 | 1 |") == 2  # one table row each
+    for report in reports:
+        assert 100 <= report["latency_ms_p50"] <= report["latency_ms_p95"] <= report["latency_ms_max"]  # >= settle
+        assert report["sustained_images_per_s"] > 0 and report["watch_exit_code"] == EXIT_INTERRUPTED
+
+
+def _latency_benchmark(args: list[str], images: Path) -> subprocess.CompletedProcess:
     script = TESTS_DIR.parent / "benchmarks" / "watch_latency.py"
-    command = [sys.executable, str(script), "--model", str(run_dir), "--images", str(synthetic_dataset / "test")]
+    command = [sys.executable, str(script), *args, "--images", str(images)]
     command += ["--n", "3", "--interval", "0", "--burst", "4", "--settle", "0.1", "--threads", "1"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+
+@pytest.mark.slow
+def test_latency_benchmark_trains_a_short_cpu_profile_model_and_keeps_it(synthetic_dataset, tmp_path):
+    keep = tmp_path / "models"
+    args = ["--train", str(synthetic_dataset / "train" / "good"), "--method", "draem", "--keep", str(keep)]
+    out = _latency_benchmark(args, synthetic_dataset / "test")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
-    assert 100 <= report["latency_ms_p50"] <= report["latency_ms_p95"] <= report["latency_ms_max"]  # >= settle
-    assert report["sustained_images_per_s"] > 0 and report["watch_exit_code"] == EXIT_INTERRUPTED
+    assert report["method"] == "draem" and report["profile"] == "cpu" and report["image_size"] == 128
+    training = json.loads((keep / "draem-cpu" / "metadata.json").read_text())["training"]
+    assert training["steps"] == 5  # a short training: the profile's architecture, not its schedule
+    again = _latency_benchmark(args, synthetic_dataset / "test")
+    assert again.returncode == 0 and "training a short" not in again.stderr  # the kept model is used again
