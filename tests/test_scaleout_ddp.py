@@ -207,6 +207,19 @@ def test_bare_runs_are_refused_with_one_line():
     assert bare.returncode == 2 and "torchrun --nproc-per-node N" in bare.stderr
 
 
+def interrupt_at_step(monkeypatch, detector_cls, step: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) at training step ``step`` of ``detector_cls`` in this process."""
+    original, calls = detector_cls._train_step, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(detector_cls, "_train_step", interrupted)
+
+
 @pytest.mark.slow
 def test_torchrun_resumes_an_interrupted_run(synthetic_dataset, tmp_path, monkeypatch):
     from typer.testing import CliRunner
@@ -215,15 +228,7 @@ def test_torchrun_resumes_an_interrupted_run(synthetic_dataset, tmp_path, monkey
 
     home, out = tmp_path / "home", tmp_path / "run"
     monkeypatch.setenv("SURFACEINSPECT_HOME", str(home))
-    original, calls = DraemDetector._train_step, []
-
-    def interrupted_at_step_3(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DraemDetector, "_train_step", interrupted_at_step_3)
+    interrupt_at_step(monkeypatch, DraemDetector, 3)
     sets = [arg for item in [*TINY_DRAEM_SETS, "common.checkpoint_every_s=0.001"] for arg in ("--set", item)]
     args = ["train", "-m", "draem", "--profile", "cpu", str(synthetic_dataset / "train" / "good"), "--out", str(out)]
     first = CliRunner().invoke(app, [*args, "--threads", "1", "-q", *sets])
@@ -259,15 +264,7 @@ def test_csflow_interrupted_in_one_process_resumes_under_torchrun(synthetic_data
     whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
 
-    original, calls = CSFlowDetector._train_step, []
-
-    def interrupted_at_step_8(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return original(self, *a, **kw)
-
-    monkeypatch.setattr(CSFlowDetector, "_train_step", interrupted_at_step_8)
+    interrupt_at_step(monkeypatch, CSFlowDetector, 8)
     out = tmp_path / "run"
     first = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert first.exit_code == 130 and (out / "checkpoint.pt").is_file(), first.output
