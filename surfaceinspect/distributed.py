@@ -18,6 +18,8 @@ Building blocks, kept apart from the single-process code paths:
   (:func:`shard_bounds`) and gathered on every rank (:func:`gather_feature_store`); the ranks
   split every global batch and sum their weighted gradients (:func:`sum_gradients`), so the step
   is the single-process one up to the order of floating-point sums (no BatchNorm in the flow).
+* :class:`RankConsistentBudget`: with a time budget, rank 0 times the steps and decides the
+  schedule for every rank (ranks timing themselves would stop at different steps).
 
 :func:`main` runs the ``train`` command under torchrun::
 
@@ -459,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if env is None or not args or args[0] != "train":
         sys.stderr.write(
             "error: run the train command under torchrun: torchrun --nproc-per-node N -m "
-            "surfaceinspect.distributed train -m draem GOOD_DIR [train options]\n"
+            "surfaceinspect.distributed train -m draem|csflow GOOD_DIR [train options]\n"
         )
         sys.exit(2)
     try:
