@@ -7,6 +7,7 @@ Everything is validated before any work starts; errors name the key and say how 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -307,6 +308,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a whole number, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 (no dot) as text; users write it that way in --set and files.
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):  # nan passes every range check (all comparisons are False)

@@ -161,3 +161,16 @@ def test_non_square_size_must_suit_the_method() -> None:
     with pytest.raises(ConfigError, match=r"multiple of 128; use \[256, 512\]"):
         CSFlowConfig().validate(CommonConfig(image_size=[250, 500]))
     CSFlowConfig().validate(CommonConfig(image_size=[256, 1024]))
+
+
+def test_exponent_without_a_dot_is_a_number(toy_method, tmp_path):
+    # PyYAML reads 1e-3 as text (YAML 1.1 wants 1.0e-3); people write it the short way.
+    run = resolve_run_config(method="toy", profile="cpu", sets=["toy.lr=1e-3"])
+    assert run.method_config.lr == pytest.approx(1e-3)
+    config = tmp_path / "c.yaml"
+    config.write_text("method: toy\ntoy:\n  lr: 5E-4\n", encoding="utf-8")
+    assert resolve_run_config(method="toy", config_file=config).method_config.lr == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match=r"toy\.lr: expected a finite number"):
+        resolve_run_config(method="toy", profile="cpu", sets=["toy.lr=nan"])
+    with pytest.raises(ConfigError, match=r"toy\.lr: expected a number"):
+        resolve_run_config(method="toy", profile="cpu", sets=["toy.lr=fast"])
