@@ -16,6 +16,7 @@ from surfaceinspect.config import CommonConfig, RunConfig
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.detectors.csflow import CSFlowConfig, CSFlowDetector
 from surfaceinspect.detectors.csflow import backbones as bb
+from surfaceinspect.detectors.csflow.detector import image_scores
 from surfaceinspect.detectors.csflow.flow import CSFlow, nll_per_dim, soft_clamp
 from surfaceinspect.errors import BackboneWeightsError, ConfigError, TrainingError
 
@@ -174,6 +175,9 @@ def test_other_bad_settings_rejected():
         {"feature_cache": "gpu"},
         {"clamp": -1.0},
         {"feature_stage": 9},
+        {"score_mode": "median"},
+        {"score_topk": 0.0},
+        {"score_topk": 1.5},
     ):
         with pytest.raises(ConfigError):
             CSFlowConfig(**bad).validate(common)
@@ -295,6 +299,42 @@ def test_product_map_mode():
     det.fit(texture_images(8, 64, False, seed=1), TrainContext())
     pred = det.predict(texture_images(2, 64, True, seed=2).float() / 255)
     assert pred.maps.shape == (2, 64, 64) and torch.isfinite(pred.maps).all() and (pred.maps > 0).all()
+
+
+def test_score_modes_on_a_synthetic_map():
+    # Two images with the same total energy: one spread evenly, one in a single hot spot of 1 % of the map.
+    energy_even = torch.full((1, 4, 10, 10), 1.0)
+    energy_spot = torch.zeros((1, 4, 10, 10))
+    energy_spot[0, :, 3, 7] = 100.0
+    energy = [torch.cat([energy_even, energy_spot])]
+    maps = energy[0].mean(dim=1)
+    mean = image_scores(energy, maps, "mean", 0.01)
+    assert torch.allclose(mean, torch.tensor([1.0, 1.0]))  # the paper's mean cannot tell them apart
+    assert torch.allclose(image_scores(energy, maps, "max", 0.01), torch.tensor([1.0, 100.0]))
+    assert torch.allclose(image_scores(energy, maps, "topk", 0.01), torch.tensor([1.0, 100.0]))  # k = 1 pixel
+    assert torch.allclose(image_scores(energy, maps, "topk", 0.02), torch.tensor([1.0, 50.0]))  # k = 2
+    assert torch.allclose(image_scores(energy, maps, "topk", 1e-6), torch.tensor([1.0, 100.0]))  # k >= 1
+    assert torch.allclose(image_scores(energy, maps, "topk", 1.0), maps.mean(dim=(1, 2)))
+    # mean: over every position, channel and scale (a scale of a quarter the positions counts a quarter)
+    two_scales = [torch.ones(1, 4, 10, 10), torch.full((1, 4, 5, 5), 5.0)]
+    assert torch.allclose(image_scores(two_scales, maps[:1], "mean", 0.01), torch.tensor([(100 + 25 * 5) / 125]))
+
+
+def test_score_mode_is_an_inference_setting():
+    assert {"score_mode", "score_topk"} <= CSFlowConfig.inference_keys
+    det = make_detector(epochs=1)
+    det.fit(texture_images(8, 64, False, seed=1), TrainContext())
+    images = texture_images(3, 64, True, seed=2).float() / 255
+    paper = det.predict(images)
+    det.config.score_mode = "max"
+    peak = det.predict(images)
+    det.config.score_mode, det.config.score_topk = "topk", 0.05
+    top = det.predict(images)
+    assert torch.equal(paper.maps, peak.maps) and torch.equal(paper.maps, top.maps)  # only the score changes
+    assert torch.allclose(peak.scores, paper.maps.flatten(1).amax(dim=1))
+    k = round(0.05 * 64 * 64)
+    assert torch.allclose(top.scores, paper.maps.flatten(1).topk(k, dim=1).values.mean(dim=1))
+    assert (top.scores <= peak.scores).all() and not torch.allclose(paper.scores, peak.scores)
 
 
 def test_save_load_through_safetensors_gives_identical_scores(tmp_path):

@@ -11,6 +11,7 @@ from surfaceinspect.errors import ConfigError
 from .backbones import BACKBONES, available_backbones, resolve_weights
 
 MAP_MODES = ("largest", "product")
+SCORE_MODES = ("mean", "max", "topk")
 FEATURE_CACHES = ("memory", "disk", "none")
 FEATURE_NORMS = ("none", "channel")
 DOWNSCALE_MODES = ("bilinear", "bicubic", "area", "nearest")
@@ -21,7 +22,9 @@ class CSFlowConfig(MethodConfig):
     """CS-Flow settings. ``epochs``/``lr`` come from MethodConfig; everything else is here."""
 
     method: ClassVar[str] = "csflow"
-    inference_keys: ClassVar[frozenset[str]] = frozenset({"map_mode", "map_sigma", "channels_last"})
+    inference_keys: ClassVar[frozenset[str]] = frozenset(
+        {"map_mode", "map_sigma", "score_mode", "score_topk", "channels_last"}
+    )
     cli_options: ClassVar[dict[str, str]] = {
         "backbone_weights": "local file with the backbone's ImageNet weights (offline installs of B5)",
     }
@@ -53,6 +56,11 @@ class CSFlowConfig(MethodConfig):
     # Scoring
     map_mode: str = "largest"  # largest: largest scale (paper) | product: geometric mean over scales
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of image_size (0 = off)
+    # Image score. mean (paper): mean of z^2/2 over every position, channel and scale; it dilutes a defect
+    # that covers a few percent of the image. max: the largest value of the (smoothed) anomaly map.
+    # topk: the mean of the largest score_topk fraction of the map's pixels.
+    score_mode: str = "mean"
+    score_topk: float = 0.01  # fraction of the map's pixels that score_mode=topk averages
     # Runtime
     feature_cache: str = "memory"  # memory | disk | none (recompute features every epoch)
     cache_dir: str = ""  # where feature_cache=disk writes (default: the system temp folder)
@@ -96,6 +104,12 @@ class CSFlowConfig(MethodConfig):
             raise ConfigError(f"csflow.map_mode={self.map_mode!r}: use one of: {', '.join(MAP_MODES)}")
         if self.map_sigma < 0:
             raise ConfigError(f"csflow.map_sigma={self.map_sigma}: use a value >= 0")
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"csflow.score_mode={self.score_mode!r}: use one of: {', '.join(SCORE_MODES)}")
+        if not 0.0 < self.score_topk <= 1.0:
+            raise ConfigError(
+                f"csflow.score_topk={self.score_topk}: use a fraction of the map's pixels in (0, 1], e.g. 0.01"
+            )
         if self.feature_cache not in FEATURE_CACHES:
             raise ConfigError(f"csflow.feature_cache={self.feature_cache!r}: use one of: {', '.join(FEATURE_CACHES)}")
         if self.feature_norm not in FEATURE_NORMS:

@@ -39,14 +39,34 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
+def image_scores(energy: list[torch.Tensor], maps: torch.Tensor, mode: str, topk: float) -> torch.Tensor:
+    """Image scores from the per-scale energies ``z^2/2`` ``(B, C, h, w)`` and the final maps ``(B, H, W)``.
+
+    ``mean`` (paper): mean energy over every position, channel and scale. ``max``: the map's largest
+    value. ``topk``: mean of the map's ``max(1, round(topk * H * W))`` largest values.
+    """
+    if mode == "mean":
+        total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
+        return total / sum(e[0].numel() for e in energy)
+    flat = maps.flatten(1)
+    if mode == "max":
+        return flat.amax(dim=1)
+    if mode == "topk":
+        k = max(1, round(topk * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown score mode {mode!r}")
+
+
 def latent_scores(
-    zs: list[torch.Tensor], size: tuple[int, int], map_mode: str, map_sigma: float
+    zs: list[torch.Tensor],
+    size: tuple[int, int],
+    map_mode: str,
+    map_sigma: float,
+    score_mode: str = "mean",
+    score_topk: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores ``(B,)`` (mean z^2/2 over positions, channels, scales) and maps ``(B, H, W)`` of ``size``."""
+    """Image scores ``(B,)`` (``score_mode``, see :func:`image_scores`) and maps ``(B, H, W)`` of ``size``."""
     energy = [z.float().pow(2).mul_(0.5) for z in zs]
-    total = sum(e.sum(dim=(1, 2, 3)) for e in energy)
-    count = sum(e[0].numel() for e in energy)
-    scores = total / count
     per_scale = [e.mean(dim=1, keepdim=True) for e in energy]
     if map_mode == "largest":
         maps = F.interpolate(per_scale[0], size=size, mode="bilinear", align_corners=False)
@@ -58,7 +78,7 @@ def latent_scores(
         ]
         maps = torch.stack(logs).mean(0).exp()
     maps = gaussian_blur(maps[:, 0].contiguous(), map_sigma)
-    return scores, maps
+    return image_scores(energy, maps, score_mode, score_topk), maps
 
 
 class CSFlowInference(torch.nn.Module):
@@ -71,6 +91,8 @@ class CSFlowInference(torch.nn.Module):
         norm: list[tuple[torch.Tensor, torch.Tensor]] | None,
         map_mode: str,
         map_sigma: float,
+        score_mode: str = "mean",
+        score_topk: float = 0.05,
     ) -> None:
         super().__init__()
         self.extractor = extractor
@@ -81,6 +103,8 @@ class CSFlowInference(torch.nn.Module):
             self.register_buffer(f"norm_std_{i}", std)
         self.map_mode = map_mode
         self.map_sigma = map_sigma
+        self.score_mode = score_mode
+        self.score_topk = score_topk
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.extractor(images)
@@ -89,7 +113,8 @@ class CSFlowInference(torch.nn.Module):
                 (f - getattr(self, f"norm_mean_{i}")) / getattr(self, f"norm_std_{i}") for i, f in enumerate(feats)
             ]
         zs, _ = self.flow(feats)
-        return latent_scores(zs, (images.shape[-2], images.shape[-1]), self.map_mode, self.map_sigma)
+        size = (images.shape[-2], images.shape[-1])
+        return latent_scores(zs, size, self.map_mode, self.map_sigma, self.score_mode, self.score_topk)
 
 
 class FeatureStore:
@@ -459,15 +484,19 @@ class CSFlowDetector(Detector):
 
     @torch.inference_mode()
     def prediction_from_latents(self, zs: list[torch.Tensor], size: tuple[int, int]) -> Prediction:
-        """Image scores (mean z^2/2 over positions, channels, scales) and maps of ``size`` (H, W)."""
-        scores, maps = latent_scores(zs, size, self.config.map_mode, self.config.map_sigma)
+        """Anomaly maps of ``size`` (H, W) and image scores (``csflow.score_mode``, see :func:`image_scores`)."""
+        cfg = self.config
+        scores, maps = latent_scores(zs, size, cfg.map_mode, cfg.map_sigma, cfg.score_mode, cfg.score_topk)
         return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu().contiguous())
 
     def inference_module(self) -> torch.nn.Module:
         """``predict`` as one float32 module for export: images (B, 3, H, W) in [0, 1] -> (scores, maps)."""
         if self.extractor is None or self.flow is None:
             raise RuntimeError("CSFlowDetector: call fit() or load_state_dict() before inference_module()")
-        return CSFlowInference(self.extractor, self.flow, self.norm, self.config.map_mode, self.config.map_sigma).eval()
+        cfg = self.config
+        return CSFlowInference(
+            self.extractor, self.flow, self.norm, cfg.map_mode, cfg.map_sigma, cfg.score_mode, cfg.score_topk
+        ).eval()
 
     # ------------------------------------------------------------------ persistence
 
