@@ -60,7 +60,7 @@ class CSFlowConfig(MethodConfig):
     # that covers a few percent of the image. max: the largest value of the (smoothed) anomaly map.
     # topk: the mean of the largest score_topk fraction of the map's pixels.
     score_mode: str = "mean"
-    score_topk: float = 0.01  # fraction of the map's pixels that score_mode=topk averages
+    score_topk: float = 0.05  # fraction of the map's pixels that score_mode=topk averages
     # Runtime
     feature_cache: str = "memory"  # memory | disk | none (recompute features every epoch)
     cache_dir: str = ""  # where feature_cache=disk writes (default: the system temp folder)
@@ -108,7 +108,7 @@ class CSFlowConfig(MethodConfig):
             raise ConfigError(f"csflow.score_mode={self.score_mode!r}: use one of: {', '.join(SCORE_MODES)}")
         if not 0.0 < self.score_topk <= 1.0:
             raise ConfigError(
-                f"csflow.score_topk={self.score_topk}: use a fraction of the map's pixels in (0, 1], e.g. 0.01"
+                f"csflow.score_topk={self.score_topk}: use a fraction of the map's pixels in (0, 1], e.g. 0.05"
             )
         if self.feature_cache not in FEATURE_CACHES:
             raise ConfigError(f"csflow.feature_cache={self.feature_cache!r}: use one of: {', '.join(FEATURE_CACHES)}")
