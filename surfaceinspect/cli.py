@@ -1105,8 +1105,13 @@ def watch(
     reporter.info(
         f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
     )
-    with _sigterm_as_interrupt():
-        result = watch_folder(loaded, folder, output, options, fmt=fmt_name, force=force, reporter=reporter)
+    stop = threading.Event()
+    with _signals_set(stop):
+        result = watch_folder(
+            loaded, folder, output, options, fmt=fmt_name, force=force, reporter=reporter, stop_event=stop
+        )
+    if stop.is_set():
+        result.stopped_by = "interrupted"
     summary = result.summary
     extra: list[Part] = [f"records: {output}"]
     if result.already_recorded:
@@ -1120,20 +1125,28 @@ def watch(
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd, Kubernetes, kill) stops a watch as cleanly as Ctrl-C does."""
+def _signals_set(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM (systemd, Kubernetes, kill) set ``stop``: the watch ends after the batch in hand.
+
+    A flag instead of an exception raised wherever the signal lands: the record being written, the
+    data loader and the on-defect commands all finish cleanly. A second Ctrl-C interrupts at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def interrupt(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
+    def request_stop(_signum: int, _frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    for sig in previous:
+        signal.signal(sig, request_stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _reflow_help(doc: str) -> str:

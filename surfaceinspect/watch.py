@@ -495,6 +495,10 @@ def watch_folder(
             if ready or len(tracker):
                 last_activity = time.monotonic()
             while ready:
+                if stop_event is not None and stop_event.is_set():  # stop between batches, never inside one
+                    for leftover in ready:
+                        tracker.restore(leftover)
+                    break
                 room = options.batch_size
                 if options.stop_after is not None:
                     room = min(room, options.stop_after - summary.total)
@@ -506,6 +510,8 @@ def watch_folder(
                 score(batch)
             if hook is not None:
                 hook.reap()
+            if stop_event is not None and stop_event.is_set():
+                break
             if options.stop_after is not None and summary.total >= options.stop_after:
                 result.stopped_by = "stop-after"
                 break
