@@ -42,6 +42,10 @@ class DraemConfig(MethodConfig):
     ssim_window: int = 11
     focal_gamma: float = 2.0
     focal_weight: float = 1.0
+    # Train on random crop x crop windows of the full-size training images (0 = whole images);
+    # scoring still runs on the whole image (both networks are fully convolutional). A crop keeps the
+    # image's pixel detail at a fraction of the cost: 128 of 256 px costs a quarter per sample.
+    train_crop: int = 0
     # Anomaly synthesis.
     anomaly_prob: float = 0.5  # share of training samples that get a synthetic anomaly
     opacity_range: tuple[float, float] = (0.1, 1.0)  # beta: weight of the texture inside the mask
@@ -55,6 +59,9 @@ class DraemConfig(MethodConfig):
     # Training memory: recompute each block's activations in the backward pass instead of keeping
     # them (same results; ~1/3 more compute). For the paper widths on machines with little RAM.
     activation_checkpointing: bool = False
+    # Training arithmetic: auto = bf16 autocast on a CUDA GPU that supports it (fp32 master weights,
+    # losses in fp32), fp32 elsewhere: bf16 on a CPU without AMX/AVX-512-BF16 is a slow emulation.
+    train_precision: str = "auto"  # auto | fp32 | bf16
     # Scoring.
     smoothing_kernel: int = 21  # mean filter on the anomaly map before taking its maximum
     # Inference speed path (CPU): BatchNorm folded into convs, channels_last, optional bf16 autocast.
@@ -98,6 +105,11 @@ class DraemConfig(MethodConfig):
             raise ConfigError(f"{p}.perlin_threshold={self.perlin_threshold}: use a value in (-1, 1) (paper: 0.5)")
         if not 0 <= self.augment_ops <= 10:
             raise ConfigError(f"{p}.augment_ops={self.augment_ops}: use 0..10 (paper: 3)")
+        m = self.size_multiple()
+        if self.train_crop < 0 or self.train_crop % m:
+            raise ConfigError(f"{p}.train_crop={self.train_crop}: use 0 (whole images) or a positive multiple of {m}")
+        if self.train_precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{p}.train_precision={self.train_precision!r}: use auto, fp32 or bf16")
         self._validate_source()
 
     def size_reason(self) -> str:

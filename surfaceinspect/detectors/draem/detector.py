@@ -26,7 +26,7 @@ from surfaceinspect.detectors.draem.synthesis import (
     worker_init,
 )
 from surfaceinspect.detectors.schedule import Throughput
-from surfaceinspect.errors import ModelDirError, TrainingError
+from surfaceinspect.errors import ConfigError, ModelDirError, TrainingError
 
 STATE_VERSION = 1
 # Input range accepted by predict(): [0, 1] plus rounding slack. ImageNet-normalised images
@@ -38,6 +38,13 @@ def lr_at(step: int, total: int, base_lr: float, milestones: tuple[float, ...], 
     """MultiStep schedule with milestones given as fractions of ``total`` steps."""
     drops = sum(1 for f in milestones if step >= round(f * total))
     return base_lr * gamma**drops
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``draem.train_precision`` on ``device`` (float32 = no autocast)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def mask_scores(logits: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +100,7 @@ class DraemDetector(Detector):
         self.model.to(device)
         self.model.eval()
         self._fast: torch.nn.Module | None = None  # fused inference copy, rebuilt when weights change
+        self._amp_dtype = torch.float32  # autocast dtype of training steps (draem.train_precision)
 
     @property
     def cfg(self) -> DraemConfig:
@@ -137,11 +145,16 @@ class DraemDetector(Detector):
             batch_size=batch,
             sampler=GlobalIndexSampler(position.step * batch),
             num_workers=common.workers,
+            pin_memory=self.device.type == "cuda",
             worker_init_fn=worker_init if common.workers > 0 else None,
             prefetch_factor=4 if common.workers > 0 else None,
         )
         recent: list[float] = []
         parts: dict[str, float] = {}
+        self._amp_dtype = training_dtype(cfg.train_precision, self.device)
+        if self.device.type == "cuda":
+            # NHWC lets cuDNN use its tensor-core kernels for the 3x3 convs (bf16 and tf32 alike).
+            self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self._fast = None
         context.report(TrainProgress("train", position.step, position.total), state_fn)
@@ -176,6 +189,7 @@ class DraemDetector(Detector):
                 "final_loss_parts": parts,
                 "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
                 "grey_textures": grey,
+                "train_precision": "bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
             },
         )
 
@@ -193,7 +207,14 @@ class DraemDetector(Detector):
             grayscale=grey,
         )
         source = make_source(cfg.anomaly_source, nhwc)
-        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed), grey
+        h, w = nhwc.shape[1:3]
+        if cfg.train_crop > min(h, w):
+            raise ConfigError(
+                f"draem.train_crop={cfg.train_crop} is larger than the {h}x{w} training inputs; "
+                "use a smaller crop or a larger common.image_size"
+            )
+        crop = cfg.train_crop if cfg.train_crop < max(h, w) else 0
+        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop), grey
 
     def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
         """Load a checkpoint's weights and optimiser state; the position it was written at."""
@@ -217,11 +238,14 @@ class DraemDetector(Detector):
         """One optimiser step on a synthesised batch; returns the loss and its parts."""
         for group in optimizer.param_groups:
             group["lr"] = lr
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         image = batch["image"].to(self.device, non_blocking=True)
-        augmented = batch["augmented"].to(self.device, non_blocking=True)
+        augmented = batch["augmented"].to(self.device, non_blocking=True).contiguous(memory_format=layout)
         mask = batch["mask"].to(self.device, non_blocking=True)
-        rec, logits = self.model(augmented)
-        loss, parts = loss_fn(rec, image, logits, mask)
+        dtype = self._amp_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            rec, logits = self.model(augmented)
+        loss, parts = loss_fn(rec.float(), image, logits.float(), mask)
         if "nonfinite" in parts:
             raise TrainingError(
                 f"DRAEM loss became non-finite at step {step + 1} ({parts}); lower draem.lr (now {self.cfg.lr:g}) "

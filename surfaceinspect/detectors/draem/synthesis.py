@@ -150,15 +150,31 @@ class EpochPermutation:
         return int(self._perm[pos])
 
 
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``size`` x ``size`` window of ``image`` (H, W, C); sides shorter than ``size`` are kept whole."""
+    h, w = image.shape[:2]
+    y0 = int(rng.integers(0, h - size + 1)) if h > size else 0
+    x0 = int(rng.integers(0, w - size + 1)) if w > size else 0
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
 class SynthesisDataset(Dataset):
     """Map-style dataset over *global sample indices* (step * batch_size + j); endless."""
 
-    def __init__(self, images: np.ndarray, source: AnomalySource, params: SynthesisParams, seed: int) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        source: AnomalySource,
+        params: SynthesisParams,
+        seed: int,
+        crop: int = 0,
+    ) -> None:
         # images: uint8 (N, H, W, 3) numpy (shared with workers copy-on-write after fork).
         self.images = images
         self.source = source
         self.params = params
         self.seed = seed
+        self.crop = crop  # > 0: each sample is a random crop x crop window of its image
         self.order = EpochPermutation(len(images), seed)
 
     def __len__(self) -> int:
@@ -166,7 +182,10 @@ class SynthesisDataset(Dataset):
 
     def __getitem__(self, global_index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 1, global_index])
-        image = self.images[self.order(global_index)].astype(np.float32) / 255.0
+        image = self.images[self.order(global_index)]
+        if self.crop:
+            image = random_crop(image, self.crop, np.random.default_rng([self.seed, 2, global_index]))
+        image = image.astype(np.float32) / 255.0
         augmented, mask = synthesize(image, self.source, self.params, rng)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
