@@ -152,8 +152,8 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         "-p",
-        help="Named profile from sample_configs/ (cpu, paper; `surfaceinspect profiles` lists them) or a YAML "
-        "path. [default: paper with CUDA, cpu without]",
+        help="Named profile from sample_configs/ (cpu, paper; texture for DRAEM on textured surfaces; "
+        "`surfaceinspect profiles` lists them) or a YAML path. [default: paper with CUDA, cpu without]",
     ),
 ]
 ConfigOpt = Annotated[

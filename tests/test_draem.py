@@ -261,11 +261,15 @@ def test_anomaly_source_folder_is_checked(tmp_path) -> None:
         DraemConfig(anomaly_source=str(tmp_path)).validate(CommonConfig())
 
 
-@pytest.mark.parametrize("profile", ["cpu", "paper"])
+@pytest.mark.parametrize("profile", ["cpu", "paper", "texture"])
 def test_profiles_load_and_validate(profile: str) -> None:
     run = build_run_config(DraemConfig, profile, [])
     assert isinstance(run.method_config, DraemConfig)
     assert get_detector_class("draem") is DraemDetector
+    if profile == "texture":  # the cpu networks and schedule on half-resolution tiles
+        cpu = build_run_config(DraemConfig, "cpu", []).method_config
+        assert run.common.tiling.enabled and run.common.tiling.scale == 0.5 and run.common.image_size == 128
+        assert (run.method_config.recon_width, run.method_config.steps) == (cpu.recon_width, cpu.steps)
     if profile == "paper":
         cfg = run.method_config
         assert (cfg.recon_width, cfg.disc_width, cfg.epochs, run.common.image_size) == (128, 64, 700, 256)
