@@ -169,8 +169,13 @@ def measure(model: str, args: argparse.Namespace) -> dict:
             rate = args.burst / (max(clock.seen[n] for n in names) - first_closed)
     finally:
         clock.stop()
-        proc.send_signal(2)  # SIGINT: the watch stops cleanly
-        proc.wait(60)
+        # SIGTERM: the watch stops cleanly (SIGINT is ignored by processes started in the background).
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
         shutil.rmtree(work, ignore_errors=True)
 
     metadata = json.loads((Path(model) / "metadata.json").read_text())

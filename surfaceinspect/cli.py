@@ -1135,12 +1135,15 @@ def _signals_set(stop: threading.Event) -> Iterator[None]:
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A shell starts background jobs with SIGINT ignored (so Ctrl-C in the terminal spares them); keep that.
+    handled = [sig for sig, handler in previous.items() if handler is not signal.SIG_IGN]
 
     def request_stop(_signum: int, _frame: Any) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.SIGINT in handled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    for sig in previous:
+    for sig in handled:
         signal.signal(sig, request_stop)
     try:
         yield

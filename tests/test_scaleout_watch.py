@@ -304,6 +304,8 @@ def test_interrupt_exits_130_with_complete_records(trained, images, tmp_path, si
         env={**os.environ, "TOY_PROFILES": str(tmp_path)},
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background (`pytest &`) passes on an ignored SIGINT, which the watch keeps.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -358,3 +360,36 @@ def test_latency_benchmark_trains_a_short_cpu_profile_model_and_keeps_it(synthet
     assert training["steps"] == 5  # a short training: the profile's architecture, not its schedule
     again = _latency_benchmark(args, synthetic_dataset / "test")
     assert again.returncode == 0 and "training a short" not in again.stderr  # the kept model is used again
+
+
+def test_stop_signals_set_a_flag_and_an_ignored_sigint_stays_ignored():
+    """SIGTERM/Ctrl-C only set the stop flag (no exception mid-batch); a background job's ignored SIGINT is kept."""
+    import threading
+
+    from surfaceinspect.cli import _signals_set
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = threading.Event()
+        with _signals_set(stop):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert not stop.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop = threading.Event()
+        with _signals_set(stop):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.is_set()
+            # a second Ctrl-C interrupts at once
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
