@@ -188,11 +188,12 @@ RuntimeOpt = Annotated[
     str | None,
     typer.Option(
         "--runtime",
-        metavar="torch|onnx|openvino",
-        help="torch: the trained model; onnx: its export (written by `surfaceinspect export`, RUN/export-onnx/), "
-        "run with onnxruntime on the CPU (--device is ignored); openvino: the same graph in OpenVINO (optional "
-        "extra; only if export checked its parity). Same records, scores within the export's parity tolerance. "
-        "--model may also be an export folder (then onnx). (default: torch)",
+        metavar="auto|torch|onnx|openvino",
+        help="auto: onnx when scoring on the CPU and the run has an export of its current weights (2-3x faster "
+        "there), else torch; torch: the trained model; onnx: its export (written by `surfaceinspect export`, "
+        "RUN/export-onnx/), run with onnxruntime on the CPU (--device is ignored); openvino: the same graph in "
+        "OpenVINO (optional extra; only if export checked its parity). Same records, scores within the export's "
+        "parity tolerance. --model may also be an export folder (then onnx). (default: auto)",
     ),
 ]
 

@@ -703,11 +703,14 @@ def load(
     ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
     stored calibration then no longer matches the scores, so callers recalibrate. ``runtime``
     ``onnx`` (or ``model_dir`` being an export folder) scores with the run's exported graph
-    instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same.
+    instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same. ``None``
+    or ``auto``: see :func:`surfaceinspect.runtimes.auto_runtime`.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
-    if runtime not in (None, "torch") or runtimes.is_export_dir(run_dir):
+    if runtime in (None, "auto"):
+        runtime = runtimes.auto_runtime(run_dir, resolve_device(device).type == "cpu", inference_sets)
+    if runtime != "torch" or runtimes.is_export_dir(run_dir):
         detector, calibration, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
         return LoadedModel(run_dir, detector, calibration, metadata)
     detector, metadata = modeldir.load_model(run_dir, resolve_device(device), inference_sets)

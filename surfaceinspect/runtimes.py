@@ -192,6 +192,32 @@ class ExportedDetector(Detector):
         raise ModelDirError(f"{self.export_dir} is an exported model: its weights live in the ONNX graph")
 
 
+def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = ()) -> str:
+    """What ``--runtime auto`` runs: ``onnx`` where it was measured faster and is safe to use, else ``torch``.
+
+    ONNX Runtime scored 2-3x faster than torch eager on the CPU (BENCHMARKS.md, section 10), so a run
+    scored on the CPU uses its export when it has one that was made from its current weights (an export
+    is only written after its parity check passed) and onnxruntime is installed. Inference overrides
+    (``--set``) and GPUs keep torch; an export folder passed as the model is always a graph.
+    """
+    if is_export_dir(model_dir):
+        return "onnx"
+    export_dir = model_dir / DEFAULT_EXPORT_SUBDIR
+    if inference_sets or not on_cpu or not is_export_dir(export_dir):
+        return "torch"
+    from surfaceinspect import modeldir
+
+    try:
+        manifest = read_manifest(export_dir)
+        import_onnxruntime()
+        metadata = modeldir.read_metadata(model_dir)
+    except ModelDirError:
+        return "torch"
+    if manifest.get("source_weights_sha256") != metadata.get("weights_sha256"):
+        return "torch"  # exported before the weights changed: torch scores what the run holds now
+    return "onnx"
+
+
 def load_exported(
     model_dir: Path, runtime: str | None, threads: int = 0, inference_sets: Sequence[str] = ()
 ) -> tuple[ExportedDetector, Calibration, dict[str, Any]]:
@@ -203,7 +229,7 @@ def load_exported(
     from surfaceinspect import modeldir  # modeldir imports torch-heavy detector code; runtimes stays light
 
     if runtime not in (None, *RUNTIMES):
-        raise ConfigError(f"--runtime {runtime} is unknown; choose one of: {', '.join(RUNTIMES)}")
+        raise ConfigError(f"--runtime {runtime} is unknown; choose one of: auto, {', '.join(RUNTIMES)}")
     if inference_sets:
         raise ConfigError("--set of inference settings needs the torch runtime: the exported graph is fixed")
     graph = runtime or "onnx"

@@ -86,7 +86,7 @@ def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset
     out = run_dir / runtimes.DEFAULT_EXPORT_SUBDIR
     manifest = json.loads((out / "export.json").read_text())
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    loaded = engine.load(run_dir, device="cpu", threads=1)
+    loaded = engine.load(run_dir, device="cpu", threads=1, runtime="torch")
     paths = sorted((synthetic_dataset / "test").rglob("*.png"))[:5]
     from surfaceinspect.data import iterate_images, stack_images
 
@@ -116,7 +116,7 @@ def test_score_with_an_exported_runtime_gives_the_same_records(exported_run, syn
         output = _refused("score", str(images), "--model", str(run_dir), "--runtime", runtime, "-q")
         assert f"cannot run with {runtime}" in output
         return
-    torch_records = _records(runner, images, "--model", str(run_dir))
+    torch_records = _records(runner, images, "--model", str(run_dir), "--runtime", "torch")
     graph_records = _records(runner, images, "--model", str(run_dir), "--runtime", runtime)
     folder_records = _records(runner, images, "--model", str(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR),
                               "--runtime", runtime)  # fmt: skip
@@ -128,6 +128,29 @@ def test_score_with_an_exported_runtime_gives_the_same_records(exported_run, syn
         assert a["n_regions"] == b["n_regions"]
         assert b["score"] == c["score"]
         assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
+
+
+@pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
+def test_auto_runtime_prefers_a_current_export_on_the_cpu(exported_run, synthetic_dataset, tmp_path):
+    """The default runtime scores with the export on a CPU, and with torch where the export cannot stand in."""
+    method, run_dir = exported_run
+    assert runtimes.auto_runtime(run_dir, on_cpu=True) == "onnx"
+    assert runtimes.auto_runtime(run_dir, on_cpu=False) == "torch"  # a GPU keeps torch
+    inference_set = "draem.smoothing_kernel=3" if method == "draem" else "csflow.map_sigma=2"
+    assert runtimes.auto_runtime(run_dir, on_cpu=True, inference_sets=[inference_set]) == "torch"
+    assert isinstance(engine.load(run_dir, device="cpu").detector, runtimes.ExportedDetector)
+    assert not isinstance(engine.load(run_dir, device="cpu", runtime="torch").detector, runtimes.ExportedDetector)
+    result = CliRunner().invoke(app, ["score", str(synthetic_dataset / "test" / "good"), "--model", str(run_dir),
+                                      "--threads", "1", "--workers", "0"])  # fmt: skip
+    assert result.exit_code in (0, 1), result.output
+    assert "[onnx:" in result.output  # the operator sees which runtime scored
+    # An export older than the run's weights is not used: torch scores what the run holds now.
+    stale = tmp_path / "stale"
+    shutil.copytree(run_dir, stale)
+    metadata = json.loads((stale / "metadata.json").read_text())
+    metadata["weights_sha256"] = "0" * 64
+    (stale / "metadata.json").write_text(json.dumps(metadata))
+    assert runtimes.auto_runtime(stale, on_cpu=True) == "torch"
 
 
 @pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
@@ -158,7 +181,7 @@ def test_export_that_disagrees_is_refused_and_nothing_written(exported_run, tmp_
         model.graph.node.append(onnx.helper.make_node("Mul", ["score_raw", "tamper_factor"], ["score"]))
         return model.SerializeToString()
 
-    loaded = engine.load(run_dir, device="cpu", threads=1)
+    loaded = engine.load(run_dir, device="cpu", threads=1, runtime="torch")
     out = tmp_path / "bad_export"
     with pytest.raises(ExportError, match="does not score like the torch model"):
         export_run(loaded.run_dir, loaded.detector, loaded.calibration, loaded.metadata, out, tamper=tamper)
@@ -295,7 +318,7 @@ def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tm
     assert manifest["tiling"]["enabled"] is True and manifest["tiling"]["tile"] == [64, 64]
     assert manifest["input"]["shape"] == ["batch", 3, 64, 64]
     images = synthetic_dataset / "test"  # 96 px images: 4 overlapping 64 px tiles each
-    torch_records = _records(runner, images, "--model", str(run_dir))
+    torch_records = _records(runner, images, "--model", str(run_dir), "--runtime", "torch")
     onnx_records = _records(runner, images, "--model", str(run_dir), "--runtime", "onnx")
     threshold = engine.load(run_dir, device="cpu").calibration.image_threshold
     for a, b in zip(torch_records, onnx_records, strict=True):
