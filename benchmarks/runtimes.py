@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import build  # the same detector construction as benchmarks/speed.py
+from timing import measure
 
 from surfaceinspect import runtimes
 from surfaceinspect.benchmark import peak_rss_mb
@@ -72,29 +71,6 @@ def graph_runner(model: bytes, runtime: str, threads: int) -> Runner:
 def rel_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
     """Largest |difference| of scores and maps, relative to the largest |reference value|."""
     return max(float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)) for x, y in zip(a, b, strict=True))
-
-
-def measure(run: Runner, x1: torch.Tensor, xb: torch.Tensor, seconds: float) -> dict:
-    for _ in range(3):  # warm-up: allocator, primitive creation, compilation
-        run(x1)
-    run(xb)
-    latencies: list[float] = []
-    stop = time.perf_counter() + seconds
-    while time.perf_counter() < stop or len(latencies) < 5:
-        t = time.perf_counter()
-        run(x1)
-        latencies.append(time.perf_counter() - t)
-    rounds, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or rounds < 2:
-        run(xb)
-        rounds += 1
-    latencies.sort()
-    return {
-        "images_per_s_batch1": len(latencies) / sum(latencies),
-        "images_per_s_batched": rounds * len(xb) / (time.perf_counter() - t0),
-        "latency_ms_p50": 1000 * statistics.median(latencies),
-        "latency_ms_p95": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
-    }
 
 
 def main() -> None:

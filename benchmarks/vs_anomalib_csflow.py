@@ -22,7 +22,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -57,29 +56,18 @@ def build_anomalib(size: int):
 def measure_one(impl: str, size: int, batch: int, seconds: float, threads: int, sets: list[str]) -> dict:
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from timing import measure  # no surfaceinspect import: runs in anomalib's environment too
+
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     run = build_ours(size, sets) if impl == "ours" else build_anomalib(size)
     torch.set_num_threads(threads)
     x1, xb = torch.rand(1, 3, size, size), torch.rand(batch, 3, size, size)
-    for _ in range(3):
-        run(x1)
-    run(xb)
-    lat: list[float] = []
-    stop = time.perf_counter() + seconds
-    while time.perf_counter() < stop or len(lat) < 5:
-        t = time.perf_counter()
-        run(x1)
-        lat.append(time.perf_counter() - t)
-    rounds, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or rounds < 2:
-        run(xb)
-        rounds += 1
+    timing = measure(run, x1, xb, seconds)
     return {
         "impl": impl,
-        "images_per_s_batch1": len(lat) / sum(lat),
-        "images_per_s_batched": rounds * batch / (time.perf_counter() - t0),
-        "latency_ms_p50": 1000 * statistics.median(lat),
+        **{k: timing[k] for k in ("images_per_s_batch1", "images_per_s_batched", "latency_ms_p50")},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
