@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import measure  # benchmarks/timing.py: this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from surfaceinspect.benchmark import peak_rss_mb
@@ -50,28 +49,14 @@ def infer(args: argparse.Namespace) -> dict:
     x1, xb = torch.rand(1, 3, h, w), torch.rand(batched, 3, h, w)
     with FlopCounterMode(display=False) as counter:
         det.predict(x1)
-    for _ in range(2):  # warm-up: allocator, oneDNN primitive creation
-        det.predict(x1)
-    latencies = []
-    stop = time.perf_counter() + args.seconds
-    while time.perf_counter() < stop or len(latencies) < 5:
-        t = time.perf_counter()
-        det.predict(x1)
-        latencies.append(time.perf_counter() - t)
-    det.predict(xb)
-    rounds, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds or rounds < 2:
-        det.predict(xb)
-        rounds += 1
-    batched_rate = rounds * batched / (time.perf_counter() - t0)
+    timing = measure(det.predict, x1, xb, args.seconds)
     gflop = counter.get_total_flops() / 1e9
-    rate1 = len(latencies) / sum(latencies)
-    latencies.sort()
+    rate1, batched_rate = timing["images_per_s_batch1"], timing["images_per_s_batched"]
     return {
         "images_per_s_batch1": round(rate1, 3),
         f"images_per_s_batch{batched}": round(batched_rate, 3),
-        "latency_ms_p50": round(1000 * statistics.median(latencies), 2),
-        "latency_ms_p95": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 2),
+        "latency_ms_p50": round(timing["latency_ms_p50"], 2),
+        "latency_ms_p95": round(timing["latency_ms_p95"], 2),
         "gflop_per_image": round(gflop, 3),
         "gflop_per_s_batch1": round(gflop * rate1, 1),
         f"gflop_per_s_batch{batched}": round(gflop * batched_rate, 1),

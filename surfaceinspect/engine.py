@@ -708,12 +708,14 @@ def load(
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
+    torch_device = None  # resolved only where torch may score: --runtime onnx ignores --device
     if runtime in (None, "auto"):
-        runtime = runtimes.auto_runtime(run_dir, resolve_device(device).type == "cpu", inference_sets)
+        torch_device = resolve_device(device)
+        runtime = runtimes.auto_runtime(run_dir, torch_device.type == "cpu", inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
         detector, calibration, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
         return LoadedModel(run_dir, detector, calibration, metadata)
-    detector, metadata = modeldir.load_model(run_dir, resolve_device(device), inference_sets)
+    detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
     calibration = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
     return LoadedModel(run_dir, detector, calibration, metadata)
 

@@ -100,7 +100,10 @@ class DraemDetector(Detector):
         self.model.to(device)
         self.model.eval()
         self._fast: torch.nn.Module | None = None  # fused inference copy, rebuilt when weights change
-        self._amp_dtype = torch.float32  # autocast dtype of training steps (draem.train_precision)
+        # Training arithmetic and layout, set by fit(): autocast dtype (draem.train_precision) and
+        # NHWC on CUDA, where it lets cuDNN use its tensor-core kernels for the 3x3 convs.
+        self._amp_dtype = torch.float32
+        self._train_layout = torch.contiguous_format
 
     @property
     def cfg(self) -> DraemConfig:
@@ -153,8 +156,8 @@ class DraemDetector(Detector):
         parts: dict[str, float] = {}
         self._amp_dtype = training_dtype(cfg.train_precision, self.device)
         if self.device.type == "cuda":
-            # NHWC lets cuDNN use its tensor-core kernels for the 3x3 convs (bf16 and tf32 alike).
-            self.model.to(memory_format=torch.channels_last)
+            self._train_layout = torch.channels_last
+            self.model.to(memory_format=self._train_layout)
         self.model.train()
         self._fast = None
         context.report(TrainProgress("train", position.step, position.total), state_fn)
@@ -238,9 +241,8 @@ class DraemDetector(Detector):
         """One optimiser step on a synthesised batch; returns the loss and its parts."""
         for group in optimizer.param_groups:
             group["lr"] = lr
-        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         image = batch["image"].to(self.device, non_blocking=True)
-        augmented = batch["augmented"].to(self.device, non_blocking=True).contiguous(memory_format=layout)
+        augmented = batch["augmented"].to(self.device, non_blocking=True).contiguous(memory_format=self._train_layout)
         mask = batch["mask"].to(self.device, non_blocking=True)
         dtype = self._amp_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
