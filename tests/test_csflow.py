@@ -367,6 +367,63 @@ def test_feature_norm_standardises_and_round_trips(tmp_path):
     assert torch.equal(det.predict(probe).scores, fresh.predict(probe).scores)
 
 
+def test_feature_norm_whiten_decorrelates_round_trips_and_exports(tmp_path):
+    images = texture_images(10, 64, False, seed=1)
+    det = make_detector(feature_norm="whiten", whiten_shrinkage=0.01, epochs=1)
+    det.fit(images, TrainContext())
+    assert det.norm is not None and len(det.norm) == 3
+    with torch.inference_mode():
+        raw = det.extractor(images.float() / 255)
+        feats = det._layout(raw)
+    for r, f in zip(raw, feats, strict=True):
+        # Whitened training features: centred, covariance W S W = S (S + rI)^-1 (I where S has full
+        # rank and r -> 0; the tiny test set has fewer positions than channels, so check the identity).
+        def cov_of(t: torch.Tensor) -> torch.Tensor:
+            rows = t.double().permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+            return torch.cov(rows.T, correction=0), rows.mean(0)
+
+        white, mean = cov_of(f)
+        source, _ = cov_of(r)
+        assert mean.abs().max().item() < 1e-3
+        ridge = 0.01 * source.diagonal().mean()
+        expected = source @ torch.linalg.inv(source + ridge * torch.eye(len(source), dtype=source.dtype))
+        assert torch.allclose(white, expected, atol=2e-3), (white - expected).abs().max()
+    probe = texture_images(2, 64, True, seed=2).float() / 255
+    save_file(det.state_dict(), tmp_path / "m.safetensors")
+    assert "norm.whiten.0" in load_file(tmp_path / "m.safetensors")
+    fresh = make_detector(feature_norm="whiten", epochs=1)
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    expected = det.predict(probe)
+    assert torch.equal(expected.scores, fresh.predict(probe).scores)
+    with torch.inference_mode():  # the exported module applies the same whitening
+        scores, maps = det.inference_module()(probe)
+    assert torch.allclose(scores, expected.scores, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(maps, expected.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_whitened_identity_flow_is_the_gaussian_mahalanobis_distance():
+    """Before training (identity couplings) z^2 summed over channels is the shrunk Mahalanobis distance."""
+    images = texture_images(8, 64, False, seed=3)
+    det = make_detector(feature_norm="whiten", whiten_shrinkage=0.05, epochs=1, n_scales=1)
+    det._build(pretrained=True)
+    store = det._feature_store(images, 8, None)
+    det.norm = det._feature_statistics(store, len(images), 8)
+    raw = det.extractor(texture_images(2, 64, True, seed=4).float() / 255)[0].double()
+    train = det.extractor(images.float() / 255)[0].double().permute(0, 2, 3, 1).reshape(-1, raw.shape[1])
+    cov = torch.cov(train.T, correction=0)
+    cov += 0.05 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    diff = raw.permute(0, 2, 3, 1) - train.mean(0)
+    mahalanobis = torch.einsum("bhwc,cd,bhwd->bhw", diff, torch.linalg.inv(cov), diff)
+    with torch.inference_mode():
+        zs, _ = det.flow(det._layout([raw.float()]))
+    assert torch.allclose(zs[0].double().pow(2).sum(1), mahalanobis, rtol=1e-3, atol=1e-3)
+
+
+def test_whiten_shrinkage_must_be_positive():
+    with pytest.raises(ConfigError, match="whiten_shrinkage"):
+        make_detector(feature_norm="whiten", whiten_shrinkage=0.0)
+
+
 def test_non_finite_features_raise_training_error(monkeypatch):
     det = make_detector()
     real_forward = bb.MultiScaleFeatures.forward

@@ -13,7 +13,7 @@ from .backbones import BACKBONES, available_backbones, resolve_weights
 MAP_MODES = ("largest", "product")
 SCORE_MODES = ("mean", "max", "topk")
 FEATURE_CACHES = ("memory", "disk", "none")
-FEATURE_NORMS = ("none", "channel")
+FEATURE_NORMS = ("none", "channel", "whiten")
 DOWNSCALE_MODES = ("bilinear", "bicubic", "area", "nearest")
 
 
@@ -40,7 +40,13 @@ class CSFlowConfig(MethodConfig):
     # none (paper) | channel: standardise each channel of each scale with training-set mean/std. A fixed
     # affine map (constant log-det), so the model class is unchanged, but the identity flow at the start
     # already sees unit-variance inputs and far fewer epochs are needed (what a CPU budget allows).
+    # whiten: subtract the training mean and multiply by the inverse square root of the training
+    # covariance of each scale (ZCA): a fixed invertible 1x1 convolution, again a constant log-det. The
+    # identity flow at the start is then a full-covariance Gaussian of the features (useful with few
+    # or no epochs); on DAGM the flow did not improve on that Gaussian in 20 epochs, while with
+    # channel it passed it after 45 (BENCHMARKS.md, section 7), so no profile uses it.
     feature_norm: str = "none"
+    whiten_shrinkage: float = 0.01  # covariance + shrinkage * mean variance * I before the inverse root
     # Flow
     n_blocks: int = 4
     hidden_channels: int = 1024
@@ -114,6 +120,10 @@ class CSFlowConfig(MethodConfig):
             raise ConfigError(f"csflow.feature_cache={self.feature_cache!r}: use one of: {', '.join(FEATURE_CACHES)}")
         if self.feature_norm not in FEATURE_NORMS:
             raise ConfigError(f"csflow.feature_norm={self.feature_norm!r}: use one of: {', '.join(FEATURE_NORMS)}")
+        if not self.whiten_shrinkage > 0:
+            raise ConfigError(
+                f"csflow.whiten_shrinkage={self.whiten_shrinkage}: use a small positive fraction, e.g. 0.01"
+            )
         if self.downscale_mode not in DOWNSCALE_MODES:
             raise ConfigError(
                 f"csflow.downscale_mode={self.downscale_mode!r}: use one of: {', '.join(DOWNSCALE_MODES)}"

@@ -98,9 +98,9 @@ class CSFlowInference(torch.nn.Module):
         self.extractor = extractor
         self.flow = flow
         self.n_norm = len(norm or [])
-        for i, (mean, std) in enumerate(norm or []):
+        for i, (mean, transform) in enumerate(norm or []):
             self.register_buffer(f"norm_mean_{i}", mean)
-            self.register_buffer(f"norm_std_{i}", std)
+            self.register_buffer(f"norm_transform_{i}", transform)
         self.map_mode = map_mode
         self.map_sigma = map_sigma
         self.score_mode = score_mode
@@ -109,9 +109,8 @@ class CSFlowInference(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.extractor(images)
         if self.n_norm:
-            feats = [
-                (f - getattr(self, f"norm_mean_{i}")) / getattr(self, f"norm_std_{i}") for i, f in enumerate(feats)
-            ]
+            norm = [(getattr(self, f"norm_mean_{i}"), getattr(self, f"norm_transform_{i}")) for i in range(self.n_norm)]
+            feats = normalize_features(feats, norm)
         zs, _ = self.flow(feats)
         size = (images.shape[-2], images.shape[-1])
         return latent_scores(zs, size, self.map_mode, self.map_sigma, self.score_mode, self.score_topk)
@@ -226,6 +225,60 @@ class FeatureStore:
             self._tmpdir = None
 
 
+def normalize_features(
+    feats: list[torch.Tensor], norm: list[tuple[torch.Tensor, torch.Tensor]] | None
+) -> list[torch.Tensor]:
+    """Apply ``csflow.feature_norm``: per scale ``(mean, std)`` (channel) or ``(mean, W)`` (whiten).
+
+    ``std`` is shaped ``(1, C, 1, 1)`` and divides; ``W`` is a ``(C, C, 1, 1)`` 1x1 convolution (the
+    shapes differ for every backbone stage, which all have more than one channel).
+    """
+    if not norm:
+        return feats
+    out = []
+    for f, (mean, transform) in zip(feats, norm, strict=True):
+        centred = f - mean
+        out.append(F.conv2d(centred, transform) if transform.shape[0] > 1 else centred / transform)
+    return out
+
+
+def whitening_statistics(
+    store: FeatureStore, n: int, batch_size: int, device: torch.device, shrinkage: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-scale mean ``(1, C, 1, 1)`` and ZCA whitening ``(C, C, 1, 1)`` of the training features.
+
+    ``W = (S + shrinkage * mean(diag S) * I) ** -1/2`` for the covariance ``S`` over every position of
+    every training image (float64 sums, so thousands of positions per image do not lose precision).
+    """
+    sums: list[torch.Tensor] = []
+    outer: list[torch.Tensor] = []
+    counts: list[int] = []
+    for start in range(0, n, batch_size):
+        feats = store.get(torch.arange(start, min(start + batch_size, n)))
+        if not sums:
+            sums = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
+            outer = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64) for f in feats]
+            counts = [0] * len(feats)
+        for i, f in enumerate(feats):
+            rows = f.detach().cpu().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            sums[i] += rows.sum(dim=0)
+            outer[i] += rows.T @ rows
+            counts[i] += rows.shape[0]
+    out = []
+    for s, q, c in zip(sums, outer, counts, strict=True):
+        mean = s / c
+        cov = q / c - torch.outer(mean, mean)
+        cov = (cov + cov.T) / 2
+        ridge = shrinkage * cov.diagonal().mean().clamp_min(1e-12)
+        values, vectors = torch.linalg.eigh(cov + ridge * torch.eye(len(cov), dtype=cov.dtype))
+        transform = (vectors * values.clamp_min(ridge).rsqrt()) @ vectors.T
+        c_ = len(mean)
+        out.append(
+            (mean.float().view(1, c_, 1, 1).to(device), transform.float().view(c_, c_, 1, 1).contiguous().to(device))
+        )
+    return out
+
+
 def channel_statistics(
     store: FeatureStore, n: int, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,6 +303,10 @@ def channel_statistics(
         std = (q / c - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)  # dead channels: no division blow-up
         out.append((mean.float().view(1, -1, 1, 1).to(device), std.float().view(1, -1, 1, 1).to(device)))
     return out
+
+
+# Saved-weights key of each feature_norm's second tensor ("norm.<key>.<scale>"; "std" as in older models).
+_NORM_TRANSFORM_KEYS = {"channel": "std", "whiten": "whiten"}
 
 
 @dataclass
@@ -309,8 +366,7 @@ class CSFlowDetector(Detector):
 
     def _layout(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         feats = [f.to(self.device, non_blocking=True) for f in feats]
-        if self.norm is not None:
-            feats = [(f - m) / s for f, (m, s) in zip(feats, self.norm, strict=True)]
+        feats = normalize_features(feats, self.norm)
         if self.config.channels_last and self.device.type == "cpu":
             feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
         return feats
@@ -338,7 +394,7 @@ class CSFlowDetector(Detector):
 
         store = self._feature_store(images, bs, feature_progress)
         feature_s = time.monotonic() - t0
-        self.norm = channel_statistics(store, n, bs, self.device) if cfg.feature_norm == "channel" else None
+        self.norm = self._feature_statistics(store, n, bs)
         try:
             summary = self._train_flow(store, n, bs, context, feature_s)
         finally:
@@ -350,6 +406,17 @@ class CSFlowDetector(Detector):
             feature_cache=cfg.feature_cache,
         )
         return summary
+
+    def _feature_statistics(
+        self, store: FeatureStore, n: int, bs: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The fixed per-scale normalisation of ``csflow.feature_norm`` from the training features."""
+        cfg = self.config
+        if cfg.feature_norm == "channel":
+            return channel_statistics(store, n, bs, self.device)
+        if cfg.feature_norm == "whiten":
+            return whitening_statistics(store, n, bs, self.device, cfg.whiten_shrinkage)
+        return None
 
     def _feature_store(self, images: torch.Tensor, bs: int, on_progress: Any) -> FeatureStore:
         """The backbone features of all training images, in image order (``csflow.feature_cache``)."""
@@ -508,19 +575,21 @@ class CSFlowDetector(Detector):
         for prefix, module in (("flow.", self.flow), ("backbone.", self.extractor.trunk)):
             for key, value in module.state_dict().items():
                 out[prefix + key] = value.detach().cpu().contiguous().clone()
-        for i, (mean, std) in enumerate(self.norm or []):
+        transform_key = _NORM_TRANSFORM_KEYS.get(self.config.feature_norm)
+        for i, (mean, transform) in enumerate(self.norm or []):
             out[f"norm.mean.{i}"] = mean.detach().cpu().contiguous().clone()
-            out[f"norm.std.{i}"] = std.detach().cpu().contiguous().clone()
+            out[f"norm.{transform_key}.{i}"] = transform.detach().cpu().contiguous().clone()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._build(pretrained=False)
         assert self.extractor is not None and self.flow is not None
         self.norm = None
-        if self.config.feature_norm == "channel":
+        transform_key = _NORM_TRANSFORM_KEYS.get(self.config.feature_norm)
+        if transform_key is not None:
             try:
                 self.norm = [
-                    (state[f"norm.mean.{i}"].to(self.device), state[f"norm.std.{i}"].to(self.device))
+                    (state[f"norm.mean.{i}"].to(self.device), state[f"norm.{transform_key}.{i}"].to(self.device))
                     for i in range(self.config.n_scales)
                 ]
             except KeyError as exc:
