@@ -152,7 +152,7 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         "-p",
-        help="Named profile from sample_configs/ (cpu, paper; texture for DRAEM on textured surfaces; "
+        help="Named profile from sample_configs/ (cpu, paper; texture: textured surfaces, small defects; "
         "`surfaceinspect profiles` lists them) or a YAML path. [default: paper with CUDA, cpu without]",
     ),
 ]

@@ -19,7 +19,7 @@ import torch
 
 from surfaceinspect import modeldir, runtimes
 from surfaceinspect.calibration import Calibration, calibrate
-from surfaceinspect.config import CommonConfig, RunConfig, resolve_keep_aspect, run_config_from_dict
+from surfaceinspect.config import CommonConfig, RunConfig, list_profiles, resolve_keep_aspect, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
 from surfaceinspect.datasets import find_labelled_layout, labelled_folder
 from surfaceinspect.detectors import Detector, TrainContext, get_detector_class
@@ -456,6 +456,7 @@ def plan_training(
     if calibration_dir is not None:
         _labelled_split(calibration_dir)  # a broken calibration folder fails now, not after training
     resolve_geometry(run_config, train_files, reporter)
+    suggest_profile(run_config, train_files, reporter)
     inputs = [data_dir, *([calibration_dir] if calibration_dir else [])]
     run_dir = _prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
     return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir)
@@ -605,18 +606,56 @@ _ASPECT_SAMPLE = 200
 ASPECT_TOLERANCE = 1.5
 
 
-def _median_aspect(paths: Sequence[Path]) -> float | None:
-    """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
+def _header_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(height, width) of (a sample of) ``paths`` from their headers; unreadable files are left out."""
     step = max(1, len(paths) // _ASPECT_SAMPLE)
-    aspects = []
+    sizes = []
     for path in list(paths)[::step]:
         try:
             height, width = image_size(path)
         except Exception:  # noqa: BLE001 - unreadable files are reported when the images are read
             continue
         if height > 0 and width > 0:
-            aspects.append(width / height)
+            sizes.append((height, width))
+    return sizes
+
+
+def _median_aspect(paths: Sequence[Path]) -> float | None:
+    """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
+    aspects = [width / height for height, width in _header_sizes(paths)]
     return round(float(np.median(aspects)), 4) if aspects else None
+
+
+# The `cpu` profiles shrink images; from this factor on, train names the `texture` profile.
+_SHRINK_HINT_FACTOR = 2.0
+
+
+def suggest_profile(run_config: RunConfig, train_files: Sequence[Path], reporter: Reporter) -> str | None:
+    """Name the ``texture`` profile when a ``cpu`` profile shrinks the training images 2x or more.
+
+    Defects of a few percent of the image and fine textures fade when the image is shrunk
+    (BENCHMARKS.md sections 7 and 9); the ``texture`` profiles keep more pixels. Returns the hint.
+    """
+    common = run_config.common
+    if run_config.profile != "cpu" or common.tiling.enabled:
+        return None
+    if f"{run_config.method}-texture" not in list_profiles():
+        return None
+    sizes = _header_sizes(train_files)
+    if not sizes:
+        return None
+    height, width = (int(np.median([s[i] for s in sizes])) for i in (0, 1))
+    input_h, input_w = common.input_hw()
+    factor = min(height / input_h, width / input_w)
+    if factor < _SHRINK_HINT_FACTOR:
+        return None
+    hint = (
+        f"the training images (median {height}x{width}) are shrunk {factor:.3g}x to {input_h}x{input_w}: on fine "
+        "textures or defects of a few percent of the image, --profile texture keeps more detail (slower; "
+        "README 'Choosing a profile')"
+    )
+    reporter.info(hint)
+    return hint
 
 
 def resolve_geometry(run_config: RunConfig, train_files: Sequence[Path], reporter: Reporter) -> None:
