@@ -644,7 +644,7 @@ def suggest_profile(run_config: RunConfig, train_files: Sequence[Path], reporter
     sizes = _header_sizes(train_files)
     if not sizes:
         return None
-    height, width = (int(np.median([s[i] for s in sizes])) for i in (0, 1))
+    height, width = (int(v) for v in np.median(np.array(sizes), axis=0))
     input_h, input_w = common.input_hw()
     factor = min(height / input_h, width / input_w)
     if factor < _SHRINK_HINT_FACTOR:

@@ -93,11 +93,13 @@ class CSFlowInference(torch.nn.Module):
         map_sigma: float,
         score_mode: str = "mean",
         score_topk: float = 0.05,
+        norm_mode: str = "channel",
     ) -> None:
         super().__init__()
         self.extractor = extractor
         self.flow = flow
         self.n_norm = len(norm or [])
+        self.norm_mode = norm_mode
         for i, (mean, transform) in enumerate(norm or []):
             self.register_buffer(f"norm_mean_{i}", mean)
             self.register_buffer(f"norm_transform_{i}", transform)
@@ -110,7 +112,7 @@ class CSFlowInference(torch.nn.Module):
         feats = self.extractor(images)
         if self.n_norm:
             norm = [(getattr(self, f"norm_mean_{i}"), getattr(self, f"norm_transform_{i}")) for i in range(self.n_norm)]
-            feats = normalize_features(feats, norm)
+            feats = normalize_features(feats, norm, self.norm_mode)
         zs, _ = self.flow(feats)
         size = (images.shape[-2], images.shape[-1])
         return latent_scores(zs, size, self.map_mode, self.map_sigma, self.score_mode, self.score_topk)
@@ -226,20 +228,38 @@ class FeatureStore:
 
 
 def normalize_features(
-    feats: list[torch.Tensor], norm: list[tuple[torch.Tensor, torch.Tensor]] | None
+    feats: list[torch.Tensor], norm: list[tuple[torch.Tensor, torch.Tensor]] | None, mode: str
 ) -> list[torch.Tensor]:
-    """Apply ``csflow.feature_norm``: per scale ``(mean, std)`` (channel) or ``(mean, W)`` (whiten).
+    """Apply ``csflow.feature_norm`` ``mode``: per scale ``(mean, std)`` or ``(mean, W)``.
 
-    ``std`` is shaped ``(1, C, 1, 1)`` and divides; ``W`` is a ``(C, C, 1, 1)`` 1x1 convolution (the
-    shapes differ for every backbone stage, which all have more than one channel).
+    ``channel``: ``(f - mean) / std`` with both shaped ``(1, C, 1, 1)``. ``whiten``: the 1x1
+    convolution ``W`` ``(C, C, 1, 1)`` applied to ``f - mean``.
     """
     if not norm:
         return feats
-    out = []
-    for f, (mean, transform) in zip(feats, norm, strict=True):
-        centred = f - mean
-        out.append(F.conv2d(centred, transform) if transform.shape[0] > 1 else centred / transform)
-    return out
+    if mode == "whiten":
+        return [F.conv2d(f - mean, transform) for f, (mean, transform) in zip(feats, norm, strict=True)]
+    return [(f - mean) / std for f, (mean, std) in zip(feats, norm, strict=True)]
+
+
+def _feature_moments(
+    store: FeatureStore, n: int, batch_size: int, full_covariance: bool
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per scale, over every position of the ``n`` stored images: the float64 sum of the feature
+    vectors, their second moment (per-channel sum of squares, or ``X^T X`` with ``full_covariance``)
+    and the number of positions. float64, so thousands of positions per image lose no precision."""
+    moments: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    for start in range(0, n, batch_size):
+        feats = store.get(torch.arange(start, min(start + batch_size, n)))
+        for i, f in enumerate(feats):
+            rows = f.detach().cpu().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            second = rows.T @ rows if full_covariance else rows.pow(2).sum(dim=0)
+            if i == len(moments):
+                moments.append((rows.sum(dim=0), second, rows.shape[0]))
+            else:
+                total, seconds, count = moments[i]
+                moments[i] = (total + rows.sum(dim=0), seconds + second, count + rows.shape[0])
+    return moments
 
 
 def whitening_statistics(
@@ -248,33 +268,22 @@ def whitening_statistics(
     """Per-scale mean ``(1, C, 1, 1)`` and ZCA whitening ``(C, C, 1, 1)`` of the training features.
 
     ``W = (S + shrinkage * mean(diag S) * I) ** -1/2`` for the covariance ``S`` over every position of
-    every training image (float64 sums, so thousands of positions per image do not lose precision).
+    every training image.
     """
-    sums: list[torch.Tensor] = []
-    outer: list[torch.Tensor] = []
-    counts: list[int] = []
-    for start in range(0, n, batch_size):
-        feats = store.get(torch.arange(start, min(start + batch_size, n)))
-        if not sums:
-            sums = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
-            outer = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64) for f in feats]
-            counts = [0] * len(feats)
-        for i, f in enumerate(feats):
-            rows = f.detach().cpu().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-            sums[i] += rows.sum(dim=0)
-            outer[i] += rows.T @ rows
-            counts[i] += rows.shape[0]
     out = []
-    for s, q, c in zip(sums, outer, counts, strict=True):
-        mean = s / c
-        cov = q / c - torch.outer(mean, mean)
+    for total, outer, count in _feature_moments(store, n, batch_size, full_covariance=True):
+        mean = total / count
+        cov = outer / count - torch.outer(mean, mean)
         cov = (cov + cov.T) / 2
         ridge = shrinkage * cov.diagonal().mean().clamp_min(1e-12)
         values, vectors = torch.linalg.eigh(cov + ridge * torch.eye(len(cov), dtype=cov.dtype))
         transform = (vectors * values.clamp_min(ridge).rsqrt()) @ vectors.T
-        c_ = len(mean)
+        channels = len(mean)
         out.append(
-            (mean.float().view(1, c_, 1, 1).to(device), transform.float().view(c_, c_, 1, 1).contiguous().to(device))
+            (
+                mean.float().view(1, channels, 1, 1).to(device),
+                transform.float().view(channels, channels, 1, 1).contiguous().to(device),
+            )
         )
     return out
 
@@ -283,24 +292,10 @@ def channel_statistics(
     store: FeatureStore, n: int, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-scale, per-channel mean and std of the training features, shaped ``(1, C, 1, 1)``."""
-    sums: list[torch.Tensor] = []
-    sqs: list[torch.Tensor] = []
-    counts: list[int] = []
-    for start in range(0, n, batch_size):
-        feats = store.get(torch.arange(start, min(start + batch_size, n)))
-        if not sums:
-            sums = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
-            sqs = [torch.zeros(f.shape[1], dtype=torch.float64) for f in feats]
-            counts = [0] * len(feats)
-        for i, f in enumerate(feats):
-            f = f.double()
-            sums[i] += f.sum(dim=(0, 2, 3))
-            sqs[i] += f.pow(2).sum(dim=(0, 2, 3))
-            counts[i] += f.shape[0] * f.shape[2] * f.shape[3]
     out = []
-    for s, q, c in zip(sums, sqs, counts, strict=True):
-        mean = s / c
-        std = (q / c - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)  # dead channels: no division blow-up
+    for total, squares, count in _feature_moments(store, n, batch_size, full_covariance=False):
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)  # dead channels: no blow-up
         out.append((mean.float().view(1, -1, 1, 1).to(device), std.float().view(1, -1, 1, 1).to(device)))
     return out
 
@@ -366,7 +361,7 @@ class CSFlowDetector(Detector):
 
     def _layout(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         feats = [f.to(self.device, non_blocking=True) for f in feats]
-        feats = normalize_features(feats, self.norm)
+        feats = normalize_features(feats, self.norm, self.config.feature_norm)
         if self.config.channels_last and self.device.type == "cpu":
             feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
         return feats
@@ -562,7 +557,14 @@ class CSFlowDetector(Detector):
             raise RuntimeError("CSFlowDetector: call fit() or load_state_dict() before inference_module()")
         cfg = self.config
         return CSFlowInference(
-            self.extractor, self.flow, self.norm, cfg.map_mode, cfg.map_sigma, cfg.score_mode, cfg.score_topk
+            self.extractor,
+            self.flow,
+            self.norm,
+            cfg.map_mode,
+            cfg.map_sigma,
+            cfg.score_mode,
+            cfg.score_topk,
+            norm_mode=cfg.feature_norm,
         ).eval()
 
     # ------------------------------------------------------------------ persistence
