@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -284,8 +285,8 @@ class DistributedDraem(RankTraining, DraemDetector):
         summary.epochs = round(summary.steps * batch / images.shape[0], 3)
         return self._finish(summary, batch_per_rank=self._per_rank)
 
-    def _synthesis_dataset(self, images: torch.Tensor) -> tuple[Any, bool]:
-        dataset, grey = super()._synthesis_dataset(images)
+    def _synthesis_dataset(self, nhwc: np.ndarray) -> tuple[Any, bool]:
+        dataset, grey = super()._synthesis_dataset(nhwc)
         return RankSlice(dataset, self._per_rank, self.world, self.rank), grey
 
 

@@ -46,6 +46,13 @@ class DraemConfig(MethodConfig):
     # scoring still runs on the whole image (both networks are fully convolutional). A crop keeps the
     # image's pixel detail at a fraction of the cost: 128 of 256 px costs a quarter per sample.
     train_crop: int = 0
+    # Early stopping on a held-out synthetic validation set (0 = off): every val_every steps, the
+    # pixel AP of anomaly segmentation on val_images good images held out from training (each
+    # clean and with 3 fixed synthetic anomalies); stop after val_patience evaluations without a
+    # new best and keep the best weights. Guards long schedules against overfitting the synthesis.
+    val_every: int = 0
+    val_images: int = 16
+    val_patience: int = 4
     # Anomaly synthesis.
     anomaly_prob: float = 0.5  # share of training samples that get a synthetic anomaly
     opacity_range: tuple[float, float] = (0.1, 1.0)  # beta: weight of the texture inside the mask
@@ -53,6 +60,14 @@ class DraemConfig(MethodConfig):
     perlin_threshold: float = 0.5
     augment_ops: int = 3  # random ops applied to each anomaly-source texture
     anomaly_source: str = "builtin"  # builtin | fractal | structured | self | path/to/folder/of/images
+    # Anomaly shapes beyond the paper's Perlin blobs, for plain grey surfaces (0 = the paper's synthesis):
+    # share of anomalies whose mask is a thin crack-like curve (still filled from the anomaly source),
+    # and share that are a soft-edged region 12-45 % darker or brighter (uneven surface, no new texture).
+    crack_prob: float = 0.0
+    patch_prob: float = 0.0
+    # The authors' code turns 30 % of the good images by an angle in (-90, 90) before synthesis
+    # (not in the paper's text; 0 = off).
+    rotate_prob: float = 0.0
     # When every training image is grey (R = G = B), make the pasted textures grey too, so that colour
     # alone never gives a synthetic anomaly away (the paper's DTD textures are colour photos).
     match_grayscale: bool = True
@@ -95,6 +110,19 @@ class DraemConfig(MethodConfig):
             raise ConfigError(f"{p}.focal_gamma and {p}.focal_weight must be >= 0")
         if not 0.0 <= self.anomaly_prob <= 1.0:
             raise ConfigError(f"{p}.anomaly_prob={self.anomaly_prob}: use a value in [0, 1] (paper: 0.5)")
+        if self.val_every < 0 or self.val_images < 1 or self.val_patience < 1:
+            raise ConfigError(
+                f"{p}.val_every={self.val_every}, {p}.val_images={self.val_images}, {p}.val_patience="
+                f"{self.val_patience}: use val_every >= 0 (0 = no early stop), val_images >= 1, val_patience >= 1"
+            )
+        for name in ("crack_prob", "patch_prob", "rotate_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{p}.{name}={getattr(self, name)}: use a share in [0, 1] (0 = off)")
+        if self.crack_prob + self.patch_prob > 1.0:
+            raise ConfigError(
+                f"{p}.crack_prob + {p}.patch_prob = {self.crack_prob + self.patch_prob:g}: the two shares of "
+                "anomalies must add up to at most 1 (the rest are the paper's Perlin blobs)"
+            )
         lo, hi = self.opacity_range
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"{p}.opacity_range={[lo, hi]}: use [low, high] with 0 <= low <= high <= 1")

@@ -17,7 +17,7 @@ from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, Tr
 from surfaceinspect.detectors.draem.config import DEFAULT_BUILTIN, DraemConfig
 from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.detectors.draem.networks import DraemModel, fuse_conv_bn, init_weights
-from surfaceinspect.detectors.draem.sources import make_source
+from surfaceinspect.detectors.draem.sources import AnomalySource, make_source
 from surfaceinspect.detectors.draem.synthesis import (
     GlobalIndexSampler,
     SynthesisDataset,
@@ -25,6 +25,7 @@ from surfaceinspect.detectors.draem.synthesis import (
     is_grayscale,
     worker_init,
 )
+from surfaceinspect.detectors.draem.validation import EarlyStopping, SyntheticValidationSet, split_validation
 from surfaceinspect.detectors.schedule import Throughput
 from surfaceinspect.errors import ConfigError, ModelDirError, TrainingError
 
@@ -118,8 +119,25 @@ class DraemDetector(Detector):
         cfg, common = self.cfg, self.run_config.common
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"fit() expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        n, batch = images.shape[0], common.batch_size
-        dataset, grey = self._synthesis_dataset(images)
+        batch = common.batch_size
+        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+        held_out = None
+        if cfg.val_every > 0:
+            if nhwc.shape[0] - cfg.val_images < 2:
+                raise ConfigError(
+                    f"draem.val_images={cfg.val_images} leaves fewer than 2 of the {nhwc.shape[0]} training images "
+                    "to train on; lower draem.val_images or set draem.val_every=0"
+                )
+            train_idx, val_idx = split_validation(nhwc.shape[0], cfg.val_images, common.seed)
+            held_out, nhwc = nhwc[val_idx], nhwc[train_idx]
+        n = nhwc.shape[0]
+        dataset, grey = self._synthesis_dataset(nhwc)
+        validation = None
+        if held_out is not None:
+            validation = SyntheticValidationSet(held_out, *self._synthesis_recipe(nhwc), common.seed)
+        stopper = EarlyStopping(cfg.val_patience)
+        if validation is not None and context.resume_state is not None and "validation" in context.resume_state:
+            stopper.load_state_dict(context.resume_state["validation"])
         steps_per_epoch = math.ceil(n / batch)
         planned = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -141,6 +159,7 @@ class DraemDetector(Detector):
                     "gamma": cfg.lr_gamma,
                 },
                 "step": position.step,
+                **({"validation": stopper.state_dict()} if validation is not None else {}),
             }
 
         loader = DataLoader(
@@ -172,13 +191,37 @@ class DraemDetector(Detector):
                 recent = [*recent[-49:], loss]
                 # The milestones stay at the same fractions of a shortened schedule.
                 position.total = budget.update(position.step, position.total)
-                context.report(
-                    TrainProgress("train", position.step, position.total, loss, {"lr": lr, **parts}), state_fn
-                )
+                info = {"lr": lr, **parts}
+                if validation is not None and (position.step % cfg.val_every == 0 or position.step >= position.total):
+                    info["val_pixel_ap"] = self._validate(validation, stopper, position.step)
+                context.report(TrainProgress("train", position.step, position.total, loss, info), state_fn)
+                if validation is not None and stopper.should_stop:
+                    break
         finally:
             del loader
             self.model.eval()
             self._fast = None
+        note = budget.note(position.total)
+        details: dict[str, Any] = {}
+        if validation is not None:
+            stopped = stopper.should_stop and position.step < position.total
+            if stopper.best_weights is not None and stopper.best_step != position.step:
+                self.model.load_state_dict(stopper.best_weights)
+            details["validation"] = {
+                "every": cfg.val_every,
+                "images": len(held_out),
+                "samples": len(validation),
+                "best_step": stopper.best_step,
+                "best_pixel_ap": round(stopper.best_score, 5),
+                "stopped_early": stopped,
+                "history": stopper.history,
+            }
+            if stopped:
+                early = (
+                    f"stopped early at step {position.step}: synthetic-validation pixel AP had not improved for "
+                    f"{cfg.val_patience} evaluations; kept the weights of step {stopper.best_step}"
+                )
+                note = f"{note}; {early}" if note else early
         return TrainSummary(
             steps=position.step,
             planned_steps=position.planned,
@@ -186,30 +229,48 @@ class DraemDetector(Detector):
             seconds=round(context.elapsed_s(), 1),
             final_loss=float(np.mean(recent)) if recent else None,
             resumed_from_step=start_step if context.resume_state is not None else None,
-            schedule_note=budget.note(position.total),
+            schedule_note=note,
             **meter.rates(),
             details={
                 "final_loss_parts": parts,
                 "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
                 "grey_textures": grey,
                 "train_precision": "bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
+                **details,
             },
         )
 
-    def _synthesis_dataset(self, images: torch.Tensor) -> tuple[SynthesisDataset, bool]:
-        """The endless dataset of (good, augmented, mask) samples; also whether textures are made grey."""
+    def _validate(self, validation: SyntheticValidationSet, stopper: EarlyStopping, step: int) -> float:
+        """Score the held-out synthetic set with the current weights and update the early stopper."""
+        self.model.eval()
+        try:
+            ap = validation.pixel_ap(self.model, self.device)
+        finally:
+            self.model.train()
+        stopper.update(step, ap, self.model)
+        return ap
+
+    def _synthesis_recipe(self, nhwc: np.ndarray) -> tuple[AnomalySource, SynthesisParams]:
+        """The anomaly source and synthesis settings for uint8 (N, H, W, 3) training images."""
         cfg = self.cfg
-        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-        grey = cfg.match_grayscale and is_grayscale(nhwc)
         params = SynthesisParams(
             anomaly_prob=cfg.anomaly_prob,
             opacity_range=tuple(cfg.opacity_range),
             perlin_scale_range=tuple(cfg.perlin_scale_range),
             perlin_threshold=cfg.perlin_threshold,
             augment_ops=cfg.augment_ops,
-            grayscale=grey,
+            grayscale=cfg.match_grayscale and is_grayscale(nhwc),
+            crack_prob=cfg.crack_prob,
+            patch_prob=cfg.patch_prob,
+            rotate_prob=cfg.rotate_prob,
         )
-        source = make_source(cfg.anomaly_source, nhwc)
+        return make_source(cfg.anomaly_source, nhwc), params
+
+    def _synthesis_dataset(self, nhwc: np.ndarray) -> tuple[SynthesisDataset, bool]:
+        """The endless dataset of (good, augmented, mask) samples from uint8 (N, H, W, 3) images; also
+        whether textures are made grey."""
+        cfg = self.cfg
+        source, params = self._synthesis_recipe(nhwc)
         h, w = nhwc.shape[1:3]
         if cfg.train_crop > min(h, w):
             raise ConfigError(
@@ -217,7 +278,7 @@ class DraemDetector(Detector):
                 "use a smaller crop or a larger common.image_size"
             )
         crop = cfg.train_crop if cfg.train_crop < max(h, w) else 0
-        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop), grey
+        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop), params.grayscale
 
     def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
         """Load a checkpoint's weights and optimiser state; the position it was written at."""

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from surfaceinspect.detectors.draem.perlin import perlin_mask
+from surfaceinspect.detectors.draem.perlin import crack_mask, perlin_mask, perlin_noise
 from surfaceinspect.detectors.draem.sources import AnomalySource
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +71,16 @@ def _equalize(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(ImageOps.equalize(Image.fromarray(img)))
 
 
+def rotate_image(image: np.ndarray, angle_deg: float) -> np.ndarray:
+    """``image`` turned by ``angle_deg`` about its centre, corners filled by reflection (same size)."""
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle_deg, 1.0)
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
 def _rotate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    h, w = img.shape[:2]
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), rng.uniform(-45.0, 45.0), 1.0)
     # Reflect instead of imgaug's black fill: black corners would be an extra, unintended pattern.
-    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return rotate_image(img, rng.uniform(-45.0, 45.0))
 
 
 AUGMENT_OPS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
@@ -116,6 +121,39 @@ class SynthesisParams:
     perlin_threshold: float = 0.5
     augment_ops: int = 3
     grayscale: bool = False  # training images are grey: make the textures grey too
+    crack_prob: float = 0.0  # share of anomalies with a thin crack-like mask instead of a Perlin blob
+    patch_prob: float = 0.0  # share of anomalies that are a region of changed surface finish and brightness
+    rotate_prob: float = 0.0  # share of good images rotated by an angle in (-90, 90) before synthesis
+
+
+def surface_patch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A large region whose surface finish and brightness differ: an uneven-surface anomaly, no new texture.
+
+    The region is a band cut off by a gently curved line across the image (half the time) or a
+    low-frequency Perlin blob; inside it the image is blurred (its fine grain smoothed away) and its
+    brightness changed by 10-35 %. The rim is soft over a few pixels. Label: the region.
+    """
+    h, w = image.shape[:2]
+    short = min(h, w)
+    warp = perlin_noise((h, w), (2.0, 2.0), rng, float(rng.uniform(-90.0, 90.0)))
+    if rng.random() < 0.5:
+        theta = rng.uniform(0.0, 2.0 * math.pi)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        side = (math.cos(theta) * (xs - w / 2.0) + math.sin(theta) * (ys - h / 2.0)) / short
+        field = side - float(rng.uniform(0.0, 0.4)) + 0.05 * warp  # keeps 10-50 % of the image
+    else:
+        a = int(rng.integers(1, 3))
+        field = perlin_noise((h, w), (2.0**a, 2.0**a), rng, float(rng.uniform(-90.0, 90.0))) - 0.3
+    # Signed distance to the region's edge in pixels (field / |gradient|), so the rim is 1-4 px wide
+    # wherever the field is flat or steep.
+    gy, gx = np.gradient(field)
+    distance = field / np.maximum(np.hypot(gx, gy), 1e-6)
+    weight = np.clip(distance / float(rng.uniform(1.0, 4.0)) + 0.5, 0.0, 1.0)[..., None]
+    sigma = float(rng.uniform(0.5, 2.5)) * short / 128.0
+    gain = float(rng.uniform(0.65, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.35))
+    changed = cv2.GaussianBlur(image, (0, 0), sigma) * gain
+    out = np.clip((1.0 - weight) * image + weight * changed, 0.0, 1.0).astype(np.float32)
+    return out, (weight[..., 0] > 0.5).astype(np.float32)
 
 
 def synthesize(
@@ -125,7 +163,15 @@ def synthesize(
     shape = (image.shape[0], image.shape[1])
     if rng.random() >= params.anomaly_prob:
         return image, np.zeros(shape, dtype=np.float32)
-    mask = perlin_mask(shape, rng, params.perlin_scale_range, params.perlin_threshold)
+    # The extra draws happen only when a variant is enabled: with all three at 0 every sample is
+    # exactly what it was before they existed.
+    kind = rng.random() if params.patch_prob + params.crack_prob > 0.0 else 1.0
+    if kind < params.patch_prob:
+        return surface_patch(image, rng)
+    if kind < params.patch_prob + params.crack_prob:
+        mask = crack_mask(shape, rng)
+    else:
+        mask = perlin_mask(shape, rng, params.perlin_scale_range, params.perlin_threshold)
     if not mask.any():  # as in the reference code: an empty Perlin mask leaves the sample normal
         return image, mask
     texture = augment_texture(source.sample(rng, shape), rng, params.augment_ops)
@@ -186,6 +232,12 @@ class SynthesisDataset(Dataset):
         if self.crop:
             image = random_crop(image, self.crop, np.random.default_rng([self.seed, 2, global_index]))
         image = image.astype(np.float32) / 255.0
+        if self.params.rotate_prob > 0.0:
+            # The authors' augmentation of the good image (30 % of samples, angle in (-90, 90)),
+            # from its own random stream so that the synthesis draws stay the same.
+            rot = np.random.default_rng([self.seed, 3, global_index])
+            if rot.random() < self.params.rotate_prob:
+                image = rotate_image(image, float(rot.uniform(-90.0, 90.0)))
         augmented, mask = synthesize(image, self.source, self.params, rng)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
