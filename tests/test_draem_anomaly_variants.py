@@ -47,7 +47,7 @@ def test_surface_patch_changes_only_its_region() -> None:
     for _ in range(20):
         out, mask = surface_patch(image, rng)
         assert out.shape == image.shape and mask.shape == (64, 64) and out.dtype == np.float32
-        assert 0.0 <= out.min() and out.max() <= 1.0
+        assert out.min() >= 0.0 and out.max() <= 1.0
         change = np.abs(out - image).mean(axis=2)
         if not mask.any():
             continue
@@ -93,9 +93,9 @@ def test_rotation_turns_good_images_and_keeps_samples_reproducible() -> None:
 
 
 def test_variant_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="crack_prob.*patch_prob.*at most 1"):
+    with pytest.raises(ConfigError, match=r"crack_prob.*patch_prob.*at most 1"):
         tiny_run(32, crack_prob=0.6, patch_prob=0.6)
-    with pytest.raises(ConfigError, match="rotate_prob=1.5"):
+    with pytest.raises(ConfigError, match=r"rotate_prob=1\.5"):
         tiny_run(32, rotate_prob=1.5)
     with pytest.raises(ConfigError, match="val_patience=0"):
         tiny_run(32, val_every=5, val_patience=0)
@@ -122,7 +122,9 @@ def _validation_ap(det: DraemDetector, images: torch.Tensor, n_val: int) -> floa
 def test_synthetic_validation_stops_early_and_keeps_the_best_weights() -> None:
     images = random_uint8(12, 32)
     # lr so small that the weights barely move: the validation AP stalls, so patience 2 must stop it.
-    det = DraemDetector(tiny_run(32, steps=200, lr=1e-9, val_every=2, val_images=4, val_patience=2), torch.device("cpu"))
+    det = DraemDetector(
+        tiny_run(32, steps=200, lr=1e-9, val_every=2, val_images=4, val_patience=2), torch.device("cpu")
+    )
     summary = det.fit(images, TrainContext())
     val = summary.details["validation"]
     assert summary.steps < 200 and val["stopped_early"]
