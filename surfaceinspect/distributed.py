@@ -62,6 +62,8 @@ from surfaceinspect.detectors.base import TrainContext, TrainSummary
 from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
 from surfaceinspect.detectors.csflow.flow import nll_per_dim
 from surfaceinspect.detectors.draem.detector import DraemDetector
+from surfaceinspect.detectors.draem.sources import AnomalySource
+from surfaceinspect.detectors.draem.synthesis import SynthesisParams
 from surfaceinspect.detectors.schedule import TimeBudget
 from surfaceinspect.errors import ConfigError, SurfaceInspectError
 
@@ -285,9 +287,8 @@ class DistributedDraem(RankTraining, DraemDetector):
         summary.epochs = round(summary.steps * batch / images.shape[0], 3)
         return self._finish(summary, batch_per_rank=self._per_rank)
 
-    def _synthesis_dataset(self, nhwc: np.ndarray) -> tuple[Any, bool]:
-        dataset, grey = super()._synthesis_dataset(nhwc)
-        return RankSlice(dataset, self._per_rank, self.world, self.rank), grey
+    def _synthesis_dataset(self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams) -> Dataset:
+        return RankSlice(super()._synthesis_dataset(nhwc, source, params), self._per_rank, self.world, self.rank)
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

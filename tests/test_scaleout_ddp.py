@@ -75,7 +75,8 @@ def _reference_training(run, images) -> dict[str, torch.Tensor]:
     """One process, the same steps and samples as 2 ranks: each half batch through BatchNorm on its own."""
     detector = DraemDetector(run, torch.device("cpu"))
     cfg, batch = detector.cfg, run.common.batch_size
-    dataset, _ = detector._synthesis_dataset(images.permute(0, 2, 3, 1).contiguous().numpy())
+    nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    dataset = detector._synthesis_dataset(nhwc, *detector._synthesis_recipe(nhwc))
     optimizer = torch.optim.Adam(detector.model.parameters(), lr=cfg.lr)
     loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
     detector.model.train()

@@ -62,7 +62,7 @@ class DraemConfig(MethodConfig):
     anomaly_source: str = "builtin"  # builtin | fractal | structured | self | path/to/folder/of/images
     # Anomaly shapes beyond the paper's Perlin blobs, for plain grey surfaces (0 = the paper's synthesis):
     # share of anomalies whose mask is a thin crack-like curve (still filled from the anomaly source),
-    # and share that are a soft-edged region 12-45 % darker or brighter (uneven surface, no new texture).
+    # and share that are a soft-edged region blurred and 10-35 % darker or brighter (uneven surface, no new texture).
     crack_prob: float = 0.0
     patch_prob: float = 0.0
     # The authors' code turns 30 % of the good images by an angle in (-90, 90) before synthesis

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.config import RunConfig
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
@@ -131,10 +131,9 @@ class DraemDetector(Detector):
             train_idx, val_idx = split_validation(nhwc.shape[0], cfg.val_images, common.seed)
             held_out, nhwc = nhwc[val_idx], nhwc[train_idx]
         n = nhwc.shape[0]
-        dataset, grey = self._synthesis_dataset(nhwc)
-        validation = None
-        if held_out is not None:
-            validation = SyntheticValidationSet(held_out, *self._synthesis_recipe(nhwc), common.seed)
+        source, params = self._synthesis_recipe(nhwc)
+        dataset = self._synthesis_dataset(nhwc, source, params)
+        validation = SyntheticValidationSet(held_out, source, params, common.seed) if held_out is not None else None
         stopper = EarlyStopping(cfg.val_patience)
         if validation is not None and context.resume_state is not None and "validation" in context.resume_state:
             stopper.load_state_dict(context.resume_state["validation"])
@@ -234,7 +233,7 @@ class DraemDetector(Detector):
             details={
                 "final_loss_parts": parts,
                 "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
-                "grey_textures": grey,
+                "grey_textures": params.grayscale,
                 "train_precision": "bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
                 **details,
             },
@@ -266,11 +265,9 @@ class DraemDetector(Detector):
         )
         return make_source(cfg.anomaly_source, nhwc), params
 
-    def _synthesis_dataset(self, nhwc: np.ndarray) -> tuple[SynthesisDataset, bool]:
-        """The endless dataset of (good, augmented, mask) samples from uint8 (N, H, W, 3) images; also
-        whether textures are made grey."""
+    def _synthesis_dataset(self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams) -> Dataset:
+        """The endless dataset of (good, augmented, mask) samples from uint8 (N, H, W, 3) images."""
         cfg = self.cfg
-        source, params = self._synthesis_recipe(nhwc)
         h, w = nhwc.shape[1:3]
         if cfg.train_crop > min(h, w):
             raise ConfigError(
@@ -278,7 +275,7 @@ class DraemDetector(Detector):
                 "use a smaller crop or a larger common.image_size"
             )
         crop = cfg.train_crop if cfg.train_crop < max(h, w) else 0
-        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop), params.grayscale
+        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop)
 
     def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
         """Load a checkpoint's weights and optimiser state; the position it was written at."""

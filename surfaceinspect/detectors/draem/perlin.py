@@ -108,6 +108,12 @@ def perlin_mask(
     return (noise > threshold).astype(np.float32)
 
 
+def edge_distance(field: np.ndarray) -> np.ndarray:
+    """Signed distance in pixels to the zero line of a smooth ``field`` (first order: field / |gradient|)."""
+    gy, gx = np.gradient(field)
+    return field / np.maximum(np.hypot(gx, gy), 1e-6)
+
+
 def crack_mask(
     size: int | tuple[int, int],
     rng: np.random.Generator,
@@ -116,22 +122,19 @@ def crack_mask(
 ) -> np.ndarray:
     """A thin, crack-like binary mask: a band around a zero line of anisotropic Perlin noise.
 
-    The zero lines of gradient noise are long meandering curves; keeping pixels within ``width / 2`` of it (distance
-    estimated as ``|noise| / |gradient|``) give a curve ``width_range`` pixels wide. The
-    noise is stretched 1-2.8x along a random direction so the curves run mostly one way, as cracks
-    and scratches do, and the curve is kept only inside a low-frequency Perlin region, so a mask
-    holds a few crack segments rather than a net over the whole image. May be empty.
+    The zero lines of gradient noise are long meandering curves; the pixels within ``width / 2`` of
+    one (:func:`edge_distance`) form a curve ``width_range`` pixels wide. The noise is stretched
+    1-2.8x along a random direction so the curves run mostly one way, as cracks and scratches do, and
+    the curve is kept only inside a low-frequency Perlin region, so a mask holds a few crack segments
+    rather than a net over the whole image. May be empty.
     """
     shape = as_hw(size)
     periods = 2.0 ** rng.uniform(0.5, 2.0)
     stretch = 2.0 ** rng.uniform(0.0, 1.5)
     angle = float(rng.uniform(-90.0, 90.0))
     noise = perlin_noise(shape, (periods * stretch, periods), rng, angle)
-    # Distance to the zero line ~ |noise| / |gradient|: a band of even width in pixels (a plain
-    # threshold on |noise| would swell into blobs where the noise is flat).
-    gy, gx = np.gradient(noise)
-    distance = np.abs(noise) / np.maximum(np.hypot(gx, gy), 1e-6)
-    line = distance < 0.5 * float(rng.uniform(*width_range))
+    # A band of even width in pixels (a plain threshold on |noise| would swell into blobs where the noise is flat).
+    line = np.abs(edge_distance(noise)) < 0.5 * float(rng.uniform(*width_range))
     a = int(rng.integers(0, 2))
     region = perlin_noise(shape, (2.0**a, 2.0**a), rng, float(rng.uniform(-90.0, 90.0))) > region_threshold
     return (line & region).astype(np.float32)

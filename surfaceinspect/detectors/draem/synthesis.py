@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from surfaceinspect.detectors.draem.perlin import crack_mask, perlin_mask, perlin_noise
+from surfaceinspect.detectors.draem.perlin import crack_mask, edge_distance, perlin_mask, perlin_noise
 from surfaceinspect.detectors.draem.sources import AnomalySource
 
 # ---------------------------------------------------------------------------------------------
@@ -144,11 +144,8 @@ def surface_patch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     else:
         a = int(rng.integers(1, 3))
         field = perlin_noise((h, w), (2.0**a, 2.0**a), rng, float(rng.uniform(-90.0, 90.0))) - 0.3
-    # Signed distance to the region's edge in pixels (field / |gradient|), so the rim is 1-4 px wide
-    # wherever the field is flat or steep.
-    gy, gx = np.gradient(field)
-    distance = field / np.maximum(np.hypot(gx, gy), 1e-6)
-    weight = np.clip(distance / float(rng.uniform(1.0, 4.0)) + 0.5, 0.0, 1.0)[..., None]
+    # Measured in pixels from the edge, so the rim is 1-4 px wide wherever the field is flat or steep.
+    weight = np.clip(edge_distance(field) / float(rng.uniform(1.0, 4.0)) + 0.5, 0.0, 1.0)[..., None]
     sigma = float(rng.uniform(0.5, 2.5)) * short / 128.0
     gain = float(rng.uniform(0.65, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.35))
     changed = cv2.GaussianBlur(image, (0, 0), sigma) * gain

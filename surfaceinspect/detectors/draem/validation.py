@@ -8,7 +8,7 @@ training stops when that stops improving and the best weights are kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ class SyntheticValidationSet:
         seed: int,
         variants: int = 3,
     ) -> None:
-        forced = SynthesisParams(**{**params.__dict__, "anomaly_prob": 1.0, "rotate_prob": 0.0})
+        forced = replace(params, anomaly_prob=1.0)  # the good images' rotation lives in SynthesisDataset, not here
         inputs, masks = [], []
         for i, img in enumerate(images):
             image = img.astype(np.float32) / 255.0
