@@ -450,6 +450,11 @@ def plan_training(
     force: bool = False,
 ) -> TrainingPlan:
     """Check a new run before any work: resources, data split, calibration set, geometry, run directory."""
+    # Absolute from here on: the checkpoint and the model's metadata keep these paths, and
+    # `train --resume` or a recalibration may run from another working directory.
+    data_dir = data_dir.absolute()
+    calibration_dir = calibration_dir.absolute() if calibration_dir is not None else None
+    files = [f.absolute() for f in files] if files is not None else None
     run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
     _require_labelled_calibration(run_config, calibration_dir)
     train_files, calibration_files = _training_split(data_dir, run_config, calibration_dir, files, reporter)

@@ -356,6 +356,24 @@ def test_interrupt_exits_130_and_keeps_checkpoint(toy_method, synthetic_dataset,
     assert json.loads((run_dir / "metadata.json").read_text())["training"]["steps"] == 48
 
 
+def test_run_started_with_a_relative_folder_resumes_from_another_directory(
+    toy_method, synthetic_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(synthetic_dataset / "train")
+    run_dir = tmp_path / "run"
+    flags = ["--set", "toy.fail_at_step=10", "--set", "common.checkpoint_every_s=0.0001", "-q"]
+    result = CliRunner().invoke(app, ["train", "-m", "toy", "good", "--out", str(run_dir), *flags])
+    assert result.exit_code == EXIT_INTERRUPTED
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "good").mkdir(parents=True)  # a same-named folder must not be taken for the data
+    monkeypatch.chdir(elsewhere)
+    result = run_cli("train", "--resume", run_dir, "-q")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    assert Path(meta["dataset"]["root"]) == synthetic_dataset / "train" / "good"
+    assert meta["training"]["n_train_images"] > 0
+
+
 def test_resume_latest_finds_the_interrupted_run_in_the_runs_folder(toy_method, synthetic_dataset, isolated_runs):
     result = CliRunner().invoke(
         app,
