@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from surfaceinspect import metrics
+from surfaceinspect.data import iterate_images
 from surfaceinspect.datasets import load_mvtec
-from surfaceinspect.engine import run_inference
+from surfaceinspect.engine import predict_items
 from surfaceinspect.modeldir import CHECKPOINT_FILE, METADATA_FILE, load_model
+from surfaceinspect.tiling import TiledPredictor
 
 CLI = [sys.executable, "-m", "surfaceinspect"]
 
@@ -98,25 +100,28 @@ def snapshot_states(out: Path) -> list[tuple[int, float, dict[str, torch.Tensor]
 
 
 def score_snapshots(data: Path, out: Path) -> list[dict]:
-    """Image AUROC (and AP) on the test set for every snapshot, scored as the finished run scores."""
+    """Image AUROC (and AP) on the test set for every snapshot, scored as the finished run scores.
+
+    The test images are read once and kept decoded: only the weights change between snapshots.
+    """
     (final,) = [p.parent for p in (out / "kept").glob(f"*/{METADATA_FILE}")]
     detector, _ = load_model(final, torch.device("cpu"))
-    common = detector.run_config.common
+    tiling = detector.run_config.common.tiling
     samples = load_mvtec(data).test
     labels = np.array([s.is_anomalous for s in samples])
+    # Tiling scores each image at its own resolution, so those are read one at a time, unresized.
+    batch_size = 1 if tiling.enabled else 16
+    batches = list(
+        iterate_images([s.path for s in samples], detector.input_size, batch_size, 1, resize=not tiling.enabled)
+    )
+    unreadable = [item for batch in batches for item in batch if item.image is None]
+    if unreadable:
+        raise SystemExit(f"cannot read test image {unreadable[0].path}: {unreadable[0].error}")
+    tiler = TiledPredictor(detector, tiling, 16) if tiling.enabled else None
     rows = []
     for step, seconds, weights in snapshot_states(out):
         detector.load_state_dict(weights)
-        results = run_inference(
-            [s.path for s in samples],
-            data,
-            detector,
-            None,
-            batch_size=max(16, common.batch_size),
-            workers=1,  # one decoding process: the snapshots are scored one after another
-            full_resolution_maps=False,
-        )
-        scores = np.array([float(r.record.score) for r in results])
+        scores = np.array([score for batch in batches for score, _ in predict_items(detector, tiler, batch)])
         rows.append(
             {
                 "train_min": round(seconds / 60, 2),
@@ -129,11 +134,17 @@ def score_snapshots(data: Path, out: Path) -> list[dict]:
     return rows
 
 
-def accuracy_row(report: Path) -> dict:
-    """The finished run's accuracy from its benchmark report."""
-    acc = json.loads(report.read_text(encoding="utf-8"))["entries"][0]["accuracy"]
+def final_row(report: Path) -> dict:
+    """The finished run's training time, steps and accuracy from its benchmark report."""
+    entry = json.loads(report.read_text(encoding="utf-8"))["entries"][0]
+    acc = entry["accuracy"]
     keys = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
-    return {k: (round(acc[k], 4) if acc.get(k) is not None else None) for k in keys}
+    return {
+        "train_min": round(entry["training"]["train_seconds"] / 60, 2),
+        "step": entry["training"]["steps"],
+        **{k: (round(acc[k], 4) if acc.get(k) is not None else None) for k in keys},
+        "final": True,
+    }
 
 
 def main() -> None:
@@ -154,15 +165,7 @@ def main() -> None:
         train_with_snapshots(args, out)
     torch.set_num_threads(2)
     rows = score_snapshots(args.data, out)
-    final = json.loads((out / "final" / "report.json").read_text(encoding="utf-8"))["entries"][0]
-    rows.append(
-        {
-            "train_min": round(final["training"]["train_seconds"] / 60, 2),
-            "step": final["training"]["steps"],
-            **accuracy_row(out / "final" / "report.json"),
-            "final": True,
-        }
-    )
+    rows.append(final_row(out / "final" / "report.json"))
     (out / "curve.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     lines = ["| training min | step | image AUROC | image AP | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
     for r in rows:

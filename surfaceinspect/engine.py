@@ -218,7 +218,7 @@ class ImageResult:
     anomaly_map: np.ndarray | None  # float32 (H, W), raw units (same as the score)
 
 
-def _predict(
+def predict_items(
     detector: Detector, tiler: TiledPredictor | None, items: list[LoadedImage]
 ) -> list[tuple[float, np.ndarray]]:
     """(score, map) per readable item: one batched forward pass, or tile by tile at the image's resolution."""
@@ -256,7 +256,7 @@ def run_inference(
     tiler = TiledPredictor(detector, detector.run_config.common.tiling, batch_size) if tiled else None
     for batch in batches:
         readable = [item for item in batch if item.image is not None]
-        predictions = _predict(detector, tiler, readable)
+        predictions = predict_items(detector, tiler, readable)
         position = 0
         for item in batch:
             name = relative_name(item.path, root)
