@@ -260,6 +260,11 @@ class DistributedDraem(RankTraining, DraemDetector):
     """
 
     def __init__(self, run_config: Any, device: torch.device) -> None:
+        if run_config.method_config.members > 1:
+            raise ConfigError(
+                f"draem.members={run_config.method_config.members}: an ensemble trains its models one after "
+                "another; train it without torchrun, or train one model (draem.members=1) on all processes"
+            )
         super().__init__(run_config, device)
         self._join()
         broadcast_module(self.model)
@@ -287,8 +292,10 @@ class DistributedDraem(RankTraining, DraemDetector):
         summary.epochs = round(summary.steps * batch / images.shape[0], 3)
         return self._finish(summary, batch_per_rank=self._per_rank)
 
-    def _synthesis_dataset(self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams) -> Dataset:
-        return RankSlice(super()._synthesis_dataset(nhwc, source, params), self._per_rank, self.world, self.rank)
+    def _synthesis_dataset(
+        self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams, seed: int
+    ) -> Dataset:
+        return RankSlice(super()._synthesis_dataset(nhwc, source, params, seed), self._per_rank, self.world, self.rank)
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

@@ -76,7 +76,7 @@ def _reference_training(run, images) -> dict[str, torch.Tensor]:
     detector = DraemDetector(run, torch.device("cpu"))
     cfg, batch = detector.cfg, run.common.batch_size
     nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-    dataset = detector._synthesis_dataset(nhwc, *detector._synthesis_recipe(nhwc))
+    dataset = detector._synthesis_dataset(nhwc, *detector._synthesis_recipe(nhwc), run.common.seed)
     optimizer = torch.optim.Adam(detector.model.parameters(), lr=cfg.lr)
     loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
     detector.model.train()

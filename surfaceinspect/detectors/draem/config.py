@@ -77,6 +77,11 @@ class DraemConfig(MethodConfig):
     # Training arithmetic: auto = bf16 autocast on a CUDA GPU that supports it (fp32 master weights,
     # losses in fp32), fp32 elsewhere: bf16 on a CPU without AMX/AVX-512-BF16 is a slow emulation.
     train_precision: str = "auto"  # auto | fp32 | bf16
+    # Ensemble: train this many DRAEM models one after another (model i with seed common.seed + i,
+    # each on the whole schedule and an equal share of common.time_budget_min) and score with the
+    # mean of their anomaly probabilities. Costs `members` times the training and scoring time; it
+    # averages out the large seed-to-seed spread of short schedules (BENCHMARKS.md, section 9).
+    members: int = 1
     # Scoring.
     smoothing_kernel: int = 21  # mean filter on the anomaly map before taking its maximum
     # Inference speed path (CPU): BatchNorm folded into convs, channels_last, optional bf16 autocast.
@@ -136,6 +141,8 @@ class DraemConfig(MethodConfig):
         m = self.size_multiple()
         if self.train_crop < 0 or self.train_crop % m:
             raise ConfigError(f"{p}.train_crop={self.train_crop}: use 0 (whole images) or a positive multiple of {m}")
+        if not 1 <= self.members <= 16:
+            raise ConfigError(f"{p}.members={self.members}: use 1 (one model) to 16 (an ensemble of 16 models)")
         if self.train_precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{p}.train_precision={self.train_precision!r}: use auto, fp32 or bf16")
         self._validate_source()

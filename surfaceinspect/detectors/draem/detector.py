@@ -16,7 +16,7 @@ from surfaceinspect.config import RunConfig
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
 from surfaceinspect.detectors.draem.config import DEFAULT_BUILTIN, DraemConfig
 from surfaceinspect.detectors.draem.losses import DraemLoss
-from surfaceinspect.detectors.draem.networks import DraemModel, fuse_conv_bn, init_weights
+from surfaceinspect.detectors.draem.networks import DraemEnsemble, DraemModel, fuse_conv_bn, init_weights
 from surfaceinspect.detectors.draem.sources import AnomalySource, make_source
 from surfaceinspect.detectors.draem.synthesis import (
     GlobalIndexSampler,
@@ -71,6 +71,21 @@ class DraemInference(torch.nn.Module):
 
 
 @dataclass
+class _MemberRun:
+    """What training one model (of an ensemble) leaves for the summary."""
+
+    index: int
+    steps: int
+    planned: int
+    start_step: int
+    final_loss: float | None
+    parts: dict[str, float]
+    note: str | None
+    validation: dict[str, Any] | None
+    grayscale: bool
+
+
+@dataclass
 class _Position:
     """Where training stands: the resumable part of the schedule."""
 
@@ -88,16 +103,21 @@ class DraemDetector(Detector):
     def __init__(self, run_config: RunConfig, device: torch.device) -> None:
         super().__init__(run_config, device)
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[]):  # initial weights from the seed alone, global RNG untouched
-            torch.manual_seed(run_config.common.seed)
-            self.model = DraemModel(
-                cfg.recon_width,
-                cfg.disc_width,
-                cfg.recon_levels,
-                cfg.disc_levels,
-                checkpointing=cfg.activation_checkpointing,
-            )
-            init_weights(self.model)
+        nets = []
+        for index in range(cfg.members):
+            # Initial weights from the seed alone (model i of an ensemble: seed + i), global RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run_config.common.seed + index)
+                net = DraemModel(
+                    cfg.recon_width,
+                    cfg.disc_width,
+                    cfg.recon_levels,
+                    cfg.disc_levels,
+                    checkpointing=cfg.activation_checkpointing,
+                )
+                init_weights(net)
+            nets.append(net)
+        self.model: torch.nn.Module = nets[0] if cfg.members == 1 else DraemEnsemble(nets)
         self.model.to(device)
         self.model.eval()
         self._fast: torch.nn.Module | None = None  # fused inference copy, rebuilt when weights change
@@ -119,36 +139,100 @@ class DraemDetector(Detector):
         cfg, common = self.cfg, self.run_config.common
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"fit() expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        batch = common.batch_size
         nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-        held_out = None
+        if cfg.val_every > 0 and nhwc.shape[0] - cfg.val_images < 2:
+            raise ConfigError(
+                f"draem.val_images={cfg.val_images} leaves fewer than 2 of the {nhwc.shape[0]} training images "
+                "to train on; lower draem.val_images or set draem.val_every=0"
+            )
+        state = context.resume_state
+        if state is not None and int(state.get("version", -1)) != STATE_VERSION:
+            raise TrainingError("the checkpoint was written by another DRAEM version; start training afresh")
+        first = int(state.get("member", 0)) if state is not None else 0
+        # Steps of the models finished before an interruption (an ensemble's checkpoint carries them).
+        done_before: list[int] = [int(v) for v in state.get("members_done", [])] if state is not None else []
+        if state is not None:
+            self.model.load_state_dict(state["model"])  # every model: the finished ones and the one in progress
+        meter = Throughput(math.ceil(nhwc.shape[0] / common.batch_size))
+        runs: list[_MemberRun] = []
+        for index in range(first, cfg.members):
+            done = done_before + [r.steps for r in runs]
+            runs.append(self._fit_member(index, nhwc, context, state if index == first else None, meter, done))
+        last = runs[-1]
+        notes = [f"model {r.index + 1}: {r.note}" if cfg.members > 1 else r.note for r in runs if r.note]
+        details: dict[str, Any] = {
+            "final_loss_parts": last.parts,
+            "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
+            "grey_textures": last.grayscale,
+            "train_precision": "bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
+        }
+        if last.validation is not None:
+            details["validation"] = last.validation
+        if cfg.members > 1:
+            details["members"] = [
+                {"model": r.index + 1, "seed": common.seed + r.index, "steps": r.steps, "planned_steps": r.planned}
+                | ({"validation": r.validation} if r.validation is not None else {})
+                for r in runs
+            ]
+        steps = sum(done_before) + sum(r.steps for r in runs)
+        n_train = nhwc.shape[0] - (cfg.val_images if cfg.val_every > 0 else 0)
+        return TrainSummary(
+            steps=steps,
+            planned_steps=runs[0].planned * cfg.members,
+            epochs=round(steps * common.batch_size / n_train, 3),
+            seconds=round(context.elapsed_s(), 1),
+            final_loss=last.final_loss,
+            resumed_from_step=runs[0].start_step if state is not None else None,
+            schedule_note="; ".join(notes) if notes else None,
+            **meter.rates(),
+            details=details,
+        )
+
+    def _member_net(self, index: int) -> torch.nn.Module:
+        return self.model.members[index] if isinstance(self.model, DraemEnsemble) else self.model
+
+    def _fit_member(
+        self,
+        index: int,
+        all_nhwc: np.ndarray,
+        context: TrainContext,
+        resume_state: dict[str, Any] | None,
+        meter: Throughput,
+        members_done: list[int],
+    ) -> _MemberRun:
+        """Train model ``index`` of the ensemble (the only one without ``draem.members``), as a plain
+        run with seed ``common.seed + index`` would train it."""
+        cfg, common = self.cfg, self.run_config.common
+        net = self._member_net(index)
+        seed = common.seed + index
+        batch = common.batch_size
+        nhwc, held_out = all_nhwc, None
         if cfg.val_every > 0:
-            if nhwc.shape[0] - cfg.val_images < 2:
-                raise ConfigError(
-                    f"draem.val_images={cfg.val_images} leaves fewer than 2 of the {nhwc.shape[0]} training images "
-                    "to train on; lower draem.val_images or set draem.val_every=0"
-                )
-            train_idx, val_idx = split_validation(nhwc.shape[0], cfg.val_images, common.seed)
-            held_out, nhwc = nhwc[val_idx], nhwc[train_idx]
+            train_idx, val_idx = split_validation(all_nhwc.shape[0], cfg.val_images, seed)
+            held_out, nhwc = all_nhwc[val_idx], all_nhwc[train_idx]
         n = nhwc.shape[0]
         source, params = self._synthesis_recipe(nhwc)
-        dataset = self._synthesis_dataset(nhwc, source, params)
-        validation = SyntheticValidationSet(held_out, source, params, common.seed) if held_out is not None else None
+        dataset = self._synthesis_dataset(nhwc, source, params, seed)
+        validation = SyntheticValidationSet(held_out, source, params, seed) if held_out is not None else None
         stopper = EarlyStopping(cfg.val_patience)
-        if validation is not None and context.resume_state is not None and "validation" in context.resume_state:
-            stopper.load_state_dict(context.resume_state["validation"])
-        steps_per_epoch = math.ceil(n / batch)
-        planned = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        position = self._restore(context.resume_state, optimizer) or _Position(0, planned, planned)
+        if validation is not None and resume_state is not None and "validation" in resume_state:
+            stopper.load_state_dict(resume_state["validation"])
+        planned = cfg.steps if cfg.steps > 0 else cfg.epochs * math.ceil(n / batch)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        position = self._restore(resume_state, optimizer) or _Position(0, planned, planned)
         start_step = position.step
         loss_fn = DraemLoss(cfg.ssim_window, cfg.focal_gamma, cfg.focal_weight)
-        budget = self.time_budget(context.time_budget_s, position.planned, context.elapsed_s)
-        meter = Throughput(steps_per_epoch)
+        # Model i must end by (i + 1) / members of the budget: each gets an equal share.
+        budget = self.time_budget(
+            context.time_budget_s * (index + 1) / cfg.members, position.planned, context.elapsed_s
+        )
+        phase = "train" if cfg.members == 1 else f"model {index + 1}/{cfg.members}"
 
         def state_fn() -> dict[str, Any]:
             return {
                 "version": STATE_VERSION,
+                "member": index,
+                "members_done": members_done,
                 "model": self.model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {
@@ -176,15 +260,15 @@ class DraemDetector(Detector):
         if self.device.type == "cuda":
             self._train_layout = torch.channels_last
             self.model.to(memory_format=self._train_layout)
-        self.model.train()
+        net.train()
         self._fast = None
-        context.report(TrainProgress("train", position.step, position.total), state_fn)
+        context.report(TrainProgress(phase, position.step, position.total), state_fn)
         try:
             for batch_data in loader:
                 if position.step >= position.total:
                     break
                 lr = lr_at(position.step, position.total, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
-                loss, parts = self._train_step(batch_data, optimizer, loss_fn, lr, position.step)
+                loss, parts = self._train_step(net, batch_data, optimizer, loss_fn, lr, position.step)
                 position.step += 1
                 meter.step_done(batch)
                 recent = [*recent[-49:], loss]
@@ -192,8 +276,8 @@ class DraemDetector(Detector):
                 position.total = budget.update(position.step, position.total)
                 info = {"lr": lr, **parts}
                 if validation is not None and (position.step % cfg.val_every == 0 or position.step >= position.total):
-                    info["val_pixel_ap"] = self._validate(validation, stopper, position.step)
-                context.report(TrainProgress("train", position.step, position.total, loss, info), state_fn)
+                    info["val_pixel_ap"] = self._validate(net, validation, stopper, position.step)
+                context.report(TrainProgress(phase, position.step, position.total, loss, info), state_fn)
                 if validation is not None and stopper.should_stop:
                     break
         finally:
@@ -201,12 +285,12 @@ class DraemDetector(Detector):
             self.model.eval()
             self._fast = None
         note = budget.note(position.total)
-        details: dict[str, Any] = {}
+        summary = None
         if validation is not None:
             stopped = stopper.should_stop and position.step < position.total
             if stopper.best_weights is not None and stopper.best_step != position.step:
-                self.model.load_state_dict(stopper.best_weights)
-            details["validation"] = {
+                net.load_state_dict(stopper.best_weights)
+            summary = {
                 "every": cfg.val_every,
                 "images": len(held_out),
                 "samples": len(validation),
@@ -221,32 +305,28 @@ class DraemDetector(Detector):
                     f"{cfg.val_patience} evaluations; kept the weights of step {stopper.best_step}"
                 )
                 note = f"{note}; {early}" if note else early
-        return TrainSummary(
+        return _MemberRun(
+            index=index,
             steps=position.step,
-            planned_steps=position.planned,
-            epochs=round(position.step * batch / n, 3),
-            seconds=round(context.elapsed_s(), 1),
+            planned=position.planned,
+            start_step=start_step,
             final_loss=float(np.mean(recent)) if recent else None,
-            resumed_from_step=start_step if context.resume_state is not None else None,
-            schedule_note=note,
-            **meter.rates(),
-            details={
-                "final_loss_parts": parts,
-                "anomaly_source": DEFAULT_BUILTIN if cfg.anomaly_source == "builtin" else cfg.anomaly_source,
-                "grey_textures": params.grayscale,
-                "train_precision": "bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
-                **details,
-            },
+            parts=parts,
+            note=note,
+            validation=summary,
+            grayscale=params.grayscale,
         )
 
-    def _validate(self, validation: SyntheticValidationSet, stopper: EarlyStopping, step: int) -> float:
-        """Score the held-out synthetic set with the current weights and update the early stopper."""
-        self.model.eval()
+    def _validate(
+        self, net: torch.nn.Module, validation: SyntheticValidationSet, stopper: EarlyStopping, step: int
+    ) -> float:
+        """Score the held-out synthetic set with ``net``'s current weights and update the early stopper."""
+        net.eval()
         try:
-            ap = validation.pixel_ap(self.model, self.device)
+            ap = validation.pixel_ap(net, self.device)
         finally:
-            self.model.train()
-        stopper.update(step, ap, self.model)
+            net.train()
+        stopper.update(step, ap, net)
         return ap
 
     def _synthesis_recipe(self, nhwc: np.ndarray) -> tuple[AnomalySource, SynthesisParams]:
@@ -265,7 +345,9 @@ class DraemDetector(Detector):
         )
         return make_source(cfg.anomaly_source, nhwc), params
 
-    def _synthesis_dataset(self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams) -> Dataset:
+    def _synthesis_dataset(
+        self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams, seed: int
+    ) -> Dataset:
         """The endless dataset of (good, augmented, mask) samples from uint8 (N, H, W, 3) images."""
         cfg = self.cfg
         h, w = nhwc.shape[1:3]
@@ -275,7 +357,7 @@ class DraemDetector(Detector):
                 "use a smaller crop or a larger common.image_size"
             )
         crop = cfg.train_crop if cfg.train_crop < max(h, w) else 0
-        return SynthesisDataset(nhwc, source, params, self.run_config.common.seed, crop)
+        return SynthesisDataset(nhwc, source, params, seed, crop)
 
     def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
         """Load a checkpoint's weights and optimiser state; the position it was written at."""
@@ -290,13 +372,14 @@ class DraemDetector(Detector):
 
     def _train_step(
         self,
+        net: torch.nn.Module,
         batch: dict[str, torch.Tensor],
         optimizer: torch.optim.Optimizer,
         loss_fn: DraemLoss,
         lr: float,
         step: int,
     ) -> tuple[float, dict[str, float]]:
-        """One optimiser step on a synthesised batch; returns the loss and its parts."""
+        """One optimiser step of ``net`` on a synthesised batch; returns the loss and its parts."""
         for group in optimizer.param_groups:
             group["lr"] = lr
         image = batch["image"].to(self.device, non_blocking=True)
@@ -304,7 +387,7 @@ class DraemDetector(Detector):
         mask = batch["mask"].to(self.device, non_blocking=True)
         dtype = self._amp_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            rec, logits = self.model(augmented)
+            rec, logits = net(augmented)
         loss, parts = loss_fn(rec.float(), image, logits.float(), mask)
         if "nonfinite" in parts:
             raise TrainingError(

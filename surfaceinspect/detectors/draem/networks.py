@@ -16,7 +16,7 @@ full-resolution 128-channel levels no longer held at once).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,27 @@ class DraemModel(nn.Module):
         rec = self.recon(x)
         # Order (reconstruction, image) as in the authors' code.
         return rec, self.disc(torch.cat((rec, x), dim=1))
+
+
+class DraemEnsemble(nn.Module):
+    """Independently trained DRAEM models scored as one.
+
+    ``forward`` returns the mean reconstruction and the log of the members' mean anomaly
+    probabilities as logits, so a softmax downstream yields exactly the averaged probabilities.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        recs, probs = [], []
+        for member in self.members:
+            rec, logits = member(x)
+            recs.append(rec)
+            probs.append(torch.softmax(logits.float(), dim=1))
+        mean_prob = torch.stack(probs).mean(dim=0)
+        return torch.stack(recs).mean(dim=0), torch.log(mean_prob.clamp_min(1e-12))
 
 
 def init_weights(module: nn.Module) -> None:
