@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -107,3 +108,28 @@ def test_data_parallel_training_refuses_an_ensemble() -> None:
 
     with pytest.raises(ConfigError, match="members=2"):
         DistributedDraem(tiny_run(32, members=2), CPU)
+
+
+def test_ensemble_trains_scores_and_exports_through_the_cli(synthetic_dataset, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+    from surfaceinspect.errors import EXIT_OK
+
+    monkeypatch.setenv("SURFACEINSPECT_HOME", str(tmp_path / "home"))
+    run_dir, runner = tmp_path / "run", CliRunner()
+    tiny = ["draem.steps=4", "draem.recon_width=8", "draem.disc_width=4", "draem.recon_levels=3",
+            "draem.disc_levels=3", "draem.members=2", "common.time_budget_min=0"]  # fmt: skip
+    args = ["train", "-m", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
+            "--image-size", "64", "--threads", "1", "--workers", "0"]  # fmt: skip
+    result = runner.invoke(app, [*args, *(a for item in tiny for a in ("--set", item))], catch_exceptions=False)
+    assert result.exit_code == EXIT_OK, result.output
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    assert meta["training"]["steps"] == 8 and len(meta["training"]["members"]) == 2
+    scored = runner.invoke(app, ["score", str(synthetic_dataset / "test"), "--model", str(run_dir), "--json", "-q",
+                                 "--threads", "1", "--workers", "0", "--runtime", "torch"])  # fmt: skip
+    assert scored.exit_code in (0, 1), scored.output
+    assert len([line for line in scored.stdout.splitlines() if line.strip()]) > 0
+    exported = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)
+    assert exported.exit_code == EXIT_OK and "exported" in exported.output, exported.output

@@ -324,3 +324,25 @@ def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tm
     for a, b in zip(torch_records, onnx_records, strict=True):
         assert a["verdict"] == b["verdict"] and a["width"] == b["width"] == 96
         assert abs(a["score"] - b["score"]) <= RTOL * max(abs(a["score"]), abs(threshold))
+
+
+def test_parity_tolerates_float_noise_on_the_threshold_image_only():
+    """The quantile threshold is one calibration image's score: rounding may flip that image alone."""
+    import torch
+
+    from surfaceinspect.calibration import calibrate
+    from surfaceinspect.detectors.base import Prediction
+    from surfaceinspect.export import compare
+
+    good = np.array([0.2, 0.3, 0.4, 0.5])
+    calibration = calibrate("draem", good, good, good * 0.5, false_reject_rate=0.01)
+    assert calibration.image_threshold == 0.5  # the highest good score
+    maps = torch.zeros(4, 8, 8)
+    reference = Prediction(torch.tensor(good, dtype=torch.float32), maps)
+    noisy = Prediction(reference.scores - 1e-7, maps)  # the threshold image now scores just below it
+    report = compare(reference, noisy, calibration, ["a", "b", "c", "d"])
+    assert report.passed and not report.verdicts_differ
+    # A flip of an image clear of the threshold is still refused (here with a wrong score as well).
+    wrong = Prediction(torch.tensor([0.2, 0.3, 0.6, 0.5]), maps)
+    report = compare(reference, wrong, calibration, ["a", "b", "c", "d"])
+    assert report.verdicts_differ == ["c"] and not report.passed
