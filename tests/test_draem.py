@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -315,26 +316,40 @@ def test_state_dict_roundtrip_through_safetensors(tmp_path) -> None:
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
-def test_resume_continues_identically() -> None:
-    images = random_uint8(6, 32)
-    saved: dict[int, bytes] = {}
+def recording_checkpoints() -> tuple[Callable[[dict], None], list[bytes]]:
+    """An ``on_checkpoint`` that serialises each state at once, like the engine's writer; the saved bytes."""
+    saved: list[bytes] = []
 
     def on_checkpoint(state: dict) -> None:
         buf = io.BytesIO()
-        torch.save(state, buf)  # serialised at once, like the engine's checkpoint writer
-        saved[state["step"]] = buf.getvalue()
+        torch.save(state, buf)
+        saved.append(buf.getvalue())
 
+    return on_checkpoint, saved
+
+
+def load_checkpoints(saved: list[bytes]) -> list[dict]:
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in saved]  # plain tensors and numbers only
+
+
+def assert_same_weights(a: DraemDetector, b: DraemDetector) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_continues_identically() -> None:
+    images = random_uint8(6, 32)
+    on_checkpoint, saved = recording_checkpoints()
     full = DraemDetector(tiny_run(32, steps=6), torch.device("cpu"))
     summary = full.fit(images, TrainContext(on_checkpoint=on_checkpoint, checkpoint_every_s=0.0))
-    assert summary.steps == 6 and 3 in saved
+    by_step = {state["step"]: state for state in load_checkpoints(saved)}
+    assert summary.steps == 6 and 3 in by_step
 
-    state = torch.load(io.BytesIO(saved[3]), weights_only=True)  # plain tensors and numbers only
     resumed = DraemDetector(tiny_run(32, steps=6), torch.device("cpu"))
-    summary2 = resumed.fit(images, TrainContext(resume_state=state))
+    summary2 = resumed.fit(images, TrainContext(resume_state=by_step[3]))
     assert summary2.steps == 6 and summary2.resumed_from_step == 3
-    a, b = full.state_dict(), resumed.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert_same_weights(full, resumed)
 
 
 def test_time_budget_shortens_schedule() -> None:

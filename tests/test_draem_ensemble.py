@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_draem import random_uint8, tiny_run
+from test_draem import assert_same_weights, load_checkpoints, random_uint8, recording_checkpoints, tiny_run
 
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.detectors.draem import DraemDetector
@@ -55,27 +54,18 @@ def test_ensemble_scores_the_mean_anomaly_probability_of_its_models() -> None:
 
 def test_interrupted_ensemble_resumes_in_the_model_it_was_training() -> None:
     images = random_uint8(6, 32)
-    saved: list[bytes] = []
-
-    def on_checkpoint(state: dict) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        saved.append(buf.getvalue())
-
+    on_checkpoint, saved = recording_checkpoints()
     full = DraemDetector(tiny_run(32, steps=3, members=2), CPU)
     summary = full.fit(images, TrainContext(on_checkpoint=on_checkpoint, checkpoint_every_s=0.0))
     assert summary.steps == 6 and summary.planned_steps == 6
     assert [m["steps"] for m in summary.details["members"]] == [3, 3]
-    states = [torch.load(io.BytesIO(b), weights_only=True) for b in saved]
-    (second_model_step_1,) = [s for s in states if s["member"] == 1 and s["step"] == 1]
+    (second_model_step_1,) = [s for s in load_checkpoints(saved) if s["member"] == 1 and s["step"] == 1]
     assert second_model_step_1["members_done"] == [3]
 
     resumed = DraemDetector(tiny_run(32, steps=3, members=2), CPU)
     summary2 = resumed.fit(images, TrainContext(resume_state=second_model_step_1))
     assert summary2.steps == 6 and summary2.resumed_from_step == 1
-    a, b = full.state_dict(), resumed.state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_weights(full, resumed)
 
 
 def test_time_budget_is_shared_among_the_models() -> None:

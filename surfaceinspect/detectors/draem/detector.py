@@ -360,12 +360,9 @@ class DraemDetector(Detector):
         return SynthesisDataset(nhwc, source, params, seed, crop)
 
     def _restore(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> _Position | None:
-        """Load a checkpoint's weights and optimiser state; the position it was written at."""
+        """Load a checkpoint's optimiser state (fit() has checked it and loaded the weights); its position."""
         if state is None:
             return None
-        if int(state.get("version", -1)) != STATE_VERSION:
-            raise TrainingError("the checkpoint was written by another DRAEM version; start training afresh")
-        self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         total = int(state["scheduler"]["total_steps"])
         return _Position(int(state["step"]), total, int(state["scheduler"].get("planned_steps", total)))
