@@ -107,8 +107,10 @@ def test_inference_overrides_only_touch_inference_settings() -> None:
     from surfaceinspect.errors import ConfigError
 
     run = build_run_config(DraemConfig, "cpu", [])
+    before = run.method_config.smoothing_kernel
     changed = with_inference_overrides(run, ["draem.smoothing_kernel=11"])
-    assert changed.method_config.smoothing_kernel == 11 and run.method_config.smoothing_kernel == 21
+    assert before != 11 and changed.method_config.smoothing_kernel == 11
+    assert run.method_config.smoothing_kernel == before
     assert changed.method_config.recon_width == run.method_config.recon_width
     for bad in ("draem.recon_width=64", "common.image_size=64", "csflow.map_sigma=1"):
         with pytest.raises(ConfigError, match="inference settings"):

@@ -267,10 +267,12 @@ def test_profiles_load_and_validate(profile: str) -> None:
     run = build_run_config(DraemConfig, profile, [])
     assert isinstance(run.method_config, DraemConfig)
     assert get_detector_class("draem") is DraemDetector
-    if profile == "texture":  # the cpu networks and schedule on half-resolution tiles
+    if profile == "texture":  # the cpu schedule on half-resolution tiles, with the networks it was measured with
         cpu = build_run_config(DraemConfig, "cpu", []).method_config
+        cfg = run.method_config
         assert run.common.tiling.enabled and run.common.tiling.scale == 0.5 and run.common.image_size == 128
-        assert (run.method_config.recon_width, run.method_config.steps) == (cpu.recon_width, cpu.steps)
+        assert (cfg.steps, cfg.lr, cfg.lr_milestones) == (cpu.steps, cpu.lr, cpu.lr_milestones)
+        assert (cfg.recon_width, cfg.disc_width, cfg.smoothing_kernel) == (16, 8, 21)
     if profile == "paper":
         cfg = run.method_config
         assert (cfg.recon_width, cfg.disc_width, cfg.epochs, run.common.image_size) == (128, 64, 700, 256)
