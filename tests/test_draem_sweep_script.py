@@ -8,22 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_learning_curve_script import tiny_draem_sets
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "draem_sweep.py"
 
 
 @pytest.mark.slow
 def test_sweep_scores_like_benchmark_and_averages_seeds(synthetic_dataset: Path, tmp_path: Path) -> None:
-    sets = [
-        "common.image_size=64",
-        "common.batch_size=2",
-        "common.workers=0",
-        "common.threads=1",
-        "common.time_budget_min=0",
-        "draem.steps=60",
-        "draem.recon_width=4",
-        "draem.disc_width=4",
-    ]
+    sets = tiny_draem_sets(steps=60)
     plan = tmp_path / "plan.yaml"
     plan.write_text(
         json.dumps(

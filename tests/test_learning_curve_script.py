@@ -12,18 +12,23 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
 
 
-@pytest.mark.slow
-def test_learning_curve_scores_snapshots_and_the_finished_run(synthetic_dataset: Path, tmp_path: Path) -> None:
-    sets = [
+def tiny_draem_sets(steps: int) -> list[str]:
+    """``--set`` items for a DRAEM run of a few seconds on the synthetic dataset (the scripts' smoke tests)."""
+    return [
         "common.image_size=64",
         "common.batch_size=2",
         "common.workers=0",
         "common.threads=1",
         "common.time_budget_min=0",
-        "draem.steps=150",
+        f"draem.steps={steps}",
         "draem.recon_width=4",
         "draem.disc_width=4",
     ]
+
+
+@pytest.mark.slow
+def test_learning_curve_scores_snapshots_and_the_finished_run(synthetic_dataset: Path, tmp_path: Path) -> None:
+    sets = tiny_draem_sets(steps=150)
     out = tmp_path / "curve"
     cmd = [sys.executable, str(SCRIPT), str(synthetic_dataset), "--profile", "cpu", "--every-s", "0.5"]
     cmd += ["--poll-s", "0.1", "--out", str(out)]
