@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,15 +41,13 @@ KERNELS = (1, 3, 5, 11, 21, 31)
 
 
 def _filtered_scores(prob: np.ndarray, kernels: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Image scores of raw probability maps ``(N, H, W)`` for each kernel, as DRAEM's inference makes them."""
     import torch
-    import torch.nn.functional as F
 
-    t = torch.from_numpy(prob.astype(np.float32))[:, None]
-    out = {}
-    for k in kernels:
-        smooth = F.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False)
-        out[k] = smooth.flatten(1).amax(dim=1).numpy()
-    return out
+    from surfaceinspect.detectors.draem.detector import smoothed_max
+
+    t = torch.from_numpy(prob)[:, None]
+    return {k: smoothed_max(t, k)[0].numpy() for k in kernels}
 
 
 def _aurocs(labels: np.ndarray, types: list[str], scores: dict[int, np.ndarray]) -> dict[str, Any]:
@@ -100,7 +97,7 @@ def run_one(args: argparse.Namespace) -> None:
     maps = []
     for batch in iterate_images([s.path for s in samples], common.input_hw(), 16, 2):
         maps.append(detector.predict(stack_images(batch)).maps.numpy())
-    prob = np.concatenate(maps).astype(np.float32)
+    prob = np.concatenate(maps)
     np.save(args.maps, prob)
     labels = np.array([s.is_anomalous for s in samples])
     types = [s.defect_type for s in samples]
@@ -129,7 +126,7 @@ def _ensembles(out: Path, work: Path, plan: dict[str, Any], kernels: tuple[int, 
         ds = load_mvtec(run["data"], check_mask_sizes=False)
         labels = np.array([s.is_anomalous for s in ds.test])
         types = [s.defect_type for s in ds.test]
-        maps = {s: np.load(work / f"{run['name']}-seed{s}.npy").astype(np.float32) for s in done}
+        maps = {s: np.load(work / f"{run['name']}-seed{s}.npy") for s in done}
         for size in range(2, len(done) + 1):
             subsets = list(itertools.combinations(sorted(done), size))
             per_subset = [
@@ -172,6 +169,8 @@ def main() -> None:
     if args.one:
         run_one(args)
         return
+    if args.plan is None or not args.plan.is_file():
+        parser.error(f"plan file not found: {args.plan}; pass a plan YAML (see the module docstring)")
     plan = yaml.safe_load(args.plan.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out / "work"
@@ -183,12 +182,9 @@ def main() -> None:
     if results.exists():
         raise SystemExit(f"{results} exists: choose a new --out folder (a sweep appends its results)")
     started = time.monotonic()
-    jobs = [
-        (run, seed)
-        for seed_rank in range(8)
-        for run in plan["runs"]
-        for seed in run["seeds"][seed_rank : seed_rank + 1]
-    ]
+    # first seeds of every setting first (a stable sort keeps the plan's order within a rank)
+    ranked = [(rank, run, seed) for run in plan["runs"] for rank, seed in enumerate(run["seeds"])]
+    jobs = [(run, seed) for _, run, seed in sorted(ranked, key=lambda job: job[0])]
 
     def launch(job: tuple[dict[str, Any], int]) -> None:
         run, seed = job
@@ -208,7 +204,7 @@ def main() -> None:
             cmd += ["--set", item]
         cmd += ["--run-dir", str(work / tag), "--maps", str(work / f"{tag}.npy")]
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
         if line is None:
             err = {"name": run["name"], "seed": seed, "error": proc.stderr.strip().splitlines()[-3:]}

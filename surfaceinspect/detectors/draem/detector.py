@@ -48,13 +48,17 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def mask_scores(logits: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores ``(B,)`` and maps ``(B, H, W)`` from the discriminator's logits: smoothed anomaly probability."""
-    prob = F.softmax(logits.float(), dim=1)[:, 1:]
-    # Mean filter; count_include_pad=False keeps it a true mean at the borders (the
-    # authors' zero padding would damp defects that touch the image edge).
+def smoothed_max(prob: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B,)`` and maps ``(B, H, W)`` from anomaly probabilities ``(B, 1, H, W)``: mean filter, then max."""
+    # count_include_pad=False keeps it a true mean at the borders (the authors' zero padding
+    # would damp defects that touch the image edge).
     smooth = F.avg_pool2d(prob, kernel, stride=1, padding=kernel // 2, count_include_pad=False)[:, 0]
     return smooth.flatten(1).amax(dim=1), smooth
+
+
+def mask_scores(logits: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B,)`` and maps ``(B, H, W)`` from the discriminator's logits: smoothed anomaly probability."""
+    return smoothed_max(F.softmax(logits.float(), dim=1)[:, 1:], kernel)
 
 
 class DraemInference(torch.nn.Module):
