@@ -80,6 +80,30 @@ def test_anomaly_kinds_follow_their_shares() -> None:
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+def test_dark_cracks_darken_only_along_the_crack() -> None:
+    image = np.random.default_rng(3).uniform(0.3, 0.7, size=(64, 64, 3)).astype(np.float32)
+    source = make_source("fractal")
+    dark = SynthesisParams(anomaly_prob=1.0, crack_prob=1.0, crack_fill="dark")
+    filled = 0
+    for seed in range(10):
+        out, mask = synthesize(image, source, dark, np.random.default_rng(seed))
+        assert out.dtype == np.float32 and out.shape == image.shape
+        assert np.all(out <= image + 1e-6)  # a groove only darkens
+        if not mask.any():
+            continue
+        filled += 1
+        assert _surviving_erosion(mask, 5) < 0.2
+        ratio = out[mask > 0] / image[mask > 0]
+        assert ratio.max() <= 0.7 + 1e-5 and ratio.min() >= 0.2 - 1e-5  # 30-80 % darker inside
+        # Grey stays grey (one factor for the three channels), and away from the crack nothing changes.
+        assert np.allclose(ratio[:, 0], ratio[:, 1]) and np.allclose(ratio[:, 1], ratio[:, 2])
+        far = cv2.erode((1 - mask).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+        assert np.array_equal(out[far], image[far])
+    assert filled >= 6
+    with pytest.raises(ConfigError, match="crack_fill='paint'"):
+        tiny_run(32, crack_prob=0.2, crack_fill="paint")
+
+
 def test_rotation_turns_good_images_and_keeps_samples_reproducible() -> None:
     imgs = random_uint8(3, 32).permute(0, 2, 3, 1).contiguous().numpy()
     plain = SynthesisDataset(imgs, make_source("fractal"), SynthesisParams(anomaly_prob=0.0), seed=4)
@@ -105,7 +129,9 @@ def test_variant_settings_are_checked() -> None:
 
 
 def test_training_with_the_variants_runs() -> None:
-    det = DraemDetector(tiny_run(32, steps=3, crack_prob=0.3, patch_prob=0.3, rotate_prob=0.3), torch.device("cpu"))
+    det = DraemDetector(
+        tiny_run(32, steps=3, crack_prob=0.3, patch_prob=0.3, rotate_prob=0.3, crack_fill="dark"), torch.device("cpu")
+    )
     summary = det.fit(random_uint8(6, 32), TrainContext())
     assert summary.steps == 3 and np.isfinite(summary.final_loss)
 

@@ -64,6 +64,7 @@ class DraemConfig(MethodConfig):
     # share of anomalies whose mask is a thin crack-like curve (still filled from the anomaly source),
     # and share that are a soft-edged region blurred and 10-35 % darker or brighter (uneven surface, no new texture).
     crack_prob: float = 0.0
+    crack_fill: str = "texture"  # texture (from the anomaly source) | dark (a darkened groove, as open cracks look)
     patch_prob: float = 0.0
     # The authors' code turns 30 % of the good images by an angle in (-90, 90) before synthesis
     # (not in the paper's text; 0 = off).
@@ -123,6 +124,8 @@ class DraemConfig(MethodConfig):
         for name in ("crack_prob", "patch_prob", "rotate_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{p}.{name}={getattr(self, name)}: use a share in [0, 1] (0 = off)")
+        if self.crack_fill not in ("texture", "dark"):
+            raise ConfigError(f"{p}.crack_fill={self.crack_fill!r}: use texture or dark")
         if self.crack_prob + self.patch_prob > 1.0:
             raise ConfigError(
                 f"{p}.crack_prob + {p}.patch_prob = {self.crack_prob + self.patch_prob:g}: the two shares of "

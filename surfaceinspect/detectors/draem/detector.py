@@ -346,6 +346,7 @@ class DraemDetector(Detector):
             crack_prob=cfg.crack_prob,
             patch_prob=cfg.patch_prob,
             rotate_prob=cfg.rotate_prob,
+            crack_fill=cfg.crack_fill,
         )
         return make_source(cfg.anomaly_source, nhwc), params
 
