@@ -634,7 +634,8 @@ def _median_aspect(paths: Sequence[Path]) -> float | None:
 # The `cpu` profiles shrink images; from this factor on, train may name the `texture` profile.
 _SHRINK_HINT_FACTOR = 2.0
 # ... but only for images that look like a texture: below this share of structure common to all
-# images (shared_structure; measured: DAGM Class 1 0.10-0.19, MTD 0.35-0.39, MVTec bottle 0.99).
+# images (shared_structure as train measures it: DAGM Class 1 0.15, MTD 0.34, MVTec bottle 0.99;
+# BENCHMARKS.md section 9, session 11).
 _TEXTURE_STRUCTURE = 0.25
 _STRUCTURE_SAMPLE = 32  # images read to measure it
 _STRUCTURE_SIDE = 64  # pixels: the structure that matters here is the layout, not the fine texture
