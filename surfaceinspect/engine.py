@@ -611,11 +611,15 @@ _ASPECT_SAMPLE = 200
 ASPECT_TOLERANCE = 1.5
 
 
+def _spread_sample(paths: Sequence[Path], n: int) -> list[Path]:
+    """Every k-th of ``paths`` (k = len // n, at least 1): about n to 2n files spread over the whole folder."""
+    return list(paths)[:: max(1, len(paths) // n)]
+
+
 def _header_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     """(height, width) of (a sample of) ``paths`` from their headers; unreadable files are left out."""
-    step = max(1, len(paths) // _ASPECT_SAMPLE)
     sizes = []
-    for path in list(paths)[::step]:
+    for path in _spread_sample(paths, _ASPECT_SAMPLE):
         try:
             height, width = image_size(path)
         except Exception:  # noqa: BLE001 - unreadable files are reported when the images are read
@@ -652,9 +656,8 @@ def shared_structure(
     texture whose pattern falls anywhere gives about 0, plus whatever lighting all images share.
     None when fewer than 4 images are readable (too few to tell).
     """
-    step = max(1, len(paths) // sample)
     rows = []
-    for path in list(paths)[::step][:sample]:
+    for path in _spread_sample(paths, sample)[:sample]:
         try:
             grey = resize_image(read_image(path), side).mean(dim=0)
         except Exception:  # noqa: BLE001 - unreadable files are reported when the images are read

@@ -61,7 +61,7 @@ class DraemConfig(MethodConfig):
     augment_ops: int = 3  # random ops applied to each anomaly-source texture
     anomaly_source: str = "builtin"  # builtin | fractal | structured | self | path/to/folder/of/images
     # Anomaly shapes beyond the paper's Perlin blobs, for plain grey surfaces (0 = the paper's synthesis):
-    # share of anomalies whose mask is a thin crack-like curve (still filled from the anomaly source),
+    # share of anomalies whose mask is a thin crack-like curve (filled as crack_fill says),
     # and share that are a soft-edged region blurred and 10-35 % darker or brighter (uneven surface, no new texture).
     crack_prob: float = 0.0
     crack_fill: str = "texture"  # texture (from the anomaly source) | dark (a darkened groove, as open cracks look)

@@ -173,14 +173,15 @@ def synthesize(
     kind = rng.random() if params.patch_prob + params.crack_prob > 0.0 else 1.0
     if kind < params.patch_prob:
         return surface_patch(image, rng)
-    if kind < params.patch_prob + params.crack_prob:
+    crack = kind < params.patch_prob + params.crack_prob
+    if crack:
         mask = crack_mask(shape, rng)
-        if params.crack_fill == "dark" and mask.any():
-            return dark_groove(image, mask, rng), mask
     else:
         mask = perlin_mask(shape, rng, params.perlin_scale_range, params.perlin_threshold)
     if not mask.any():  # as in the reference code: an empty Perlin mask leaves the sample normal
         return image, mask
+    if crack and params.crack_fill == "dark":
+        return dark_groove(image, mask, rng), mask
     texture = augment_texture(source.sample(rng, shape), rng, params.augment_ops)
     if params.grayscale:
         texture = np.repeat(texture.mean(axis=2, keepdims=True), 3, axis=2)
