@@ -12,6 +12,10 @@ checkpoint records), so the first snapshots include reading the images and the f
 
 ``--score-only`` skips the training and scores the snapshots already in ``OUT`` (after an interruption).
 Run it alone on the machine: the snapshots' minutes are the training's own clock.
+
+With ``draem.members: K`` (an ensemble, models trained one after another) a snapshot taken while
+model i trains is scored as the ensemble of models 1..i, the untrained ones left out; its ``step``
+counts the steps of all models so far, and ``model`` says which one was training.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,7 @@ import torch
 from surfaceinspect import metrics
 from surfaceinspect.data import iterate_images
 from surfaceinspect.datasets import load_mvtec
+from surfaceinspect.detectors.draem.networks import DraemEnsemble
 from surfaceinspect.engine import predict_items
 from surfaceinspect.modeldir import CHECKPOINT_FILE, METADATA_FILE, load_model
 from surfaceinspect.tiling import TiledPredictor
@@ -89,14 +95,33 @@ def train_with_snapshots(args: argparse.Namespace, out: Path) -> None:
         raise SystemExit(f"training benchmark failed with exit code {proc.returncode}")
 
 
-def snapshot_states(out: Path) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
-    """(step, training seconds, model weights) of each distinct step among the snapshots, in step order."""
-    states: dict[int, tuple[int, float, dict[str, torch.Tensor]]] = {}
+@dataclass
+class Snapshot:
+    """One checkpoint's weights and where in the training it was taken."""
+
+    member: int  # index of the ensemble model that was training (0 without draem.members)
+    step: int  # steps of all models so far
+    seconds: float  # the training's own clock
+    weights: dict[str, torch.Tensor]
+
+
+def snapshot_states(out: Path) -> list[Snapshot]:
+    """The snapshots, one per distinct (model, step), in training order."""
+    states: dict[tuple[int, int], Snapshot] = {}
     for ckpt in sorted((out / "snapshots").glob("ckpt_*.pt")):
         raw = torch.load(ckpt, weights_only=True)
-        step = int(raw["detector_state"]["step"])
-        states.setdefault(step, (step, float(raw["train_seconds"]), raw["detector_state"]["model"]))
-    return [states[s] for s in sorted(states)]
+        state = raw["detector_state"]
+        member = int(state.get("member", 0))
+        step = sum(int(v) for v in state.get("members_done", [])) + int(state["step"])
+        states.setdefault((member, step), Snapshot(member, step, float(raw["train_seconds"]), state["model"]))
+    return [states[k] for k in sorted(states)]
+
+
+def trained_part(model: torch.nn.Module, member: int) -> torch.nn.Module:
+    """The models of an ensemble trained by the time model ``member`` trains (the whole model otherwise)."""
+    if not isinstance(model, DraemEnsemble):
+        return model
+    return model.members[0] if member == 0 else DraemEnsemble(list(model.members[: member + 1]))
 
 
 def score_snapshots(data: Path, out: Path) -> list[dict]:
@@ -119,13 +144,18 @@ def score_snapshots(data: Path, out: Path) -> list[dict]:
         raise SystemExit(f"cannot read test image {unreadable[0].path}: {unreadable[0].error}")
     tiler = TiledPredictor(detector, tiling, 16) if tiling.enabled else None
     rows = []
-    for step, seconds, weights in snapshot_states(out):
-        detector.load_state_dict(weights)
+    full = detector.model
+    for snap in snapshot_states(out):
+        detector.model = full
+        detector.load_state_dict(snap.weights)
+        detector.model = trained_part(full, snap.member)
+        detector._fast = None  # the cached inference copy is of the whole ensemble
         scores = np.array([score for batch in batches for score, _ in predict_items(detector, tiler, batch)])
         rows.append(
             {
-                "train_min": round(seconds / 60, 2),
-                "step": step,
+                "train_min": round(snap.seconds / 60, 2),
+                "model": snap.member + 1,
+                "step": snap.step,
                 "image_auroc": round(metrics.image_auroc(labels, scores), 4),
                 "image_ap": round(metrics.average_precision(labels, scores), 4),
             }
@@ -167,10 +197,14 @@ def main() -> None:
     rows = score_snapshots(args.data, out)
     rows.append(final_row(out / "final" / "report.json"))
     (out / "curve.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    lines = ["| training min | step | image AUROC | image AP | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| training min | model | step | image AUROC | image AP | pixel AUROC | AUPRO |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r['train_min']}{' (finished run)' if r.get('final') else ''} | {r['step']} | "
+            f"| {r['train_min']}{' (finished run)' if r.get('final') else ''} | {r.get('model', 'all')} | "
+            f"{r['step']} | "
             f"{r['image_auroc']} | {r['image_ap']} | {r.get('pixel_auroc', '')} | {r.get('aupro', '')} |"
         )
     (out / "curve.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
