@@ -144,12 +144,11 @@ def score_snapshots(data: Path, out: Path) -> list[dict]:
         raise SystemExit(f"cannot read test image {unreadable[0].path}: {unreadable[0].error}")
     tiler = TiledPredictor(detector, tiling, 16) if tiling.enabled else None
     rows = []
-    full = detector.model
+    full = detector.model  # loaded on the detector's device, in eval mode
     for snap in snapshot_states(out):
-        detector.model = full
-        detector.load_state_dict(snap.weights)
+        full.load_state_dict(snap.weights)
         detector.model = trained_part(full, snap.member)
-        detector._fast = None  # the cached inference copy is of the whole ensemble
+        detector._fast = None  # drop the cached inference copy of the previous weights
         scores = np.array([score for batch in batches for score, _ in predict_items(detector, tiler, batch)])
         rows.append(
             {
