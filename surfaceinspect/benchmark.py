@@ -39,6 +39,7 @@ QUICK_TRAIN_IMAGES = 16
 QUICK_TEST_PER_CLASS = 6
 TIMING_IMAGES = 24  # batch-1 latency samples (after warm-up)
 QUICK_TIMING_IMAGES = 4
+AUTO = "auto"  # --method auto: the detector chosen by measurement (surfaceinspect.auto)
 
 
 @dataclass
@@ -81,35 +82,20 @@ def _quick_subset(ds: MVTecDataset) -> tuple[list[Path], list[TestSample]]:
 
 def _train_child(args: dict[str, Any], queue: Any) -> None:
     try:
-        from surfaceinspect import engine
-        from surfaceinspect.config import resolve_run_config
-
         reporter = Reporter(quiet=args["quiet"])
         sets = list(args["sets"])
-        if args["quick"]:
-            # The time budget is what every detector honours (DRAEM profiles count steps, not epochs).
-            sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1", "common.time_budget_min=0.25"]
-        run_config = resolve_run_config(
-            method=args["method"],
-            profile=args["profile"],
-            config_file=args["config_file"],
-            common_flags={"device": args["device"]},
-            sets=sets,
-        )
         started = time.monotonic()
-        result = engine.train(
-            Path(args["dataset"]),
-            run_config,
-            reporter=reporter,
-            run_dir=Path(args["run_dir"]),
-            files=[Path(p) for p in args["train_files"]],
-        )
+        if args["method"] == AUTO:
+            result, selection = _train_auto(args, reporter, sets)
+        else:
+            result, selection = _train_one(args, reporter, sets), None
         queue.put(
             {
                 "ok": True,
                 "run_dir": str(result.run_dir),
                 "train_seconds": round(time.monotonic() - started, 2),
                 "summary": result.summary,
+                "selection": selection,
                 "peak_rss_train_mb": peak_rss_mb(),
                 "threads": torch.get_num_threads(),
             }
@@ -118,6 +104,71 @@ def _train_child(args: dict[str, Any], queue: Any) -> None:
         queue.put({"ok": False, "error": str(exc)})
     except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _train_one(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> Any:
+    from surfaceinspect import engine
+    from surfaceinspect.config import resolve_run_config
+
+    if args["quick"]:
+        # The time budget is what every detector honours (DRAEM profiles count steps, not epochs).
+        sets += ["common.calibration.min_images=4", f"{args['method']}.epochs=1", "common.time_budget_min=0.25"]
+    run_config = resolve_run_config(
+        method=args["method"],
+        profile=args["profile"],
+        config_file=args["config_file"],
+        common_flags={"device": args["device"]},
+        sets=sets,
+    )
+    return engine.train(
+        Path(args["dataset"]),
+        run_config,
+        reporter=reporter,
+        run_dir=Path(args["run_dir"]),
+        files=[Path(p) for p in args["train_files"]],
+    )
+
+
+def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tuple[Any, dict[str, Any]]:
+    """``--method auto``; each candidate's probe is also scored on the real test images (rank agreement)."""
+    from surfaceinspect import auto
+
+    if args["quick"]:
+        sets += ["common.calibration.min_images=4", "auto.probe_steps=2", "draem.steps=4", "csflow.epochs=1"]
+    test = [(Path(p), bool(a)) for p, _, a, _ in args["samples"]]
+
+    def test_auroc(name: str, detector: Any) -> dict[str, Any]:
+        from surfaceinspect import engine
+        from surfaceinspect.metrics import image_auroc
+
+        common = detector.run_config.common
+        scores = []
+        with reporter.progress(f"test {name}", len(test)) as bar:
+            for r in engine.run_inference(
+                [p for p, _ in test],
+                Path(args["dataset"]),
+                detector,
+                None,
+                batch_size=common.batch_size,
+                workers=common.workers,
+                full_resolution_maps=False,
+            ):
+                bar.update(advance=1)
+                scores.append(float(r.record.score) if r.record.verdict != "error" else float("nan"))
+        labels, values = np.array([a for _, a in test]), np.array(scores)
+        ok = np.isfinite(values)
+        return {"test_image_auroc": round(image_auroc(labels[ok], values[ok]), 4)}
+
+    request = auto.AutoRequest({"device": args["device"]} if args["device"] else {}, sets)
+    selected = auto.train_auto(
+        Path(args["dataset"]),
+        request,
+        reporter=reporter,
+        run_dir=Path(args["run_dir"]),
+        files=[Path(p) for p in args["train_files"]],
+        on_candidate=test_auroc,
+    )
+    return selected.train, selected.selection
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +301,10 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
             raise ConfigError(f"{len(errors)} test images could not be scored, first: {errors[0]}")
         timings["end_to_end_images_per_s"] = round(len(samples) / (time.monotonic() - started), 3)
         accuracy = _evaluate(samples, scores, maps, model.calibration.image_threshold, args["has_masks"])
+        held_out = _held_out_scores(model, reporter)
+        labels = [s.is_anomalous for s in samples]
+        accuracy["operating_points"] = real_operating_points(held_out, scores, labels)
+        accuracy["scores"] = {"held_out_good": held_out, "test": [round(v, 6) for v in scores], "test_labels": labels}
         queue.put(
             {
                 "ok": True,
@@ -263,6 +318,46 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
         queue.put({"ok": False, "error": str(exc)})
     except Exception as exc:  # noqa: BLE001 - reported in the benchmark, not a crash of the parent
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+OPERATING_TARGETS = (0.01, 0.02, 0.05)
+
+
+def _held_out_scores(model: Any, reporter: Reporter) -> list[float]:
+    """Scores of the run's held-out good images (its calibration images); [] if it was calibrated on a folder."""
+    from surfaceinspect import engine
+
+    root = Path(model.metadata["dataset"]["root"])
+    paths = [root / name for name in model.metadata.get("calibration_files", [])]
+    common = model.detector.run_config.common
+    results = engine.run_inference(
+        paths, root, model.detector, None, batch_size=common.batch_size, workers=common.workers,
+        full_resolution_maps=False,
+    )  # fmt: skip
+    return [round(float(r.record.score), 6) for r in results if r.record.verdict != "error"]
+
+
+def real_operating_points(held_out: list[float], scores: list[float], labels: list[bool]) -> list[dict[str, Any]]:
+    """Real false-reject rate and recall on the test set at thresholds set for each false-reject target
+    from the held-out good scores (split-conformal, as calibration does)."""
+    from surfaceinspect.calibration import conformal_threshold
+
+    if not held_out:
+        return []
+    test, is_defect = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    points = []
+    for target in OPERATING_TARGETS:
+        threshold = conformal_threshold(np.asarray(held_out), target)[0]
+        flagged = test >= threshold
+        points.append(
+            {
+                "false_reject_target": target,
+                "threshold": round(float(threshold), 6),
+                "false_reject_test": round(float(flagged[~is_defect].mean()), 4) if (~is_defect).any() else None,
+                "recall_test": round(float(flagged[is_defect].mean()), 4) if is_defect.any() else None,
+            }
+        )
+    return points
 
 
 def _recalibrate_on_held_out(model: Any, reporter: Reporter) -> Any:
@@ -363,6 +458,10 @@ def _check_options(options: BenchmarkOptions) -> None:
     if len(set(options.seeds)) != len(options.seeds):
         raise ConfigError(f"--seed given twice with the same value ({options.seeds}); give each seed once")
     for method in options.methods:
+        if method == AUTO:
+            if options.profile is not None or options.config_file is not None:
+                raise ConfigError("--method auto picks each candidate's profile; drop --profile/--config")
+            continue
         get_detector_class(method)  # fail early on a typo
 
 
@@ -412,11 +511,14 @@ def _benchmark_one(
                     "dataset": str(root),
                     "run_dir": str(run_dir),
                     "train_files": [str(p) for p in train_files],
+                    "samples": [(str(s.path), s.defect_type, s.is_anomalous, "") for s in samples],
                 },
             )
             if not trained["ok"]:
                 raise ConfigError(f"benchmark {label}: training failed: {trained['error']}")
             entry["training"] = _training_entry(trained)
+            if trained.get("selection") is not None:
+                entry["selection"] = trained["selection"]
         evaluated = _run_child(
             _eval_child,
             {
@@ -599,9 +701,106 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
             f"{_fmt(i['end_to_end_images_per_s'], 2)} | "
             f"{_fmt(i['peak_rss_inference_mb'], 0)} | {_fmt(t.get('threads'))} |"
         )
+    lines += _operating_points_markdown(report)
+    lines += _selection_markdown(report)
     if roc_datasets:
         lines += ["", "## ROC curves", ""] + [f"![ROC {d}](roc_{d}.png)" for d in roc_datasets]
     return "\n".join(lines) + "\n"
+
+
+def rank_agreement(rows: list[dict[str, Any]], evidence: str = "auroc_synthetic") -> dict[str, float | None]:
+    """Spearman and Kendall correlation between the candidates' ``evidence`` figure and their real test AUROC."""
+    from scipy.stats import kendalltau, spearmanr
+
+    pairs = [(r.get(evidence), r.get("test_image_auroc")) for r in rows]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if len(pairs) < 3:
+        return {"spearman": None, "kendall": None, "n": len(pairs)}
+    x, y = zip(*pairs, strict=True)
+    rho, tau = spearmanr(x, y).statistic, kendalltau(x, y).statistic
+    return {
+        "spearman": None if np.isnan(rho) else round(float(rho), 3),
+        "kendall": None if np.isnan(tau) else round(float(tau), 3),
+        "n": len(pairs),
+    }
+
+
+def _operating_points_markdown(report: dict[str, Any]) -> list[str]:
+    rows = [(e, p) for e in report["entries"] for p in e["accuracy"].get("operating_points", [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Operating points (thresholds from the held-out good images, measured on the test set)",
+        "",
+        "| dataset | method | seed | false-reject target | threshold | false rejects (test good) | recall (test) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {e['dataset']} | {e['method']} | {_fmt(e.get('seed'))} | {p['false_reject_target']:g} | "
+        f"{_fmt(p['threshold'], 5)} | {_fmt(p['false_reject_test'])} | {_fmt(p['recall_test'])} |"
+        for e, p in rows
+    ]
+    return lines
+
+
+def _selection_markdown(report: dict[str, Any]) -> list[str]:
+    """``--method auto`` entries: the candidate table with each probe's real test AUROC, and rank agreement."""
+    entries = [e for e in report["entries"] if e.get("selection")]
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Detector selection (--method auto)",
+        "",
+        "Each candidate after its probe steps: AUROC on the held-out evidence (what auto chooses by) and on the "
+        "real test images (what it should predict). Rank agreement: Spearman / Kendall over the candidates.",
+        "",
+        "| dataset | seed | candidate | steps | train min | AUROC synthetic | AUROC test (probe) | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        for r in e["selection"]["candidates"]:
+            lines.append(
+                f"| {e['dataset']} | {_fmt(e.get('seed'))} | {r['name']} | {r['steps']}/{r['planned_steps']} | "
+                f"{_fmt(r['train_s'] / 60, 1)} | {_fmt(r.get('auroc_synthetic'))} | "
+                f"{_fmt(r.get('test_image_auroc'))} | {'✔' if r['chosen'] else ''} |"
+            )
+    lines += [
+        "",
+        "| dataset | seed | chosen | test AUROC (finished) | Spearman | Kendall | candidates |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        agreement = rank_agreement(e["selection"]["candidates"])
+        lines.append(
+            f"| {e['dataset']} | {_fmt(e.get('seed'))} | {e['selection']['chosen']} | "
+            f"{_fmt(e['accuracy']['image_auroc'])} | {_fmt(agreement['spearman'])} | {_fmt(agreement['kendall'])} | "
+            f"{agreement['n']} |"
+        )
+    points = [(e, p) for e in entries for p in e["selection"].get("operating_points", [])]
+    real = {
+        (e["dataset"], e.get("seed"), f"{p['false_reject_target']:g}"): p
+        for e in entries
+        for p in e["accuracy"].get("operating_points", [])
+    }
+    if points:
+        lines += [
+            "",
+            "Operating points of the chosen detector, from held-out good images and synthetic anomalies:",
+            "",
+            "| dataset | seed | false-reject target | threshold | FR held-out | catch synthetic | FR test "
+            "| recall test |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e, p in points:
+            r = real.get((e["dataset"], e.get("seed"), p["false_reject_target"]), {})
+            lines.append(
+                f"| {e['dataset']} | {_fmt(e.get('seed'))} | {p['false_reject_target']} | {_fmt(p['threshold'], 5)} | "
+                f"{_fmt(p['false_reject_held_out'])} | {_fmt(p['catch_synthetic'])} | "
+                f"{_fmt(r.get('false_reject_test'))} | {_fmt(r.get('recall_test'))} |"
+            )
+    return lines
 
 
 def summary_table(report: dict[str, Any]) -> Table:

@@ -145,7 +145,14 @@ def _main(
 
 MethodOpt = Annotated[
     str | None,
-    typer.Option("--method", "-m", help=f"Detector: {' or '.join(available_methods())}. [default: draem]"),
+    typer.Option(
+        "--method",
+        "-m",
+        help=f"Detector: auto, {' or '.join(available_methods())}. auto trains the candidates briefly (both "
+        "methods' cpu and texture profiles, aspect-keeping variants for images far from square), keeps the one "
+        "that best separates held-out good images from synthetic (or, with --defects, real) defects, finishes its "
+        "training within --time-budget and explains the choice. [default: auto, or the --config file's method]",
+    ),
 ]
 ProfileOpt = Annotated[
     str | None,
@@ -366,6 +373,15 @@ def train(
         str | None,
         typer.Option("--calibration-mode", help="quantile | f1 | recall (f1/recall need --calibration-dir)."),
     ] = None,
+    defects: Annotated[
+        Path | None,
+        typer.Option(
+            "--defects",
+            metavar="FOLDER",
+            help="With --method auto: a FOLDER of a few real defect images; the candidates are ranked on them "
+            "first (then on the synthetic anomalies). Never used for training.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -391,32 +407,59 @@ def train(
     metadata.json, calibration.json) becomes the default model of `score` and `heatmap`, wherever
     --out puts it.
     """
-    from surfaceinspect import engine, modeldir
+    from surfaceinspect import auto, engine, modeldir
     from surfaceinspect.config import parse_image_size, resolve_run_config
 
     reporter = _reporter(quiet)
     method_options: dict[str, str] = ctx.meta.get("method_options", {})
+    common_flags = {
+        "image_size": parse_image_size(image_size) if image_size is not None else None,
+        "batch_size": batch_size,
+        "device": device,
+        "seed": seed,
+        "workers": workers,
+        "threads": threads,
+        "time_budget_min": time_budget,
+        "calibration.fraction": calibration_fraction,
+        "calibration.false_reject_rate": false_reject_rate,
+        "calibration.mode": calibration_mode,
+    }
     if resume is not None:
         _refuse_with_resume(ctx, method_options)
         run_dir = modeldir.find_resumable() if resume == "latest" else Path(resume)
+        if auto.is_auto_run(run_dir):
+            _print_selection(auto.resume_auto(run_dir, reporter=reporter, mark_latest=True), quiet)
+            return
         result = engine.resume(run_dir, reporter=reporter, mark_latest=True)
+    elif _wants_auto(method, config):
+        _refuse_for_auto(profile, config, {"epochs": epochs, "lr": lr, **method_options})
+        request = auto.AutoRequest({k: v for k, v in common_flags.items() if v is not None}, list(set_ or []))
+        if print_config:
+            sys.stdout.write(auto.describe(request))
+            raise typer.Exit(EXIT_OK)
+        if data_dir is None:
+            raise ConfigError("give the folder of good images: surfaceinspect train ./good_images")
+        engine.require_input(data_dir)
+        selected = auto.train_auto(
+            data_dir,
+            request,
+            reporter=reporter,
+            run_dir=out,
+            calibration_dir=calibration_dir,
+            defects_dir=defects,
+            force=force,
+            mark_latest=True,
+        )
+        _print_selection(selected, quiet)
+        return
     else:
+        if defects is not None:
+            raise ConfigError("--defects ranks the candidates of --method auto; drop it, or use --method auto")
         run_config = resolve_run_config(
             method=method,
             profile=profile,
             config_file=config,
-            common_flags={
-                "image_size": parse_image_size(image_size) if image_size is not None else None,
-                "batch_size": batch_size,
-                "device": device,
-                "seed": seed,
-                "workers": workers,
-                "threads": threads,
-                "time_budget_min": time_budget,
-                "calibration.fraction": calibration_fraction,
-                "calibration.false_reject_rate": false_reject_rate,
-                "calibration.mode": calibration_mode,
-            },
+            common_flags=common_flags,
             method_flags={"epochs": epochs, "lr": lr, **method_options},
             sets=set_ or [],
         )
@@ -435,6 +478,10 @@ def train(
             force=force,
             mark_latest=True,
         )
+    _print_trained(result, reporter)
+
+
+def _print_trained(result: Any, reporter: Any) -> None:
     cal = result.calibration
     target = f", false-reject target {cal.target.get('false_reject_rate')}" if cal.mode == "quantile" else ""
     reporter.info(
@@ -443,6 +490,39 @@ def train(
         (str(result.run_dir), "bold"),
         f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
     )
+
+
+def _wants_auto(method: str | None, config: Path | None) -> bool:
+    """``--method auto``, or no method at all (neither the flag nor the ``--config`` file names one)."""
+    if method is not None:
+        return method == "auto"
+    if config is None:
+        return True
+    from surfaceinspect.config import load_yaml_file
+
+    return load_yaml_file(config).get("method", "auto") == "auto"
+
+
+def _refuse_for_auto(profile: str | None, config: Path | None, method_flags: dict[str, Any]) -> None:
+    """Flags that belong to one method's configuration cannot apply to every candidate of auto."""
+    given = [f"--{k.replace('_', '-')}" for k, v in method_flags.items() if v is not None]
+    given += ["--profile"] if profile is not None else []
+    given += ["--config"] if config is not None else []
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} configure one method, but --method auto trains several candidates; pick the "
+            "method with --method draem|csflow, or set common settings with --set common.KEY=VALUE"
+        )
+
+
+def _print_selection(selected: Any, quiet: bool) -> None:
+    """The candidate table, the operating points and the usual closing line of train."""
+    from surfaceinspect.auto import selection_rich_table
+
+    if not quiet:
+        for renderable in selection_rich_table(selected.selection):
+            out_console.print(renderable)
+    _print_trained(selected.train, _reporter(quiet))
 
 
 def _refuse_with_resume(ctx: typer.Context, method_options: dict[str, str]) -> None:

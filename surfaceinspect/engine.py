@@ -22,7 +22,7 @@ from surfaceinspect.calibration import Calibration, calibrate
 from surfaceinspect.config import CommonConfig, RunConfig, list_profiles, resolve_keep_aspect, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
 from surfaceinspect.datasets import find_labelled_layout, labelled_folder
-from surfaceinspect.detectors import Detector, TrainContext, get_detector_class
+from surfaceinspect.detectors import Detector, TrainContext, TrainingPaused, get_detector_class
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.errors import (
     EXIT_DEFECT,
@@ -360,7 +360,7 @@ def calibrate_detector(
     return calibration
 
 
-def _labelled_split(calibration_dir: Path) -> tuple[list[Path], list[Path]]:
+def labelled_split(calibration_dir: Path) -> tuple[list[Path], list[Path]]:
     samples = labelled_folder(calibration_dir)
     good = [s.path for s in samples if not s.is_anomalous]
     defect = [s.path for s in samples if s.is_anomalous]
@@ -456,14 +456,14 @@ def plan_training(
     calibration_dir = calibration_dir.absolute() if calibration_dir is not None else None
     files = [f.absolute() for f in files] if files is not None else None
     run_config.method_config.check_resources()  # e.g. pretrained weights: fail before reading data
-    _require_labelled_calibration(run_config, calibration_dir)
-    train_files, calibration_files = _training_split(data_dir, run_config, calibration_dir, files, reporter)
+    require_labelled_calibration(run_config, calibration_dir)
+    train_files, calibration_files = training_split(data_dir, run_config, calibration_dir, files, reporter)
     if calibration_dir is not None:
-        _labelled_split(calibration_dir)  # a broken calibration folder fails now, not after training
+        labelled_split(calibration_dir)  # a broken calibration folder fails now, not after training
     resolve_geometry(run_config, train_files, reporter)
     suggest_profile(run_config, train_files, reporter)
     inputs = [data_dir, *([calibration_dir] if calibration_dir else [])]
-    run_dir = _prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
+    run_dir = prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
     return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir)
 
 
@@ -476,7 +476,7 @@ def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
     data_dir = Path(checkpoint.data_dir)
     calibration_dir = Path(checkpoint.calibration_dir) if checkpoint.calibration_dir else None
     if calibration_dir is not None:
-        _labelled_split(calibration_dir)
+        labelled_split(calibration_dir)
     reporter.info(f"resuming {run_dir} ({method}, data {data_dir})")
     return TrainingPlan(
         run_config,
@@ -490,7 +490,7 @@ def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
     )
 
 
-def _require_labelled_calibration(run_config: RunConfig, calibration_dir: Path | None) -> None:
+def require_labelled_calibration(run_config: RunConfig, calibration_dir: Path | None) -> None:
     mode = run_config.common.calibration.mode
     if mode != "quantile" and calibration_dir is None:
         raise ConfigError(
@@ -499,9 +499,53 @@ def _require_labelled_calibration(run_config: RunConfig, calibration_dir: Path |
         )
 
 
-def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: bool = False) -> TrainResult:
-    """Read the training images (or tiles), fit, save the model, calibrate it; remove the checkpoint."""
+def execute_training(
+    plan: TrainingPlan,
+    *,
+    reporter: Reporter,
+    mark_latest: bool = False,
+    metadata_fn: Callable[[Detector, Calibration], dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Read the training images (or tiles), fit, calibrate, save the model; remove the checkpoint.
+
+    ``metadata_fn(detector, calibration)`` returns entries stored in the model's ``metadata.json``
+    beside the training summary (``--method auto`` keeps its candidate table there).
+    """
     started = time.monotonic()
+    fitted = fit_plan(plan, reporter=reporter)
+    assert fitted.summary is not None  # no pause was asked for
+    run_dir, data_dir = plan.run_dir, plan.data_dir
+    calibration = _calibrate_run(plan, fitted.detector, reporter)
+    fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
+    rel_calib = [relative_name(p, data_dir) for p in plan.calibration_files]
+    extra = {"calibration_files": rel_calib, **(metadata_fn(fitted.detector, calibration) if metadata_fn else {})}
+    modeldir.save_model(run_dir, fitted.detector, fitted.summary, fingerprint, extra=extra)
+    calibration.save(run_dir / modeldir.CALIBRATION_FILE)
+    if mark_latest:
+        modeldir.mark_latest(run_dir)
+    (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
+    summary = {**fitted.summary, "total_seconds": round(time.monotonic() - started, 2)}
+    return TrainResult(run_dir, summary, calibration)
+
+
+@dataclass
+class FittedDetector:
+    """A detector after :func:`fit_plan`: trained to the end (``summary``) or paused (``summary`` None)."""
+
+    detector: Detector
+    summary: dict[str, Any] | None
+    train_seconds: float  # training time so far, a resumed run's earlier time included
+    paused_at: int | None = None  # the optimiser step training paused at
+    planned_steps: int | None = None  # the schedule's steps (when paused)
+
+
+def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | None = None) -> FittedDetector:
+    """Read the plan's training images and fit its detector, writing resumable checkpoints.
+
+    With ``pause_at_step`` training stops after that many optimiser steps (a checkpoint of that
+    step stays in the run directory, see :class:`TrainContext`) and the detector is returned as it
+    is then, to be scored in memory; ``summary`` is None.
+    """
     run_config, common, run_dir, data_dir = plan.run_config, plan.run_config.common, plan.run_dir, plan.data_dir
     device = _prepare(run_config)
     reporter.info(
@@ -549,38 +593,31 @@ def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: boo
         resume_state=plan.resume_state,
         time_budget_s=common.time_budget_min * 60.0,
         elapsed_before_s=plan.seconds_before,
+        pause_at_step=pause_at_step,
     )
     try:
         summary = detector.fit(images, context).to_dict()
+    except TrainingPaused as paused:
+        return FittedDetector(detector, None, context.elapsed_s(), paused.step, paused.total)
     finally:
         view.close()
     summary = {
         **summary,
         "image_colour": colour_mode(greyscale(images).tolist()),
-        "image_aspect": _median_aspect(plan.train_files),
+        "image_aspect": median_aspect(plan.train_files),
         "n_train_images": len(ok_paths),
         "n_train_inputs": int(images.shape[0]),  # tiles with common.tiling, else images
         "n_unreadable_train_images": len(failures),
         "unreadable_train_images": [relative_name(p, data_dir) for p, _ in failures],
         "resumed": plan.resumed,
     }
-    del images
-    fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
-    modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
-
-    calibration = _calibrate_run(plan, detector, reporter)
-    calibration.save(run_dir / modeldir.CALIBRATION_FILE)
-    if mark_latest:
-        modeldir.mark_latest(run_dir)
-    (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
-    summary["total_seconds"] = round(time.monotonic() - started, 2)
-    return TrainResult(run_dir, summary, calibration)
+    return FittedDetector(detector, summary, context.elapsed_s())
 
 
 def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -> Calibration:
     """Calibrate on the labelled calibration folder, or on the held-out good images."""
     if plan.calibration_dir is not None:
-        good, defect = _labelled_split(plan.calibration_dir)
+        good, defect = labelled_split(plan.calibration_dir)
         return calibrate_detector(
             detector, good, plan.calibration_dir, plan.run_config, reporter, defect, str(plan.calibration_dir)
         )
@@ -629,7 +666,7 @@ def _header_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     return sizes
 
 
-def _median_aspect(paths: Sequence[Path]) -> float | None:
+def median_aspect(paths: Sequence[Path]) -> float | None:
     """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
     aspects = [width / height for height, width in _header_sizes(paths)]
     return round(float(np.median(aspects)), 4) if aspects else None
@@ -711,7 +748,7 @@ def resolve_geometry(run_config: RunConfig, train_files: Sequence[Path], reporte
     common = run_config.common
     if not common.keeps_aspect:
         return
-    aspect = _median_aspect(train_files)
+    aspect = median_aspect(train_files)
     if aspect is None:
         raise DatasetError("common.image_size keep:L needs readable training images to measure their aspect")
     requested = common.image_size
@@ -729,7 +766,7 @@ def _geometry_text(common: CommonConfig) -> str:
     return f"{height}x{width} (H x W)"
 
 
-def _training_split(
+def training_split(
     data_dir: Path,
     run_config: RunConfig,
     calibration_dir: Path | None,
@@ -747,7 +784,7 @@ def _training_split(
     return split_calibration(files, run_config)
 
 
-def _prepare_run_dir(
+def prepare_run_dir(
     run_dir: Path | None, method: str, inputs: Sequence[Path], force: bool, reporter: Reporter
 ) -> Path:
     """A new run directory under the runs folder, or ``run_dir`` checked by the output rules.
@@ -851,7 +888,7 @@ def recalibrate(
     if workers is not None:
         run_config.common.workers = workers
     if labelled:
-        good, defect = _labelled_split(folder)
+        good, defect = labelled_split(folder)
     else:
         if settings.mode != "quantile":
             raise ConfigError(f"mode {settings.mode} needs --labelled and a folder with good/ and defect subfolders")

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ METADATA_FILE = "metadata.json"
 CALIBRATION_FILE = "calibration.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 LATEST_FILE = "LATEST"
+AUTO_STATE_FILE = "auto.json"  # an unfinished `train --method auto` (see surfaceinspect.auto)
+CANDIDATES_DIR = "candidates"  # its candidates' probe checkpoints and evidence
 _BACKUP_NAME = re.compile(r"^calibration\.(\d{8}T\d{6}Z)(?:\.(\d+))?\.json$")
 
 
@@ -120,7 +123,7 @@ def refuse_existing_run(run_dir: Path, force: bool) -> None:
         raise ModelDirError(
             f"--out {run_dir} already holds a trained model; choose a new --out, or pass --force to replace it"
         )
-    if (run_dir / CHECKPOINT_FILE).is_file():
+    if (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / AUTO_STATE_FILE).is_file():
         raise ModelDirError(
             f"--out {run_dir} holds an interrupted training run; continue it with "
             f"`surfaceinspect train --resume {run_dir}`, or pass --force to start over"
@@ -132,12 +135,16 @@ def clear_model(run_dir: Path) -> list[Path]:
 
     ``metadata.json`` goes first, so an interruption leaves a folder that is no finished model.
     """
-    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE]
+    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, AUTO_STATE_FILE]
     removed = []
     for path in [run_dir / n for n in names] + calibration_backups(run_dir):
         if path.is_file():
             path.unlink()
             removed.append(path)
+    candidates = run_dir / CANDIDATES_DIR
+    if candidates.is_dir() and not candidates.is_symlink():
+        shutil.rmtree(candidates)
+        removed.append(candidates)
     return removed
 
 
@@ -377,7 +384,8 @@ def load_checkpoint(run_dir: Path) -> TrainCheckpoint:
 def find_resumable(root: Path | None = None) -> Path:
     """The most recently updated run directory that holds an unfinished training checkpoint."""
     root = root or runs_root()
-    candidates = [p.parent for p in root.glob(f"*/{CHECKPOINT_FILE}") if not (p.parent / METADATA_FILE).exists()]
+    markers = [*root.glob(f"*/{CHECKPOINT_FILE}"), *root.glob(f"*/{AUTO_STATE_FILE}")]
+    candidates = [p for p in markers if not (p.parent / METADATA_FILE).exists()]
     if not candidates:
         raise ModelDirError(f"no interrupted training run under {root}; pass the run directory to --resume")
-    return max(candidates, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent

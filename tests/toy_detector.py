@@ -63,10 +63,9 @@ class ToyDetector(Detector):
             def state_fn(step=step, acc=acc, sq=sq):
                 return {"step": step, "sum": acc.clone(), "sq": sq.clone()}
 
+            self._estimate(acc, sq, step)  # a paused detector (--method auto's probes) scores with what it has
             context.report(TrainProgress("train", step, total, loss=float(x.mean())), state_fn)
-        self.mean = acc / total
-        # one robust spread for the whole image: per-pixel estimates from a few images are too noisy
-        self.std = (sq / total - self.mean**2).clamp_min(1e-6).mean().sqrt().expand_as(self.mean).clone() + 0.01
+        self._estimate(acc, sq, total)
         return TrainSummary(
             steps=step,
             planned_steps=total,
@@ -74,6 +73,11 @@ class ToyDetector(Detector):
             seconds=context.elapsed_s(),
             final_loss=None,
         )
+
+    def _estimate(self, acc: torch.Tensor, sq: torch.Tensor, count: int) -> None:
+        self.mean = acc / count
+        # one robust spread for the whole image: per-pixel estimates from a few images are too noisy
+        self.std = (sq / count - self.mean**2).clamp_min(1e-6).mean().sqrt().expand_as(self.mean).clone() + 0.01
 
     def predict(self, images: torch.Tensor) -> Prediction:
         time.sleep(self.config.predict_delay_s)

@@ -13,9 +13,9 @@ from surfaceinspect.errors import ConfigError
 
 if TYPE_CHECKING:
     from surfaceinspect.config import MethodConfig
-    from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress
+    from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainingPaused, TrainProgress
 
-_BASE_NAMES = frozenset({"Detector", "Prediction", "TrainContext", "TrainProgress"})
+_BASE_NAMES = frozenset({"Detector", "Prediction", "TrainContext", "TrainProgress", "TrainingPaused"})
 
 # Adding a method: create surfaceinspect/detectors/<name>/ with a Detector subclass, add it here,
 # and ship sample_configs/<name>-cpu.yaml and <name>-paper.yaml.
@@ -58,6 +58,7 @@ __all__ = [
     "Prediction",
     "TrainContext",
     "TrainProgress",
+    "TrainingPaused",
     "available_methods",
     "get_config_class",
     "get_detector_class",

@@ -72,6 +72,21 @@ class TrainProgress:
     total: int  # steps in this phase (may change once, e.g. after fitting a time budget)
     loss: float | None = None
     info: dict[str, float] = field(default_factory=dict)
+    # False for one-off phases that are not optimiser steps (e.g. feature extraction): a pause
+    # (``TrainContext.pause_at_step``) only ever counts optimiser steps.
+    optimiser_steps: bool = True
+
+
+class TrainingPaused(Exception):
+    """Raised by :meth:`TrainContext.report` when training reached ``pause_at_step``.
+
+    The checkpoint of that step has been written; resuming from it continues the same schedule.
+    """
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"training paused at step {step} of {total}")
+        self.step = step
+        self.total = total
 
 
 class TrainContext:
@@ -82,6 +97,11 @@ class TrainContext:
     :attr:`resume_state` holds the dict of the last checkpoint (as saved by ``state_fn``), and
     :meth:`elapsed_s` counts the training time spent before the interruption too, so that a
     resumed run ends within the same ``time_budget_s`` as an uninterrupted one.
+
+    ``pause_at_step`` (``--method auto``'s probes) stops training once that many optimiser steps
+    are done (or the schedule ends first): the context writes a checkpoint and raises
+    :class:`TrainingPaused`, so the probe is exactly the first steps of the full schedule and
+    resuming the checkpoint finishes it.
     """
 
     def __init__(
@@ -92,6 +112,7 @@ class TrainContext:
         resume_state: dict[str, Any] | None = None,
         time_budget_s: float = 0.0,
         elapsed_before_s: float = 0.0,
+        pause_at_step: int | None = None,
     ) -> None:
         self._on_progress = on_progress
         self._on_checkpoint = on_checkpoint
@@ -99,6 +120,7 @@ class TrainContext:
         self.resume_state = resume_state
         self.time_budget_s = time_budget_s
         self.elapsed_before_s = elapsed_before_s
+        self.pause_at_step = pause_at_step
         self.started = time.monotonic()
         self._last_checkpoint = self.started
 
@@ -107,9 +129,12 @@ class TrainContext:
         return self.elapsed_before_s + time.monotonic() - self.started
 
     def report(self, progress: TrainProgress, state_fn: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Report progress; write a checkpoint from ``state_fn()`` if one is due."""
+        """Report progress; write a checkpoint from ``state_fn()`` if one is due (or pause, see the class)."""
         if self._on_progress is not None:
             self._on_progress(progress)
+        if self._pause_due(progress) and state_fn is not None:
+            self.checkpoint_now(state_fn())
+            raise TrainingPaused(progress.step, progress.total)
         now = time.monotonic()
         if (
             state_fn is not None
@@ -118,6 +143,11 @@ class TrainContext:
         ):
             self._on_checkpoint(state_fn())
             self._last_checkpoint = time.monotonic()
+
+    def _pause_due(self, progress: TrainProgress) -> bool:
+        if self.pause_at_step is None or not progress.optimiser_steps:
+            return False
+        return progress.step >= min(self.pause_at_step, progress.total)
 
     def checkpoint_now(self, state: dict[str, Any]) -> None:
         """Write a checkpoint unconditionally (e.g. at the end of a phase)."""

@@ -385,7 +385,7 @@ class CSFlowDetector(Detector):
         t0 = time.monotonic()
 
         def feature_progress(done: int, total: int) -> None:
-            context.report(TrainProgress(phase="features", step=done, total=total))
+            context.report(TrainProgress(phase="features", step=done, total=total, optimiser_steps=False))
 
         store = self._feature_store(images, bs, feature_progress)
         feature_s = time.monotonic() - t0
@@ -459,6 +459,8 @@ class CSFlowDetector(Detector):
 
         flow.train()
         loss_value = float("nan")
+        # A report before the first step: a run resumed at its pause step pauses again at once.
+        context.report(TrainProgress("train", pos.step, pos.total_epochs * steps_per_epoch), state_fn)
         while pos.epoch < pos.total_epochs:
             idx = self._batch_indices(pos.perm, pos.batch, bs)
             loss_value = self._train_step(store.get(idx), optimizer, pos)
