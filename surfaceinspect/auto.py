@@ -44,6 +44,7 @@ from surfaceinspect.ui import Reporter
 
 AUTO_STATE_FILE = modeldir.AUTO_STATE_FILE
 CANDIDATES_DIR = modeldir.CANDIDATES_DIR
+SELECTION_SCORES_FILE = modeldir.SELECTION_SCORES_FILE
 STATE_VERSION = 1
 DEFAULT_BUDGET_MIN = 30.0
 # False-reject targets at which train reports the expected catch rate (the line runs at one of them).
@@ -311,6 +312,8 @@ def _run(
         _save_state(run_dir, state)
     reporter.info("chosen: ", (state["winner"], "bold"), f" ({state['reason']})")
     result = _finish_winner(run_dir, state, evidence, reporter, mark_latest)
+    # The evidence behind the choice (every candidate's raw scores) stays with the model for audits.
+    write_json_atomic(run_dir / SELECTION_SCORES_FILE, {k: state[k] for k in ("candidates", "results", "winner")})
     shutil.rmtree(run_dir / CANDIDATES_DIR, ignore_errors=True)
     (run_dir / AUTO_STATE_FILE).unlink(missing_ok=True)
     return result
@@ -510,7 +513,8 @@ def selection_table(state: dict[str, Any]) -> dict[str, Any]:
     for c in state["candidates"]:
         result = state["results"][c["name"]]
         row = {k: result.get(k) for k in TABLE_FIELDS}
-        row.update({k: v for k, v in result.items() if k.startswith("test_")})  # benchmark's real-test figures
+        if "test_image_auroc" in result:  # benchmark: the probe's AUROC on the real test images
+            row["test_image_auroc"] = result["test_image_auroc"]
         row["chosen"] = c["name"] == state["winner"]
         rows.append(row)
     n_real = len(next(iter(state["results"].values()), {}).get("real_scores") or [])

@@ -129,6 +129,10 @@ def _train_one(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> Any
     )
 
 
+def _rounded(values: np.ndarray) -> list[float | None]:
+    return [round(float(v), 6) if np.isfinite(v) else None for v in values]
+
+
 def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tuple[Any, dict[str, Any]]:
     """``--method auto``; each candidate's probe is also scored on the real test images (rank agreement)."""
     from surfaceinspect import auto
@@ -157,7 +161,7 @@ def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tu
                 scores.append(float(r.record.score) if r.record.verdict != "error" else float("nan"))
         labels, values = np.array([a for _, a in test]), np.array(scores)
         ok = np.isfinite(values)
-        return {"test_image_auroc": round(image_auroc(labels[ok], values[ok]), 4)}
+        return {"test_image_auroc": round(image_auroc(labels[ok], values[ok]), 4), "test_scores": _rounded(values)}
 
     request = auto.AutoRequest({"device": args["device"]} if args["device"] else {}, sets)
     selected = auto.train_auto(

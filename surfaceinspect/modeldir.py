@@ -51,6 +51,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LATEST_FILE = "LATEST"
 AUTO_STATE_FILE = "auto.json"  # an unfinished `train --method auto` (see surfaceinspect.auto)
 CANDIDATES_DIR = "candidates"  # its candidates' probe checkpoints and evidence
+SELECTION_SCORES_FILE = "selection_scores.json"  # a finished auto run: every candidate's raw evidence scores
 _BACKUP_NAME = re.compile(r"^calibration\.(\d{8}T\d{6}Z)(?:\.(\d+))?\.json$")
 
 
@@ -135,7 +136,7 @@ def clear_model(run_dir: Path) -> list[Path]:
 
     ``metadata.json`` goes first, so an interruption leaves a folder that is no finished model.
     """
-    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, AUTO_STATE_FILE]
+    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, AUTO_STATE_FILE, SELECTION_SCORES_FILE]
     removed = []
     for path in [run_dir / n for n in names] + calibration_backups(run_dir):
         if path.is_file():

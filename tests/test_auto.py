@@ -168,6 +168,8 @@ def test_auto_picks_the_detector_that_sees_small_anomalies(toy_profiles, tmp_pat
     assert metadata["method"] == "toy" and metadata["training"]["steps"] == 48
     assert metadata["selection"] == json.loads(json.dumps(selection))
     assert not (run_dir / auto.AUTO_STATE_FILE).exists() and not (run_dir / auto.CANDIDATES_DIR).exists()
+    raw = json.loads((run_dir / auto.SELECTION_SCORES_FILE).read_text())
+    assert raw["winner"] == "toy-cpu" and len(raw["results"]["toy-cpu"]["synthetic_scores"]) == 18
     assert engine.load(run_dir).calibration.image_threshold > 0
 
 
