@@ -25,13 +25,13 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture
 def toy_profiles(toy_method):
-    """toy-cpu (fine map, 16x16) and toy-coarse (a 2x2 map that cannot see small anomalies); their folder."""
+    """toy-cpu (a 16x16 map) and toy-blind (scores every image alike: known to be the worst); their folder."""
     from surfaceinspect import config
 
     folder = config.PROFILE_DIRS[0]  # the toy profiles' folder
-    (folder / "toy-coarse.yaml").write_text(
+    (folder / "toy-blind.yaml").write_text(
         "method: toy\ncommon:\n  image_size: 64\n  batch_size: 4\n  workers: 0\n"
-        "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n  epochs: 2\n  pool: 32\n"
+        "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n  epochs: 2\n  blind: true\n"
     )
     return folder
 
@@ -129,8 +129,8 @@ def test_candidates_far_from_square_get_aspect_keeping_variants(tmp_path):
 
 
 def test_auto_candidates_name_any_method_and_profile(toy_profiles):
-    settings = auto.AutoSettings(candidates=["toy-cpu", "toy-coarse"])
-    assert [(c.method, c.profile) for c in auto.plan_candidates([], settings)] == [("toy", "cpu"), ("toy", "coarse")]
+    settings = auto.AutoSettings(candidates=["toy-cpu", "toy-blind"])
+    assert [(c.method, c.profile) for c in auto.plan_candidates([], settings)] == [("toy", "cpu"), ("toy", "blind")]
     with pytest.raises(ConfigError, match="no profile 'nosuch' for method toy"):
         auto.plan_candidates([], auto.AutoSettings(candidates=["toy-nosuch"]))
     with pytest.raises(ConfigError, match="METHOD-PROFILE"):
@@ -148,18 +148,18 @@ def test_auto_settings_are_checked():
 # The whole run
 
 
-def test_auto_picks_the_detector_that_sees_small_anomalies(toy_profiles, tmp_path):
+def test_auto_picks_the_detector_that_sees_the_anomalies(toy_profiles, tmp_path):
     data = _good_images(tmp_path / "good")
     result = auto.train_auto(
         data,
-        _request("auto.candidates=[toy-coarse, toy-cpu]", "auto.probe_steps=10"),
+        _request("auto.candidates=[toy-blind, toy-cpu]", "auto.probe_steps=10"),
         reporter=Reporter(quiet=True),
         run_dir=tmp_path / "run",
     )
     selection = result.selection
     rows = {r["name"]: r for r in selection["candidates"]}
-    assert selection["chosen"] == "toy-cpu" and rows["toy-cpu"]["chosen"] and not rows["toy-coarse"]["chosen"]
-    assert rows["toy-cpu"]["auroc_synthetic"] > rows["toy-coarse"]["auroc_synthetic"]
+    assert selection["chosen"] == "toy-cpu" and rows["toy-cpu"]["chosen"] and not rows["toy-blind"]["chosen"]
+    assert rows["toy-cpu"]["auroc_synthetic"] > rows["toy-blind"]["auroc_synthetic"]
     assert rows["toy-cpu"]["steps"] == 10 and rows["toy-cpu"]["planned_steps"] == 48
     assert [p["false_reject_target"] for p in selection["operating_points"]] == ["calibrated", "0.01", "0.02", "0.05"]
     # The finished model: the winner trained to the end of its schedule, the table in its metadata.
@@ -184,7 +184,7 @@ def test_real_defects_folder_outranks_the_synthetic_evidence(toy_profiles, tmp_p
         cv2.imwrite(str(defects / f"d{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
     result = auto.train_auto(
         data,
-        _request("auto.candidates=[toy-coarse, toy-cpu]", "auto.probe_steps=10"),
+        _request("auto.candidates=[toy-blind, toy-cpu]", "auto.probe_steps=10"),
         reporter=Reporter(quiet=True),
         run_dir=tmp_path / "run",
         defects_dir=defects,
@@ -200,7 +200,7 @@ def test_synthetic_evidence_is_deterministic_per_seed(toy_profiles, tmp_path):
     for name in ("a", "b"):
         result = auto.train_auto(
             data,
-            _request("auto.candidates=[toy-coarse, toy-cpu]", "auto.probe_steps=5"),
+            _request("auto.candidates=[toy-blind, toy-cpu]", "auto.probe_steps=5"),
             reporter=Reporter(quiet=True),
             run_dir=tmp_path / name,
         )
@@ -214,7 +214,7 @@ def test_auto_resumes_after_kill_9(toy_profiles, tmp_path):
     env = {**os.environ, "TOY_PROFILES": str(toy_profiles), "SURFACEINSPECT_HOME": str(tmp_path / "home")}
     command = [
         sys.executable, str(TESTS / "cli_with_toy.py"), "train", str(data), "--out", str(run_dir), "-q",
-        "--set", "auto.candidates=[toy-coarse, toy-cpu]", "--set", "auto.probe_steps=10",
+        "--set", "auto.candidates=[toy-blind, toy-cpu]", "--set", "auto.probe_steps=10",
         "--set", "toy.step_delay_s=0.05", "--set", "common.checkpoint_every_s=0.01", "--time-budget", "0",
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -234,9 +234,59 @@ def test_auto_resumes_after_kill_9(toy_profiles, tmp_path):
     assert selection["chosen"] == "toy-cpu"
     uninterrupted = auto.train_auto(
         data,
-        _request("auto.candidates=[toy-coarse, toy-cpu]", "auto.probe_steps=10"),
+        _request("auto.candidates=[toy-blind, toy-cpu]", "auto.probe_steps=10"),
         reporter=Reporter(quiet=True),
         run_dir=tmp_path / "whole",
     )
     expected = [(r["name"], r["auroc_synthetic"]) for r in uninterrupted.selection["candidates"]]
     assert [(r["name"], r["auroc_synthetic"]) for r in selection["candidates"]] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_train_without_method_is_auto_and_prints_the_table(toy_profiles, tmp_path):
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    data = _good_images(tmp_path / "good")
+    sets = ["--set", "auto.candidates=[toy-blind, toy-cpu]", "--set", "auto.probe_steps=5", "--time-budget", "0"]
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), *sets])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Candidates (chosen: toy-cpu" in text and "Operating points" in text
+    assert modeldir.read_metadata(tmp_path / "run")["selection"]["chosen"] == "toy-cpu"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--profile", "cpu"], "--profile configure one method"),
+        (["--epochs", "3"], "--epochs configure one method"),
+        (["--method", "draem", "--defects", "x"], "--defects ranks the candidates of --method auto"),
+        (["--set", "auto.probe_steps=0"], "auto.probe_steps=0: use at least 1"),
+    ],
+)
+def test_train_auto_refuses_what_cannot_apply(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    data = _good_images(tmp_path / "good", n=3)
+    result = CliRunner().invoke(app, ["train", str(data), *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_print_config_of_auto_lists_every_candidate(tmp_path):
+    from typer.testing import CliRunner
+
+    from surfaceinspect.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--print-config", "--set", "common.seed=4"])
+    assert result.exit_code == 0, result.output
+    for candidate in auto.BASE_CANDIDATES:
+        assert f"# candidate {candidate.name}" in result.output
+    assert result.output.count("seed: 4") == len(auto.BASE_CANDIDATES)

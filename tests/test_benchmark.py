@@ -108,3 +108,21 @@ def test_seeds_are_aggregated_and_kept_runs_rescored(synthetic_dataset, tmp_path
     refused = CliRunner().invoke(app, ["benchmark", str(synthetic_dataset), "--method", "csflow", "--model", str(run),
                                        "--set", "csflow.epochs=3", "--out", str(tmp_path / "x"), "-q"])
     assert refused.exit_code == 2 and "inference settings" in refused.output
+
+
+@pytest.mark.slow
+def test_quick_benchmark_of_auto_reports_candidates_rank_agreement_and_operating_points(synthetic_dataset, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["benchmark", str(synthetic_dataset), "--quick", "--out", str(out),
+                                      "--device", "cpu", "-q"], catch_exceptions=False)  # no --method: auto
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "report.json").read_text())["entries"][0]
+    assert entry["method"] == "auto"
+    rows = entry["selection"]["candidates"]
+    assert [r["name"] for r in rows] == ["csflow-cpu", "draem-cpu", "draem-texture", "csflow-texture"]
+    assert sum(r["chosen"] for r in rows) == 1 and all(0 <= r["test_image_auroc"] <= 1 for r in rows)
+    assert [p["false_reject_target"] for p in entry["accuracy"]["operating_points"]] == [0.01, 0.02, 0.05]
+    assert len(entry["accuracy"]["scores"]["test"]) == entry["n_test_good"] + entry["n_test_defective"]
+    md = (out / "report.md").read_text()
+    assert "## Detector selection (--method auto)" in md and "| Spearman |" in md
+    assert "## Operating points" in md
