@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,35 @@ def conformal_threshold(good_scores: np.ndarray, false_reject_rate: float) -> tu
     if k > n:
         return float(scores[-1]), 1.0 / (n + 1)
     return float(scores[k - 1]), float(false_reject_rate)
+
+
+# How a threshold for a false-reject target is set from good scores (see threshold_for).
+ESTIMATORS = ("conformal", "lognormal", "normal")
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+def threshold_for(good_scores: np.ndarray, false_reject_rate: float, estimator: str) -> float:
+    """The image threshold for ``false_reject_rate`` from good scores, by ``estimator``.
+
+    ``conformal``: the split-conformal order statistic (the highest score below 1/rate - 1 images).
+    ``lognormal`` / ``normal``: the (1 - rate) quantile of a normal fitted to the log-scores / the
+    scores with median and MAD, so that one odd image moves it little (positive scores only for
+    ``lognormal``; otherwise it falls back to ``normal``).
+    """
+    scores = np.asarray(good_scores, dtype=np.float64)
+    if estimator == "conformal":
+        return conformal_threshold(scores, false_reject_rate)[0]
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"unknown threshold estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    log = estimator == "lognormal" and bool(np.all(scores > 0))
+    x = np.log(scores) if log else scores
+    centre = float(np.median(x))
+    spread = _MAD_TO_SIGMA * float(np.median(np.abs(x - centre)))
+    if spread <= 0:  # most scores equal: no spread to extrapolate from
+        return conformal_threshold(scores, false_reject_rate)[0]
+    z = float(NormalDist().inv_cdf(1.0 - false_reject_rate))
+    value = centre + z * spread
+    return float(np.exp(value)) if log else value
 
 
 def recall_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> tuple[float, float]:

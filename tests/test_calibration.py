@@ -104,3 +104,22 @@ def test_version_1_files_still_load(tmp_path):
     assert again.pixel_median_good == cal.pixel_median_good
     assert again.guaranteed_false_reject_rate == cal.guaranteed_false_reject_rate
     assert again.normalize_map(np.ones((2, 2))).tolist() == cal.normalize_map(np.ones((2, 2))).tolist()
+
+
+def test_threshold_estimators_conformal_follows_one_odd_image_fitted_tails_do_not():
+    from surfaceinspect.calibration import threshold_for
+
+    rng = np.random.default_rng(0)
+    good = np.exp(rng.normal(0.0, 0.2, size=40))
+    odd = np.append(good, 5.0)  # one odd good image
+    assert threshold_for(odd, 0.01, "conformal") == 5.0
+    for estimator in ("lognormal", "normal"):
+        plain, with_odd = threshold_for(good, 0.01, estimator), threshold_for(odd, 0.01, estimator)
+        assert abs(with_odd - plain) < 0.05 * plain
+    # lognormal: the 99 % quantile of exp(N(0, 0.2)) is exp(0.465) = 1.59; 40 samples land near it
+    assert threshold_for(good, 0.01, "lognormal") == pytest.approx(1.59, rel=0.15)
+    assert threshold_for(np.array([-1.0, 0.0, 1.0, 2.0]), 0.05, "lognormal") == threshold_for(
+        np.array([-1.0, 0.0, 1.0, 2.0]), 0.05, "normal"
+    )  # not all positive: the normal fit
+    with pytest.raises(ConfigError, match="unknown threshold estimator"):
+        threshold_for(good, 0.01, "nosuch")
