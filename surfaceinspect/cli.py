@@ -1033,6 +1033,13 @@ def benchmark(
         from surfaceinspect.benchmark import summary_table
 
         out_console.print(summary_table(report))
+        from surfaceinspect.auto import selection_rich_table
+
+        for entry in report["entries"]:
+            if entry.get("selection"):
+                out_console.print(f"{entry['dataset']}, seed {entry.get('seed')}:", highlight=False)
+                for renderable in selection_rich_table(entry["selection"]):
+                    out_console.print(renderable)
         out_console.print(styled(f"report: {out / 'report.md'}  {out / 'report.json'}"), highlight=False)
 
 
