@@ -441,6 +441,7 @@ def train(
         ("done", "green"),
         f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
         (str(result.run_dir), "bold"),
+        f" (model id {result.model_id})",
         f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
     )
 
@@ -567,10 +568,7 @@ def score(
     active = [w for w in writers if w is not None]
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        reporter.info(
-            f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
-            + _runtime_note(loaded)
-        )
+        _report_model(reporter, loaded)
         summary = engine.score_folder(
             loaded,
             images_dir,
@@ -591,6 +589,18 @@ def _runtime_note(loaded: Any) -> str:
     """' [onnx: FOLDER]' when an exported model scores, so the operator sees which runtime ran."""
     export_dir = getattr(loaded.detector, "export_dir", None)
     return f" [{loaded.detector.runtime}: {export_dir}]" if export_dir is not None else ""
+
+
+def _report_model(reporter: Any, loaded: Any, extra: str = "") -> None:
+    """The model line (folder, method, model id, threshold, runtime), then its notes as warnings."""
+    threshold = f", threshold {loaded.calibration.image_threshold:.5g}" if loaded.calibration is not None else ""
+    reporter.info(
+        f"model: {loaded.run_dir} ({loaded.detector.name}, model id {loaded.model_id}{threshold})"
+        + _runtime_note(loaded)
+        + extra
+    )
+    for note in loaded.notes:
+        reporter.warn(note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,7 +673,7 @@ def heatmap(
     writer = _open_records(output, None, [images_dir], force, reporter)
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})" + _runtime_note(loaded))
+        _report_model(reporter, loaded)
         summary, index = engine.heatmap_folder(
             loaded,
             images_dir,
@@ -742,7 +752,7 @@ def export(
 
     reporter = _reporter(quiet)
     loaded = engine.load(model, device="cpu", threads=threads or 0, runtime="torch")
-    reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name}); exporting, then checking parity...")
+    _report_model(reporter, loaded, "; exporting, then checking parity...")
     result = export_run(
         loaded.run_dir,
         loaded.detector,
@@ -771,8 +781,9 @@ def export(
         "  surfaceinspect recalibrate ./good_after_relamp             (good images only)\n\n"
         "  surfaceinspect recalibrate ./labelled --labelled --mode f1   (good/ + defect subfolders)\n\n"
         "  surfaceinspect recalibrate --undo                          (restore the previous calibration)\n\n"
-        "Refused (exit 2): fewer good images than training uses for calibration "
-        "(common.calibration.min_images), and a labelled folder without --labelled. The replaced calibration "
+        "Refused (exit 2, nothing changed): fewer good images than training uses for calibration "
+        "(common.calibration.min_images), a labelled folder without --labelled, and good images whose median "
+        "scores at or above the current threshold (unless --force). The replaced calibration "
         "is kept as calibration.<time>.json in the run directory."
     )
 )
@@ -791,6 +802,14 @@ def recalibrate(
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Recall mode target.")] = None,
     undo: Annotated[
         bool, typer.Option("--undo", help="Restore the calibration that the last recalibrate replaced.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace the thresholds even when most new good images score at or above the current threshold "
+            "(refused without it: such images look like defects; with it, only a warning).",
+        ),
     ] = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -812,7 +831,9 @@ def recalibrate(
     if folder is None:
         raise ConfigError("give a folder of good images: surfaceinspect recalibrate ./good_images")
     engine.require_input(folder)
-    loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+    # need_calibration=False: a missing, damaged or foreign calibration is what recalibrate replaces
+    loaded = engine.load(model, device=device or "auto", threads=threads or 0, need_calibration=False)
+    _report_model(reporter, loaded)
     change = engine.recalibrate(
         loaded,
         folder,
@@ -823,11 +844,13 @@ def recalibrate(
         batch_size=batch_size,
         workers=workers,
         reporter=reporter,
+        force=force,
     )
     cal = change.calibration
     reporter.info(
         ("recalibrated", "green"),
-        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images):",
+        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images; "
+        f"model id now {change.model_id}):",
     )
     _print_thresholds(reporter, change)
     if change.backup is not None:
@@ -1104,9 +1127,7 @@ def watch(
     check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
     loaded = engine.load(model, device=device or "auto", threads=threads or 0)
     options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
-    reporter.info(
-        f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
-    )
+    _report_model(reporter, loaded)
     stop = threading.Event()
     with _signals_set(stop):
         result = watch_folder(

@@ -301,11 +301,12 @@ def calibrate_detector(
     defect_paths: Sequence[Path] = (),
     source: str = "",
     trained_colour: str | None = None,
+    weights_sha256: str | None = None,
 ) -> Calibration:
     """Score calibration images and build the Calibration (mode and targets from the config).
 
     ``trained_colour`` (``grey``/``colour``, from the training summary) warns about good images
-    of the other colour mode.
+    of the other colour mode; ``weights_sha256`` binds the calibration to the model's weights.
     """
     common = run_config.common
     settings = common.calibration
@@ -354,6 +355,7 @@ def calibrate_detector(
         target_recall=settings.target_recall,
         defect_scores=np.array(defect_scores) if defect_scores else None,
         source=source,
+        weights_sha256=weights_sha256,
     )
     for note in calibration.notes:
         reporter.warn(note)
@@ -376,6 +378,7 @@ class TrainResult:
     run_dir: Path
     summary: dict[str, Any]
     calibration: Calibration
+    model_id: str = ""
 
 
 @dataclass
@@ -566,23 +569,31 @@ def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: boo
     }
     del images
     fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
-    modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
+    metadata = modeldir.save_model(run_dir, detector, summary, fingerprint, extra={"calibration_files": rel_calib})
 
-    calibration = _calibrate_run(plan, detector, reporter)
+    calibration = _calibrate_run(plan, detector, reporter, metadata["weights_sha256"])
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
+    identity = modeldir.write_sums(run_dir, changed=modeldir.RUN_FILES)  # last: the model is complete now
     if mark_latest:
         modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary["total_seconds"] = round(time.monotonic() - started, 2)
-    return TrainResult(run_dir, summary, calibration)
+    return TrainResult(run_dir, summary, calibration, identity.model_id)
 
 
-def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -> Calibration:
+def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter, weights_sha256: str) -> Calibration:
     """Calibrate on the labelled calibration folder, or on the held-out good images."""
     if plan.calibration_dir is not None:
         good, defect = _labelled_split(plan.calibration_dir)
         return calibrate_detector(
-            detector, good, plan.calibration_dir, plan.run_config, reporter, defect, str(plan.calibration_dir)
+            detector,
+            good,
+            plan.calibration_dir,
+            plan.run_config,
+            reporter,
+            defect,
+            str(plan.calibration_dir),
+            weights_sha256=weights_sha256,
         )
     return calibrate_detector(
         detector,
@@ -591,6 +602,7 @@ def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -
         plan.run_config,
         reporter,
         source=f"{len(plan.calibration_files)} held-out images of {plan.data_dir}",
+        weights_sha256=weights_sha256,
     )
 
 
@@ -774,8 +786,11 @@ def _prepare_run_dir(
 class LoadedModel:
     run_dir: Path
     detector: Detector
-    calibration: Calibration
+    calibration: Calibration  # None only from ``load(..., need_calibration=False)`` (recalibrate)
     metadata: dict[str, Any]
+    model_id: str = ""  # first 12 hex of the SHA-256 of the model's manifest (see modeldir.verify_sums)
+    runtime: str = "torch"  # what scores: torch, onnx or openvino
+    notes: list[str] = field(default_factory=list)  # what the operator should know (an older model folder)
 
 
 def load(
@@ -784,14 +799,21 @@ def load(
     threads: int = 0,
     inference_sets: Sequence[str] = (),
     runtime: str | None = None,
+    *,
+    need_calibration: bool = True,
 ) -> LoadedModel:
-    """Load a finished run (``None`` = the latest) with its calibration.
+    """Load a finished run (``None`` = the latest) with its calibration, checked as a whole.
 
     ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
     stored calibration then no longer matches the scores, so callers recalibrate. ``runtime``
     ``onnx`` (or ``model_dir`` being an export folder) scores with the run's exported graph
     instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same. ``None``
     or ``auto``: see :func:`surfaceinspect.runtimes.auto_runtime`.
+
+    The calibration must be the model's own (:meth:`Calibration.check_model`), and every file that
+    affects a verdict must match the folder's manifest (:func:`modeldir.verify_sums`); both are read
+    once here, never per image. ``need_calibration=False`` (recalibrate, which replaces it) loads
+    a model whose calibration is missing, damaged or another model's, with ``calibration`` None.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
@@ -800,11 +822,32 @@ def load(
         torch_device = resolve_device(device)
         runtime = runtimes.auto_runtime(run_dir, torch_device.type == "cpu", inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
-        detector, calibration, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
-        return LoadedModel(run_dir, detector, calibration, metadata)
-    detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
-    calibration = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
-    return LoadedModel(run_dir, detector, calibration, metadata)
+        detector, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
+        runtime = detector.runtime
+    else:
+        detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
+    notes: list[str] = []
+    calibration = _load_calibration(run_dir, metadata, notes, required=need_calibration)
+    identity = modeldir.verify_sums(
+        run_dir,
+        expected=metadata.get("manifest") == modeldir.SUMS_FILE,
+        skip=() if need_calibration else (modeldir.CALIBRATION_FILE,),
+    )
+    notes = identity.notes + notes
+    return LoadedModel(run_dir, detector, calibration, metadata, identity.model_id, str(runtime), notes)
+
+
+def _load_calibration(run_dir: Path, metadata: dict[str, Any], notes: list[str], required: bool) -> Calibration | None:
+    """The calibration of ``run_dir``, refused if it belongs to another model (None if not ``required``)."""
+    path = run_dir / modeldir.CALIBRATION_FILE
+    try:
+        calibration = Calibration.load(path)
+        notes += calibration.check_model(path, str(metadata.get("method")), metadata.get("weights_sha256"))
+    except ModelDirError:
+        if required:
+            raise
+        return None
+    return calibration
 
 
 @dataclass
@@ -814,6 +857,7 @@ class Recalibration:
     previous: Calibration | None  # None: the replaced file could not be read (undo of a damaged file)
     calibration: Calibration
     backup: Path | None
+    model_id: str = ""  # the model id after the change (the calibration is part of it)
 
 
 def recalibrate(
@@ -827,14 +871,16 @@ def recalibrate(
     batch_size: int | None = None,
     workers: int | None = None,
     reporter: Reporter | None = None,
+    force: bool = False,
 ) -> Recalibration:
     """Recompute the calibration of a trained model from a new folder, without retraining.
 
     Refuses what would quietly make the model pass defects: fewer good images than training
-    needs for calibration (``common.calibration.min_images``), or a labelled folder taken as all
-    good. The previous ``calibration.json`` is kept as ``calibration.<UTC time>.json`` (see
-    :func:`undo_recalibration`), and a warning says when most new "good" images score above the
-    previous threshold (defective images given as good look like that).
+    needs for calibration (``common.calibration.min_images``), a labelled folder taken as all
+    good, and (unless ``force``) "good" images whose median scores at or above the current
+    threshold: defective images given as good look like that, and a script never sees a warning.
+    The previous ``calibration.json`` is kept as ``calibration.<UTC time>.json`` (see
+    :func:`undo_recalibration`); the manifest is rewritten (the model id changes with the thresholds).
     """
     reporter = reporter or Reporter(quiet=True)
     run_config = model.detector.run_config
@@ -867,14 +913,24 @@ def recalibrate(
         defect,
         str(folder),
         trained_colour=model.metadata.get("training", {}).get("image_colour"),
+        weights_sha256=model.metadata.get("weights_sha256"),
     )
     _require_calibration_images(calibration.n_good, settings.min_images, folder, readable=True)
     previous = model.calibration
+    if previous is not None and calibration.good_score_stats["median"] >= previous.image_threshold and not force:
+        raise DatasetError(
+            f"most of the {calibration.n_good} new good images score at or above the current image threshold "
+            f"(median {calibration.good_score_stats['median']:.5g} >= {previous.image_threshold:.5g}): {folder} looks "
+            "like defective images, and thresholds made from them would pass similar defects; nothing was changed. "
+            "If the line really changed (lighting, camera), pass --force"
+        )
     backup = modeldir.backup_calibration(model.run_dir)
     calibration.save(model.run_dir / modeldir.CALIBRATION_FILE)
-    model.calibration = calibration
-    _warn_if_unlike(previous, calibration, folder, model.run_dir, reporter)
-    return Recalibration(previous, calibration, backup)
+    identity = modeldir.write_sums(model.run_dir, changed=[modeldir.CALIBRATION_FILE])
+    model.calibration, model.model_id = calibration, identity.model_id
+    if previous is not None:
+        _warn_if_unlike(previous, calibration, folder, model.run_dir, reporter)
+    return Recalibration(previous, calibration, backup, identity.model_id)
 
 
 def _require_calibration_images(n: int, minimum: int, folder: Path, readable: bool) -> None:
@@ -889,8 +945,9 @@ def _warn_if_unlike(previous: Calibration, new: Calibration, folder: Path, run_d
     """Warn when the new good scores look unlike good images of the previous calibration.
 
     The previous threshold leaves about ``false_reject_rate`` (1 %) of good images above it; when
-    the new "good" images put their 95th percentile (or even their median) above it, the folder
-    probably holds defects (or the line really changed): similar defects would now pass.
+    the new "good" images put their 95th percentile (or even their median: only with ``--force``)
+    above it, the folder probably holds defects (or the line really changed): similar defects would
+    now pass.
     """
     stats, threshold = new.good_score_stats, previous.image_threshold
     if stats["median"] >= threshold:
@@ -905,22 +962,40 @@ def _warn_if_unlike(previous: Calibration, new: Calibration, folder: Path, run_d
     )
 
 
+def _binding(model_dir: Path) -> dict[str, Any]:
+    """What a calibration of ``model_dir`` is checked against: method, weights, whether it has a manifest."""
+    if runtimes.is_export_dir(model_dir):
+        manifest = runtimes.read_manifest(model_dir)
+        return {
+            "method": manifest.get("method"),
+            "weights_sha256": manifest.get("source_weights_sha256"),
+            "manifest": manifest.get("manifest"),
+        }
+    return modeldir.read_metadata(model_dir)
+
+
 def undo_recalibration(model_dir: str | Path | None) -> Recalibration:
     """Restore the newest kept calibration of a run (``recalibrate --undo``).
 
-    The restored file is checked before it replaces ``calibration.json``; the calibration it
-    replaces is dropped (it came from ``recalibrate``, which can be run again), even when it is
-    damaged: undo is the way back from a bad calibration file.
+    The restored file is checked (valid, and made for this model) and the rest of the folder
+    against its manifest before it replaces ``calibration.json``; the calibration it replaces is
+    dropped (it came from ``recalibrate``, which can be run again), even when it is damaged: undo is
+    the way back from a bad calibration file.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     backup = modeldir.newest_calibration_backup(run_dir)
     restored = Calibration.load(backup)
+    binding = _binding(run_dir)
+    restored.check_model(backup, str(binding.get("method")), binding.get("weights_sha256"))
+    expected = binding.get("manifest") == modeldir.SUMS_FILE
+    modeldir.verify_sums(run_dir, expected=expected, skip=[modeldir.CALIBRATION_FILE])
     try:
         current: Calibration | None = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
     except ModelDirError:
         current = None
     modeldir.restore_calibration(run_dir, backup)
-    return Recalibration(current, restored, backup)
+    identity = modeldir.write_sums(run_dir, changed=[modeldir.CALIBRATION_FILE])
+    return Recalibration(current, restored, backup, identity.model_id)
 
 
 # ---------------------------------------------------------------------------------------------
