@@ -23,6 +23,7 @@ from typer.core import TyperCommand
 import surfaceinspect
 from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import (
+    EXIT_DRIFT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -34,7 +35,8 @@ from surfaceinspect.ui import Part, styled
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect · 3 some images unreadable (no defect) · "
-    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · 130 interrupted."
+    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
+    "5 drift detected (only with --fail-on-drift) · 130 interrupted."
 )
 
 app = typer.Typer(
@@ -218,6 +220,30 @@ ShardOpt = Annotated[
         "and their records concatenate into those of one unsharded run. The exit code covers this shard only.",
     ),
 ]
+
+
+DriftWindowOpt = Annotated[
+    int,
+    typer.Option(
+        "--drift-window",
+        min=5,
+        metavar="N",
+        help="Check for drift every N good verdicts: are their scores still like the calibration's good scores "
+        "(two-sided Mann-Whitney test, false alarm rate at most 0.001 per check)? A drift is a warning, in the "
+        "summary and in the records' warnings.",
+    ),
+]
+FailOnDriftOpt = Annotated[
+    bool,
+    typer.Option("--fail-on-drift", help="Exit 5 when drift was detected (the verdicts themselves are in doubt)."),
+]
+
+
+def _exit_code(summary: Any, fail_on_drift: bool) -> int:
+    """The verdict's exit code, or 5 with --fail-on-drift when drift was detected (it overrides 0, 1 and 3)."""
+    if fail_on_drift and summary.drift is not None and summary.drift.detected:
+        return EXIT_DRIFT
+    return int(summary.exit_code())
 
 
 def _parse_shard(text: str | None) -> Any:
@@ -501,6 +527,8 @@ def _print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part
         console.print(styled((head, "yellow")), highlight=False)
         for path, reason in summary.unreadable:
             console.print(styled(f"  {path}: {reason}"), highlight=False)
+    if summary.drift is not None:
+        console.print(styled((summary.drift.describe(), "yellow" if summary.drift.detected else "")), highlight=False)
     for part in outputs:
         console.print(styled(part), highlight=False)
 
@@ -540,6 +568,8 @@ def score(
     force: ForceOpt = False,
     shard: ShardOpt = None,
     runtime: RuntimeOpt = None,
+    drift_window: DriftWindowOpt = 50,
+    fail_on_drift: FailOnDriftOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -548,11 +578,11 @@ def score(
 ) -> None:
     """Score images with a trained model: a verdict per image, defect regions, a summary.
 
-    Records carry path (relative to IMAGES_DIR), verdict (good/defect/error), score (raw),
-    score_normalized (0..1, the threshold at 0.5), n_regions, largest_region_area and the
-    largest region's bbox_x/bbox_y/bbox_width/bbox_height, width, height, error. In CSV, text
-    starting with = + - @ gets a leading ' (spreadsheets would run it as a formula).
-    Unreadable images are reported and skipped; they never stop the run.
+    One record per image: path (relative to IMAGES_DIR), verdict (good/defect/error), score (the
+    raw anomaly score: defect if score >= threshold), regions and their bounding box, image size,
+    error, and for traceability model_id, threshold, runtime, time and warnings (what each field
+    means: README, section "Records"). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
+    would run it as a formula). Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine
     from surfaceinspect.records import RecordWriter
@@ -577,12 +607,13 @@ def score(
             workers=workers,
             reporter=reporter,
             shard=selected,
+            drift_window=drift_window,
         )
     finally:
         for writer in active:
             writer.close()
     _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
-    raise typer.Exit(summary.exit_code())
+    raise typer.Exit(_exit_code(summary, fail_on_drift))
 
 
 def _runtime_note(loaded: Any) -> str:
@@ -1026,7 +1057,8 @@ def profiles() -> None:
         "Restarting with the same --output continues it: images already recorded there are not scored again.\n\n"
         "Exit codes: 130 stopped by Ctrl-C or SIGTERM (records written so far are complete) · "
         "after --stop-after/--idle-timeout, as score for the images of this session: 0 all good · 1 a defect · "
-        "3 some unreadable · 2 usage, input, output or model error · 4 internal error."
+        "3 some unreadable · 2 usage, input, output or model error · 4 internal error · 5 drift detected (only "
+        "with --fail-on-drift)."
     )
 )
 @handle_errors
@@ -1097,6 +1129,8 @@ def watch(
         ),
     ] = False,
     force: ForceOpt = False,
+    drift_window: DriftWindowOpt = 50,
+    fail_on_drift: FailOnDriftOpt = False,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -1123,6 +1157,7 @@ def watch(
         poll=poll,
         on_defect=on_defect,
         defects_dir=defects_dir,
+        drift_window=drift_window,
     )
     check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
     loaded = engine.load(model, device=device or "auto", threads=threads or 0)
@@ -1144,7 +1179,7 @@ def watch(
     _print_summary(summary, quiet, False, extra)
     if result.stopped_by == "interrupted":
         raise _fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
-    raise typer.Exit(summary.exit_code())
+    raise typer.Exit(_exit_code(summary, fail_on_drift))
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from surfaceinspect.data import LoadedImage, iterate_images, load_training_image
 from surfaceinspect.datasets import find_labelled_layout, labelled_folder
 from surfaceinspect.detectors import Detector, TrainContext, get_detector_class
 from surfaceinspect.device import configure_threads, resolve_device
+from surfaceinspect.drift import DEFAULT_WINDOW, DriftMonitor
 from surfaceinspect.errors import (
     EXIT_DEFECT,
     EXIT_OK,
@@ -34,7 +35,7 @@ from surfaceinspect.errors import (
 )
 from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
 from surfaceinspect.outputs import prepare_output_dir
-from surfaceinspect.records import ScoreRecord
+from surfaceinspect.records import ScoreRecord, utc_now
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
@@ -125,7 +126,7 @@ def colour_mode(grey_flags: Sequence[bool]) -> str:
 
 
 class ImageCheck:
-    """Collects the images unlike the training images in one respect; one warning names them."""
+    """Finds the images unlike the training images in one respect: a note in each one's record, one warning for all."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -134,15 +135,21 @@ class ImageCheck:
     def differs(self, item: LoadedImage) -> bool:
         raise NotImplementedError
 
+    def note(self, item: LoadedImage) -> str:
+        """The record's warning for one such image (short: it is repeated in every record)."""
+        raise NotImplementedError
+
     def message(self, names: str) -> str:
         raise NotImplementedError
 
-    def see(self, item: LoadedImage, name: str) -> None:
+    def see(self, item: LoadedImage, name: str) -> str | None:
+        """Count the image if it differs; returns its record's warning (None if it does not)."""
         if item.image is None or not self.differs(item):
-            return
+            return None
         self.count += 1
         if len(self.names) < MAX_LISTED_FAILURES:
             self.names.append(name)
+        return self.note(item)
 
     def report(self, reporter: Reporter) -> None:
         if self.count:
@@ -164,6 +171,10 @@ class ColourCheck(ImageCheck):
     def differs(self, item: LoadedImage) -> bool:
         return self.trained_on is not None and item.grey != (self.trained_on == "grey")
 
+    def note(self, item: LoadedImage) -> str:
+        other = "colour" if self.trained_on == "grey" else "greyscale"
+        return f"{other} image, model trained on {self.trained_on} images: score not reliable"
+
     def message(self, names: str) -> str:
         other = "colour" if self.trained_on == "grey" else "greyscale"
         return (
@@ -174,29 +185,58 @@ class ColourCheck(ImageCheck):
 
 
 class AspectCheck(ImageCheck):
-    """Images whose aspect ratio is far from the training images' (squashed differently, so scored unreliably).
+    """Images whose aspect ratio lies outside the training images' (squashed differently, so scored unreliably).
 
+    Training images vary (MTD's span 0.36-2.6), and the model has seen every aspect in that range,
+    so the check is against the range (stored at training), widened by :data:`ASPECT_RANGE_MARGIN`;
+    a model of an older version stored only the median, checked with :data:`ASPECT_TOLERANCE`.
     Tiled models see every image at its own scale, so the aspect does not matter to them.
     """
 
-    def __init__(self, trained_aspect: float | None, tiled: bool) -> None:
+    def __init__(self, training: dict[str, Any], tiled: bool) -> None:
         super().__init__()
-        self.trained_aspect = None if tiled or not trained_aspect else float(trained_aspect)
+        self.allowed: tuple[float, float] | None = None
+        self.trained = ""
+        span, median = training.get("image_aspect_range"), training.get("image_aspect")
+        if tiled:
+            return
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in span):
+            low, high = float(min(span)), float(max(span))
+            self.allowed = (low / ASPECT_RANGE_MARGIN, high * ASPECT_RANGE_MARGIN)
+            self.trained = f"{low:.3g}-{high:.3g}"
+        elif isinstance(median, (int, float)) and median > 0:
+            self.allowed = (median / ASPECT_TOLERANCE, median * ASPECT_TOLERANCE)
+            self.trained = f"{median:.3g}"
 
     def differs(self, item: LoadedImage) -> bool:
         height, width = item.original_size
-        if self.trained_aspect is None or not height or not width:
+        if self.allowed is None or not height or not width:
             return False
-        ratio = (width / height) / self.trained_aspect
-        return max(ratio, 1.0 / ratio) > ASPECT_TOLERANCE
+        return not self.allowed[0] <= width / height <= self.allowed[1]
+
+    def note(self, item: LoadedImage) -> str:
+        height, width = item.original_size
+        return (
+            f"aspect {width / height:.3g} (width/height) outside the training images' {self.trained}: "
+            "distorted unlike them, score not reliable"
+        )
 
     def message(self, names: str) -> str:
         return (
-            f"{self.count} image(s) have an aspect ratio (width/height) far from the training images' "
-            f"{self.trained_aspect:.3g} ({names}); resized to the model's input they are distorted unlike the "
-            "training images, so their scores are not reliable: crop them like the training images, or train "
-            "with --image-size keep:L or tiling (common.tiling.enabled)"
+            f"{self.count} image(s) have an aspect ratio (width/height) far outside the training images' "
+            f"{self.trained} ({names}); resized to the model's input they are distorted unlike the "
+            "training images, so their scores are not reliable (each record says so in its warnings): crop "
+            "them like the training images, or train with --image-size keep:L or tiling (common.tiling.enabled)"
         )
+
+
+def reliability_checks(metadata: dict[str, Any], run_config: RunConfig) -> list[ImageCheck]:
+    """The checks of scored images against the model's training images (colour mode, aspect)."""
+    training = metadata.get("training", {})
+    return [
+        ColourCheck(training.get("image_colour")),
+        AspectCheck(training, run_config.common.tiling.enabled),
+    ]
 
 
 def _prepare(run_config: RunConfig) -> torch.device:
@@ -241,11 +281,16 @@ def run_inference(
     workers: int,
     keep_original: bool = False,
     full_resolution_maps: bool = True,
+    model_id: str | None = None,
+    runtime: str | None = None,
+    checks: Sequence[ImageCheck] = (),
 ) -> Iterator[ImageResult]:
     """Score ``paths`` in batches; yield one ImageResult per file, in order, errors included.
 
-    With a calibration, records carry the verdict, normalised score and defect regions (at the
-    pixel threshold, on the map resized to the file's own resolution).
+    With a calibration, records carry the verdict, normalised score, threshold and defect regions
+    (at the pixel threshold, on the map resized to the file's own resolution). Every record carries
+    ``model_id``, ``runtime`` and the time; ``checks`` (see :func:`reliability_checks`) add their
+    notes to the ``warnings`` of the images they concern.
     """
     tiled = detector.run_config.common.tiling.enabled
     # Tiling reads each image at its own resolution, one at a time (a 16000 x 2048 strip is 400 MB
@@ -254,14 +299,19 @@ def run_inference(
         paths, detector.input_size, 1 if tiled else batch_size, workers, keep_original, resize=not tiled
     )
     tiler = TiledPredictor(detector, detector.run_config.common.tiling, batch_size) if tiled else None
+    threshold = calibration.image_threshold if calibration is not None else None
     for batch in batches:
         readable = [item for item in batch if item.image is not None]
         predictions = predict_items(detector, tiler, readable)
         position = 0
         for item in batch:
-            name = relative_name(item.path, root)
+            record = ScoreRecord(
+                path=relative_name(item.path, root), verdict="error", model_id=model_id, threshold=threshold,
+                runtime=runtime, time=utc_now(),
+            )  # fmt: skip
             if item.image is None:
-                yield ImageResult(item, ScoreRecord(path=name, verdict="error", error=item.error), None)
+                record.error = item.error
+                yield ImageResult(item, record, None)
                 continue
             score, small_map = predictions[position]
             position += 1
@@ -271,21 +321,28 @@ def run_inference(
                 if full_resolution_maps and (height, width) != small_map.shape
                 else small_map
             )
-            record = ScoreRecord(path=name, verdict="good", score=score, width=width, height=height)
+            record.verdict, record.score, record.width, record.height = "good", score, width, height
+            record.warnings = [note for check in checks if (note := check.see(item, record.path)) is not None]
             if not math.isfinite(score):
                 record.verdict = "error"
                 record.error = "the model produced a non-finite score for this image"
             elif calibration is not None:
-                record.score_normalized = float(calibration.normalize(score))
-                defect = calibration.is_defect(score)
-                record.verdict = "defect" if defect else "good"
-                regions = find_regions(full_map, calibration.pixel_threshold) if defect else []
-                record.n_regions = len(regions)
-                if regions:
-                    largest = regions[0]
-                    record.largest_region_area = int(largest.area)
-                    record.bbox_x, record.bbox_y, record.bbox_width, record.bbox_height = (int(v) for v in largest.bbox)
+                _judge(record, full_map, calibration)
             yield ImageResult(item, record, full_map)
+
+
+def _judge(record: ScoreRecord, full_map: np.ndarray, calibration: Calibration) -> None:
+    """Verdict, normalised score and (for a defect) its regions at the pixel threshold, into ``record``."""
+    score = float(record.score)  # type: ignore[arg-type]
+    record.score_normalized = float(calibration.normalize(score))
+    defect = calibration.is_defect(score)
+    record.verdict = "defect" if defect else "good"
+    regions = find_regions(full_map, calibration.pixel_threshold) if defect else []
+    record.n_regions = len(regions)
+    if regions:
+        largest = regions[0]
+        record.largest_region_area = int(largest.area)
+        record.bbox_x, record.bbox_y, record.bbox_width, record.bbox_height = (int(v) for v in largest.bbox)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +617,7 @@ def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: boo
     summary = {
         **summary,
         "image_colour": colour_mode(greyscale(images).tolist()),
-        "image_aspect": _median_aspect(plan.train_files),
+        **_aspect_summary(plan.train_files),
         "n_train_images": len(ok_paths),
         "n_train_inputs": int(images.shape[0]),  # tiles with common.tiling, else images
         "n_unreadable_train_images": len(failures),
@@ -619,7 +676,10 @@ def _read_training_images(plan: TrainingPlan) -> tuple[torch.Tensor, list[Path],
 
 # Aspect ratios (width / height) are estimated from this many images' headers, spread over the set.
 _ASPECT_SAMPLE = 200
-# Scoring an image whose aspect differs from the training images' by more than this factor warns.
+# Scoring an image whose aspect is this factor outside the training images' range warns (their range
+# comes from a sample of the headers, so its ends are widened a little).
+ASPECT_RANGE_MARGIN = 1.25
+# Models of older versions stored only the median aspect: the warning then fires beyond this factor.
 ASPECT_TOLERANCE = 1.5
 
 
@@ -645,6 +705,17 @@ def _median_aspect(paths: Sequence[Path]) -> float | None:
     """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
     aspects = [width / height for height, width in _header_sizes(paths)]
     return round(float(np.median(aspects)), 4) if aspects else None
+
+
+def _aspect_summary(paths: Sequence[Path]) -> dict[str, Any]:
+    """The training summary's aspects (width / height, from a sample of the headers): median and [lowest, highest]."""
+    aspects = [width / height for height, width in _header_sizes(paths)]
+    if not aspects:
+        return {"image_aspect": None, "image_aspect_range": None}
+    return {
+        "image_aspect": round(float(np.median(aspects)), 4),
+        "image_aspect_range": [round(min(aspects), 4), round(max(aspects), 4)],
+    }
 
 
 # The `cpu` profiles shrink images; from this factor on, train may name the `texture` profile.
@@ -1010,6 +1081,7 @@ class ScoreSummary:
     seconds: float = 0.0
     worst: list[tuple[float, str, str]] = field(default_factory=list)  # (score, path, verdict)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # the first (path, reason) pairs
+    drift: DriftMonitor | None = None  # the drift checks of this run (None: not monitored)
 
     @property
     def total(self) -> int:
@@ -1035,6 +1107,11 @@ class ScoreSummary:
         return EXIT_OK
 
 
+def drift_monitor(model: LoadedModel, window: int = DEFAULT_WINDOW) -> DriftMonitor:
+    """The drift monitor of a loaded model: its good calibration scores are the reference."""
+    return DriftMonitor(model.calibration.good_scores, model.calibration.image_threshold, window)
+
+
 def score_folder(
     model: LoadedModel,
     images_dir: Path,
@@ -1047,13 +1124,16 @@ def score_folder(
     n_worst: int = 10,
     label: str = "score",
     shard: Shard | None = None,
+    drift_window: int = DEFAULT_WINDOW,
 ) -> ScoreSummary:
     """Score every image under ``images_dir`` (recursive), calling ``on_result`` as each is done.
 
     Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores and the
-    first unreadable files. Images of another colour mode than the training images (grey on a
-    colour model or the reverse) are named in one warning at the end. With ``shard`` only the
-    images of that shard are scored (see :mod:`surfaceinspect.sharding`); a shard may be empty.
+    first unreadable files. Images unlike the training images (another colour mode, an aspect
+    outside theirs) get a note in their record's ``warnings`` and are named in one warning at the
+    end. Each ``drift_window`` good verdicts are checked for drift (:mod:`surfaceinspect.drift`).
+    With ``shard`` only the images of that shard are scored (see :mod:`surfaceinspect.sharding`);
+    a shard may be empty.
     """
     reporter = reporter or Reporter(quiet=True)
     paths = find_images(images_dir, reporter)
@@ -1066,12 +1146,9 @@ def score_folder(
         reporter.info(shard.describe(len(paths), n_found))
     common = model.detector.run_config.common
     summary = ScoreSummary()
+    summary.drift = drift = drift_monitor(model, drift_window)
     worst: list[tuple[float, str, str]] = []
-    training = model.metadata.get("training", {})
-    checks = [
-        ColourCheck(training.get("image_colour")),
-        AspectCheck(training.get("image_aspect"), common.tiling.enabled),
-    ]
+    checks = reliability_checks(model.metadata, model.detector.run_config)
     started = time.monotonic()
     with reporter.progress(label, len(paths)) as bar:
         for result in run_inference(
@@ -1082,11 +1159,13 @@ def score_folder(
             batch_size=batch_size or common.batch_size,
             workers=common.workers if workers is None else workers,
             keep_original=keep_original,
+            model_id=model.model_id,
+            runtime=model.runtime,
+            checks=checks,
         ):
             record = result.record
             summary.add(record)
-            for check in checks:
-                check.see(result.item, record.path)
+            drift.track(record, reporter)
             if record.score is not None and math.isfinite(record.score):
                 entry = (record.score, record.path, record.verdict)
                 if len(worst) < n_worst:

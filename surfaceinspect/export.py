@@ -259,7 +259,9 @@ def manifest(
         ),
         "parity": parity.to_dict(),
         "config": detector.run_config.to_dict(),
-        "training": {k: metadata.get("training", {}).get(k) for k in ("image_colour", "image_aspect")},
+        "training": {
+            k: metadata.get("training", {}).get(k) for k in ("image_colour", "image_aspect", "image_aspect_range")
+        },
     }
 
 

@@ -6,20 +6,30 @@ One test (or a small group) per item, through the CLI with the toy detector (tes
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
 import hashlib
+import itertools
 import json
+import re
 import shutil
 import subprocess
+from math import comb
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from surfaceinspect import cli, modeldir
+from surfaceinspect import cli, engine, modeldir
 from surfaceinspect.cli import app
-from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_USAGE, ModelDirError
+from surfaceinspect.drift import ALPHA, DriftMonitor, u_distribution
+from surfaceinspect.engine import AspectCheck
+from surfaceinspect.errors import EXIT_DEFECT, EXIT_DRIFT, EXIT_OK, EXIT_USAGE, ModelDirError
+from surfaceinspect.records import FIELDS, LEGACY_FIELDS
+from surfaceinspect.synthetic import make_dataset
 
 SCORED = (EXIT_OK, EXIT_DEFECT)
 
@@ -130,8 +140,9 @@ def test_item6_model_directory_verified_as_a_whole(trained, synthetic_dataset, t
     if shutil.which("sha256sum"):  # the manifest is plain sha256sum format: checkable without surfaceinspect
         subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=trained, check=True)
     model_id = hashlib.sha256(sums.encode()).hexdigest()[:12]
-    result = run("score", images, "--model", trained)
+    result = run("score", images, "--model", trained, "--output", tmp_path / "r.jsonl")
     assert result.exit_code in SCORED and f"model id {model_id}" in result.output, result.output
+    assert {r["model_id"] for r in _jsonl(tmp_path / "r.jsonl")} == {model_id}
 
     metadata = (trained / "metadata.json").read_bytes()
     edited = json.loads(metadata)
@@ -156,7 +167,7 @@ def _as_older_version(run_dir: Path) -> None:
     """Make a model folder what an older surfaceinspect wrote: no manifest, no binding, no scores, no aspect range."""
     (run_dir / "SHA256SUMS").unlink()
     metadata = _json(run_dir / "metadata.json")
-    del metadata["manifest"]
+    del metadata["manifest"], metadata["training"]["image_aspect_range"]
     _write_json(run_dir / "metadata.json", metadata)
     calibration = _json(run_dir / "calibration.json")
     for key in ("weights_sha256", "good_scores", "defect_score_stats", "good_map_max_stats"):
@@ -168,13 +179,14 @@ def _as_older_version(run_dir: Path) -> None:
 def test_item6_old_model_directory_still_loads_with_a_note(trained, synthetic_dataset, tmp_path):
     images = synthetic_dataset / "test" / "good"
     _as_older_version(trained)
-    result = run("score", images, "--model", trained)
+    result = run("score", images, "--model", trained, "--output", tmp_path / "r.jsonl")
     assert result.exit_code in SCORED, result.output
     assert "has no SHA256SUMS (written by an older surfaceinspect)" in result.output
     assert "does not name the weights it was made for" in result.output
+    assert "drift: not monitored" in result.output
     # an older folder gets the id it would have with a manifest: the hash of the same canonical text
     expected = hashlib.sha256(modeldir.sums_text(modeldir.current_sums(trained)).encode()).hexdigest()[:12]
-    assert f"model id {expected}" in result.output
+    assert {r["model_id"] for r in _jsonl(tmp_path / "r.jsonl")} == {expected}
 
     # recalibrate (or export) with this version migrates it: manifest written, calibration bound
     assert run("recalibrate", images, "--model", trained, "-q").exit_code == EXIT_OK
@@ -213,3 +225,141 @@ def test_item7_recalibrate_on_defect_images_refused_unless_force(trained, synthe
     assert "most of the new good images score above the previous threshold" in result.output
     assert modeldir.calibration_backups(trained)[0].read_bytes() == before
     assert run("score", defects, "--model", trained, "-q").exit_code in SCORED  # the manifest followed
+
+
+# ---------------------------------------------------------------------------------------------- 8
+
+
+def _texture(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grey = cv2.GaussianBlur(rng.normal(128, 30, (height, width)).astype(np.float32), (0, 0), 2.0)
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def test_item8_aspect_warning_uses_the_training_range_and_goes_into_the_record(toy_method, tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    sizes = [(100, 70), (64, 64), (60, 90), (40, 100)]  # aspects 0.7 .. 2.5 (MTD's training images: 0.36-2.6)
+    for i, (h, w) in zip(range(24), itertools.cycle(sizes), strict=False):
+        cv2.imwrite(str(train / f"t{i:02d}.png"), _texture(h, w, i))
+    run_dir = tmp_path / "model"
+    assert run("train", "-m", "toy", train, "--out", run_dir, "-q").exit_code == EXIT_OK
+    assert _json(run_dir / "metadata.json")["training"]["image_aspect_range"] == [0.7, 2.5]
+
+    test = tmp_path / "test"
+    test.mkdir()
+    cv2.imwrite(str(test / "narrow.png"), _texture(100, 70, 100))  # 0.7 and 2.5: the old median rule (median
+    cv2.imwrite(str(test / "wide.png"), _texture(40, 100, 101))  # about 1.2, factor 1.5) warned on both
+    cv2.imwrite(str(test / "strip.png"), _texture(60, 4000, 102))  # 66.7: a line-scan strip
+    result = run("score", test, "--model", run_dir, "--output", tmp_path / "r.jsonl")
+    assert result.exit_code in SCORED, result.output
+    records = {r["path"]: r for r in _jsonl(tmp_path / "r.jsonl")}
+    assert records["narrow.png"]["warnings"] == [] and records["wide.png"]["warnings"] == []
+    assert len(records["strip.png"]["warnings"]) == 1 and "aspect 66.7" in records["strip.png"]["warnings"][0]
+    assert "outside the training images' 0.7-2.5" in records["strip.png"]["warnings"][0]
+    assert "1 image(s) have an aspect ratio" in result.output and "strip.png" in result.output
+
+    # a model of an older version knows only the median aspect: the median rule still applies
+    old = AspectCheck({"image_aspect": 1.2}, tiled=False)
+    assert old.allowed == pytest.approx((0.8, 1.8))
+    assert AspectCheck({"image_aspect": 1.2, "image_aspect_range": [0.7, 2.5]}, tiled=True).allowed is None
+
+
+# ---------------------------------------------------------------------------------------------- 9
+
+
+def test_item9_records_carry_model_id_threshold_runtime_time_and_warnings(trained, synthetic_dataset, tmp_path):
+    folder = tmp_path / "dump"
+    shutil.copytree(synthetic_dataset / "test" / "good", folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    loaded = engine.load(trained)
+    assert re.fullmatch(r"[0-9a-f]{12}", loaded.model_id)
+    started = dt.datetime.now(dt.timezone.utc)
+    assert run("score", folder, "--output", tmp_path / "r.jsonl", "-q").exit_code != EXIT_USAGE
+    assert run("score", folder, "--output", tmp_path / "r.csv", "-q").exit_code != EXIT_USAGE
+    finished = dt.datetime.now(dt.timezone.utc)
+
+    header = (tmp_path / "r.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert header == list(FIELDS) and header[: len(LEGACY_FIELDS)] == list(LEGACY_FIELDS)  # appended, not renamed
+    assert header[len(LEGACY_FIELDS) :] == ["model_id", "threshold", "runtime", "time", "warnings"]
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in [*rows, *_jsonl(tmp_path / "r.jsonl")]:  # error records too
+        assert row["model_id"] == loaded.model_id and row["runtime"] == "torch"
+        assert float(row["threshold"]) == pytest.approx(loaded.calibration.image_threshold)
+        assert row["time"].endswith("Z") and started <= dt.datetime.fromisoformat(row["time"]) <= finished
+        assert row["warnings"] in ("", [])
+
+    # watch records carry the same fields
+    camera = tmp_path / "camera"
+    shutil.copytree(synthetic_dataset / "test" / "good", camera)
+    watch = ["--model", trained, "--settle", "0.1", "--stop-after", "8"]
+    result = run("watch", camera, *watch, "-o", tmp_path / "w.jsonl")
+    assert result.exit_code in SCORED, result.output
+    watched = _jsonl(tmp_path / "w.jsonl")
+    assert len(watched) == 8 and {r["model_id"] for r in watched} == {loaded.model_id}
+    assert all(r["threshold"] and r["runtime"] == "torch" and r["time"] for r in watched)
+
+    # files of the earlier field set stay records files: replaced without --force, continued in their own columns
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(LEGACY_FIELDS) + "\n" + "x.png,good" + "," * (len(LEGACY_FIELDS) - 2) + "\n")
+    result = run("watch", camera, *watch, "-o", old)
+    assert result.exit_code in SCORED, result.output
+    with open(old, newline="", encoding="utf-8") as handle:
+        lines = list(csv.reader(handle))
+    assert len(lines) == 10 and {len(line) for line in lines} == {len(LEGACY_FIELDS)}
+    assert run("score", folder, "--output", old, "-q").exit_code != EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------- 11
+
+
+def test_item11_drift_statistic_is_exact_and_its_false_alarm_rate_computed():
+    # the exact null distribution of U equals the count over every ordering of two small samples
+    for m, n in [(2, 3), (4, 4), (3, 6)]:
+        counts = np.zeros(m * n + 1)
+        for positions in itertools.combinations(range(m + n), m):
+            u = sum(sum(1 for p in positions if p < i) for i in range(m + n) if i not in positions)
+            counts[u] += 1
+        assert np.allclose(u_distribution(m, n), counts / comb(m + n, m))
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0.0, 1.0, 30)
+    monitor = DriftMonitor(reference, threshold=10.0, window=50)
+    assert 0.0005 < monitor.false_alarm_rate <= ALPHA  # exact rate per check, shown in the summary
+    stable = rng.normal(0.0, 1.0, 50 * 400)  # a stable line: 400 windows of good scores
+    alarms = sum(bool(c and c.drifted) for c in (monitor.add("good", s, "x") for s in stable))
+    assert alarms <= 3
+    shifted = DriftMonitor(reference, threshold=10.0, window=50)
+    checks = [c for c in (shifted.add("good", s, "x") for s in rng.normal(-1.5, 1.0, 100)) if c]
+    assert all(c.drifted and c.direction == "lower" for c in checks)  # 1.5 standard deviations down: found
+    assert "DETECTED in 2 of 2" in shifted.describe() and shifted.record_warning()
+    assert not DriftMonitor([0.5], threshold=1.0).available  # one calibration score cannot reach the rate
+
+
+def test_item11_darker_lighting_is_reported_as_drift(toy_method, tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=40, n_test_good=40, n_test_defect_per_type=0, size=48, seed=3)
+    # the toy's "brightness" score follows the lighting, as real detectors' scores do
+    args = ["--set", "toy.score=brightness", "--set", "common.calibration.fraction=0.5", "--out", tmp_path / "m"]
+    assert run("train", "-m", "toy", data / "train" / "good", *args, "-q").exit_code == EXIT_OK
+    same = data / "test" / "good"
+    darker = tmp_path / "darker"
+    darker.mkdir()
+    for src in sorted(same.glob("*.png")):
+        cv2.imwrite(str(darker / src.name), np.clip(cv2.imread(str(src)).astype(int) - 16, 0, 255).astype(np.uint8))
+    window = ["--model", tmp_path / "m", "--drift-window", "15"]
+
+    result = run("score", same, *window)
+    assert result.exit_code == EXIT_OK and "drift: none in 2 check(s)" in result.output, result.output
+    result = run("score", darker, *window, "--output", tmp_path / "r.jsonl")
+    assert result.exit_code == EXIT_OK, result.output  # every image still "good": only drift tells
+    assert "drift: DETECTED in 2 of 2 check(s)" in result.output and "lower than at calibration" in result.output
+    records = _jsonl(tmp_path / "r.jsonl")
+    assert all(r["verdict"] == "good" for r in records)
+    marked = [any(w.startswith("drift:") for w in r["warnings"]) for r in records]
+    assert marked == [False] * 14 + [True] * 26  # from the window that raised it on
+    assert run("score", darker, *window, "--fail-on-drift", "-q").exit_code == EXIT_DRIFT
+    result = run("watch", darker, *window, "-o", tmp_path / "w.jsonl", "--settle", "0.1", "--stop-after", "40",
+                 "--fail-on-drift")  # fmt: skip
+    assert result.exit_code == EXIT_DRIFT, result.output
+    assert sum(any(w.startswith("drift:") for w in r["warnings"]) for r in _jsonl(tmp_path / "w.jsonl")) == 26

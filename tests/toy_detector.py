@@ -27,6 +27,9 @@ class ToyConfig(MethodConfig):
     fail_at_step: int = -1  # raise KeyboardInterrupt at this global step (simulates a kill)
     step_delay_s: float = 0.0  # slow training down so a test can kill it mid-run
     predict_delay_s: float = 0.0  # slow scoring down so a test can kill it mid-run
+    # "brightness": score = mean pixel value, a stand-in for a detector whose scores follow the lighting
+    # (drift tests); "zmax": the maximum of the z-score map
+    score: str = "zmax"
 
 
 class ToyDetector(Detector):
@@ -80,6 +83,8 @@ class ToyDetector(Detector):
         z = ((self._pooled(images) - self.mean) / self.std).abs().mean(1, keepdim=True)
         z = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
         maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if self.config.score == "brightness":
+            return Prediction(scores=images.float().mean(dim=(1, 2, 3)), maps=images.float().mean(1))
         return Prediction(scores=maps.flatten(1).max(1).values.float(), maps=maps.float())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
