@@ -504,12 +504,14 @@ def _summary_table(summary: Any, title: str) -> Table:
 
 
 def _worst_table(summary: Any) -> Table:
+    from surfaceinspect.records import format_score  # the one score format (summary, watch, gallery)
+
     table = Table(title="highest scores", show_header=True)
     table.add_column("score", justify="right")
     table.add_column("verdict")
     table.add_column("image")
     for score, path, verdict in summary.worst:
-        table.add_row(f"{score:.5g}", verdict, Text(path))  # file names are shown as they are
+        table.add_row(format_score(score), verdict, Text(path))  # file names are shown as they are
     return table
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from surfaceinspect.errors import (
 )
 from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
 from surfaceinspect.outputs import prepare_output_dir
-from surfaceinspect.records import ScoreRecord, utc_now
+from surfaceinspect.records import ScoreRecord, format_score, utc_now
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
@@ -1196,18 +1197,43 @@ def _output_stem(record_path: str, used: set[str]) -> str:
 
 def _gallery_context(model: LoadedModel, images_dir: Path) -> dict[str, str]:
     """What the operator needs to read index.html: which model, which thresholds, which images."""
-    import datetime as _dt
-
     cal = model.calibration
     return {
         "model": str(model.run_dir.resolve()),
+        "model id": model.model_id,
         "method": model.detector.name,
+        "runtime": model.runtime,
         "trained": str(model.metadata.get("created", "unknown")),
         "calibrated": f"{cal.created or 'unknown'} ({cal.mode}, {cal.n_good} good images)",
-        "image threshold": f"{cal.image_threshold:.5g} (normalised score 0.5)",
-        "pixel threshold": f"{cal.pixel_threshold:.5g} (outlined regions)",
+        "image threshold": f"{cal.image_threshold:.5g} (defect if score >= threshold; score = raw anomaly score)",
+        "pixel threshold": f"{cal.pixel_threshold:.5g} (the outlined regions of a defect)",
         "source folder": str(images_dir.resolve()),
-        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "written": utc_now(),
+    }
+
+
+def _link(target: Path, base: Path) -> str:
+    """A link from a page in ``base`` to ``target``: relative (the two folders may move together), else a file URI."""
+    try:
+        return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return target.resolve().as_uri()
+
+
+def _gallery_entry(result: ImageResult, stem: str, out_dir: Path) -> dict[str, Any]:
+    """The index.html card of one scored image (the same numbers as its record)."""
+    record = result.record
+    return {
+        "image": f"{stem}.png",
+        "source": record.path,
+        "original": _link(result.item.path, out_dir),
+        "score": record.score,
+        "threshold": record.threshold,
+        "verdict": record.verdict,
+        "n_regions": record.n_regions or 0,
+        "warnings": list(record.warnings),
+        "width": record.width,
+        "height": record.height,
     }
 
 
@@ -1247,30 +1273,31 @@ def heatmap_folder(
         if on_result is not None:
             on_result(result)
         if record.verdict == "error" or result.anomaly_map is None or result.item.original is None:
-            entries.append({"source": record.path, "verdict": "error", "error": record.error or "unreadable"})
+            entries.append(
+                {
+                    "source": record.path,
+                    "original": _link(result.item.path, out_dir),
+                    "verdict": "error",
+                    "error": record.error or "unreadable",
+                }
+            )
             return
         stem = _output_stem(record.path, used)
+        # Outlined: exactly the regions the record counts (those of a defect, at the pixel threshold).
+        regions = result.anomaly_map >= calibration.pixel_threshold
         overlay = render_overlay(
             result.item.original,
             calibration.normalize_map(result.anomaly_map),
-            label=f"score {record.score_normalized:.2f}  (raw {record.score:.4g})",
+            label=f"score {format_score(record.score)}  threshold {format_score(record.threshold)}",
             verdict=record.verdict,
             alpha=DEFAULT_OPACITY if opacity is None else opacity,
+            outline=regions if record.verdict == "defect" else np.zeros_like(regions),
         )
         save_png(out_dir / f"{stem}.png", overlay)
         if save_maps:
             with atomic_open(out_dir / f"{stem}.npy", "wb") as handle:
                 np.save(handle, result.anomaly_map.astype(np.float32, copy=False))
-        entries.append(
-            {
-                "image": f"{stem}.png",
-                "source": record.path,
-                "score": record.score,
-                "score_normalized": record.score_normalized,
-                "verdict": record.verdict,
-                "n_regions": record.n_regions or 0,
-            }
-        )
+        entries.append(_gallery_entry(result, stem, out_dir))
 
     context = _gallery_context(model, images_dir)
     if shard is not None:

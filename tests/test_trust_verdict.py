@@ -28,7 +28,7 @@ from surfaceinspect.cli import app
 from surfaceinspect.drift import ALPHA, DriftMonitor, u_distribution
 from surfaceinspect.engine import AspectCheck
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_DRIFT, EXIT_OK, EXIT_USAGE, ModelDirError
-from surfaceinspect.records import FIELDS, LEGACY_FIELDS
+from surfaceinspect.records import FIELDS, LEGACY_FIELDS, format_score
 from surfaceinspect.synthetic import make_dataset
 
 SCORED = (EXIT_OK, EXIT_DEFECT)
@@ -309,6 +309,55 @@ def test_item9_records_carry_model_id_threshold_runtime_time_and_warnings(traine
         lines = list(csv.reader(handle))
     assert len(lines) == 10 and {len(line) for line in lines} == {len(LEGACY_FIELDS)}
     assert run("score", folder, "--output", old, "-q").exit_code != EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------- 10
+
+
+def test_item10_gallery_agrees_with_records_and_keeps_aspect(trained, synthetic_dataset, tmp_path, monkeypatch):
+    from surfaceinspect import rendering
+
+    folder = tmp_path / "dump"
+    shutil.copytree(synthetic_dataset / "test" / "good", folder)
+    shutil.copy(synthetic_dataset / "test" / "dent" / "002.png", folder / "dent.png")
+    cv2.imwrite(str(folder / "strip.png"), cv2.resize(cv2.imread(str(folder / "000.png")), (400, 60)))
+    # a pixel threshold below some good images' maxima (as DRAEM's smoothing gives): hot spots on good images
+    calibration = _json(trained / "calibration.json")
+    calibration["pixel_threshold"] = calibration["good_map_max_stats"]["min"]
+    _write_json(trained / "calibration.json", calibration)
+    modeldir.write_sums(trained, changed=["calibration.json"])
+    labels: list[str] = []
+    render = rendering.render_overlay
+
+    def spy(image, norm_map, label, verdict, **kwargs):
+        labels.append(label)
+        return render(image, norm_map, label, verdict, **kwargs)
+
+    monkeypatch.setattr(rendering, "render_overlay", spy)
+    out = tmp_path / "hm"
+    result = run("heatmap", folder, "--out", out, "--output", tmp_path / "r.jsonl", "--save-maps")
+    assert result.exit_code in SCORED, result.output
+    records = {r["path"]: r for r in _jsonl(tmp_path / "r.jsonl")}
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "normalised" not in page and "(raw" not in page  # one score: the raw score, named "score"
+
+    hot_good = 0
+    for path, record in records.items():
+        shown = f"score {format_score(record['score'])}"
+        assert shown in page and f"{shown}  threshold {format_score(record['threshold'])}" in labels
+        overlay = cv2.imread(str(out / Path(path).with_suffix(".png")))
+        outlined = bool(np.all(overlay == 255, axis=2).any())  # the outline's inner ring is pure white
+        assert outlined == (record["n_regions"] > 0), path  # outlines and regions agree
+        if record["verdict"] == "good":
+            hot_good += int(np.load(out / Path(path).with_suffix(".npy")).max() >= calibration["pixel_threshold"])
+        original_link = re.search(rf'href="([^"]*)"[^>]*title="the original image">{re.escape(path)}<', page)
+        assert original_link and (out / original_link.group(1)).resolve() == (folder / path).resolve()
+    assert hot_good > 0, "the scenario needs a good image with pixels above the pixel threshold"
+    assert records["dent.png"]["verdict"] == "defect" and records["dent.png"]["n_regions"] > 0
+    # thumbnails keep the image's aspect, and a strip spans the whole row instead of being a sliver
+    strip_card = r'class="card (good|defect) wide"[^>]*>\s*<a class="thumb"[^>]*style="aspect-ratio:400 / 60"'
+    assert re.search(strip_card, page)
+    assert 'style="aspect-ratio:96 / 96"' in page and "model id" in page and engine.load(trained).model_id in page
 
 
 # ---------------------------------------------------------------------------------------------- 11
