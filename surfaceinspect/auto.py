@@ -312,8 +312,6 @@ def _run(
         _save_state(run_dir, state)
     reporter.info("chosen: ", (state["winner"], "bold"), f" ({state['reason']})")
     result = _finish_winner(run_dir, state, evidence, reporter, mark_latest)
-    # The evidence behind the choice (every candidate's raw scores) stays with the model for audits.
-    write_json_atomic(run_dir / SELECTION_SCORES_FILE, {k: state[k] for k in ("candidates", "results", "winner")})
     shutil.rmtree(run_dir / CANDIDATES_DIR, ignore_errors=True)
     (run_dir / AUTO_STATE_FILE).unlink(missing_ok=True)
     return result
@@ -486,6 +484,9 @@ def _finish_winner(
         selection = selection_table(state)
         selection["operating_points"] = operating_points(detector, calibration, evidence, reporter)
         state["selection"] = selection
+        # The evidence behind the choice (every candidate's raw scores) stays with the model, in its manifest.
+        raw = {k: state[k] for k in ("candidates", "results", "winner")}
+        write_json_atomic(run_dir / SELECTION_SCORES_FILE, raw)
         return {"selection": selection}
 
     trained = engine.execute_training(plan, reporter=reporter, mark_latest=mark_latest, metadata_fn=selection_metadata)

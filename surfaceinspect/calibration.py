@@ -16,6 +16,13 @@ least ``target_recall``.
 Pixel threshold: the same conformal quantile of the per-image *maximum* of the good images'
 anomaly maps, so that a good image shows no defect region at the target rate.
 
+Binding: a calibration names the model it was made for (``method`` and the SHA-256 of its weights,
+``weights_sha256``); a model refuses a calibration of another one, whose thresholds are in another
+model's units. Its thresholds must be finite and within the range of the calibration scores they
+were chosen from (widened by that range on each side): a hand-edited ``image_threshold: 1e9`` is
+refused, not obeyed. The good calibration scores themselves are kept (``good_scores``): they are
+the reference of drift monitoring (:mod:`surfaceinspect.drift`).
+
 Normalised score: ``1 / (1 + exp(-(s - t) / w))`` with ``t`` the threshold and ``w`` chosen so
 the median good score maps to 0.1. The threshold always sits at 0.5; maps are normalised the same
 way with the pixel threshold and the median good pixel value, so colours mean the same on every
@@ -37,7 +44,7 @@ import numpy as np
 from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.errors import ConfigError, ModelDirError
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3  # 3: weights_sha256, good_scores and the score ranges (v1 and v2 files still load)
 # Fields renamed since version 1 (v1 files still load).
 _V1_RENAMED = {"pixel_center": "pixel_median_good", "achievable_false_reject_rate": "guaranteed_false_reject_rate"}
 _MEDIAN_GOOD_NORMALIZED = 0.1  # where the median good image lands on the normalised scale
@@ -132,6 +139,10 @@ class Calibration:
     created: str = ""
     source: str = ""
     version: int = CALIBRATION_VERSION
+    weights_sha256: str | None = None  # the weights this calibration was made for (None: an older file)
+    good_scores: list[float] = field(default_factory=list)  # the good calibration scores, ascending
+    defect_score_stats: dict[str, float] | None = None  # labelled modes: min, median, max of the defect scores
+    good_map_max_stats: dict[str, float] | None = None  # min, median, max of the good images' map maxima
 
     def normalize(self, scores: np.ndarray | float) -> np.ndarray | float:
         """Map raw image scores to [0, 1] with the threshold at exactly 0.5."""
@@ -169,6 +180,8 @@ class Calibration:
             data.pop("normalization", None)
             if data.get("version") == 1:
                 data = _upgrade_v1(data)
+            if data.get("version") == 2:  # version 3 only added fields
+                data["version"] = CALIBRATION_VERSION
             calibration = cls(**data)
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
             raise ModelDirError(
@@ -178,15 +191,86 @@ class Calibration:
             raise ModelDirError(
                 f"{path} has calibration version {calibration.version}; run `surfaceinspect recalibrate`"
             )
-        values = (
-            calibration.image_threshold,
-            calibration.image_scale,
-            calibration.pixel_threshold,
-            calibration.pixel_scale,
-        )
-        if not all(math.isfinite(v) for v in values) or calibration.image_scale <= 0 or calibration.pixel_scale <= 0:
-            raise ModelDirError(f"{path} holds non-finite or invalid thresholds; run `surfaceinspect recalibrate`")
+        _check_thresholds(path, calibration)
         return calibration
+
+    def check_model(self, path: Path, method: str, weights_sha256: str | None) -> list[str]:
+        """Refuse a calibration made for another model; returns notes (an older file names no weights).
+
+        ``path`` is the calibration file, ``method`` and ``weights_sha256`` those of the model
+        loading it. A calibration of another model would judge every image with thresholds in
+        that model's units (a DRAEM calibration turned every CS-Flow score into a defect).
+        """
+        fix = (
+            f"restore the model's own {path.name}, or recalibrate: "
+            f"surfaceinspect recalibrate --model {path.parent} GOOD_DIR"
+        )
+        if self.method != method:
+            raise ModelDirError(
+                f"{path} was made for a {self.method} model, but {path.parent} holds a {method} model; {fix}"
+            )
+        if self.weights_sha256 is None:
+            return [
+                f"{path} does not name the weights it was made for (written by an older surfaceinspect); "
+                f"`surfaceinspect recalibrate --model {path.parent} GOOD_DIR` binds it"
+            ]
+        if weights_sha256 is not None and self.weights_sha256 != weights_sha256:
+            raise ModelDirError(
+                f"{path} was made for another {method} model (weights {self.weights_sha256[:12]}, this model's are "
+                f"{weights_sha256[:12]}): its thresholds do not fit this model's scores; {fix}"
+            )
+        return []
+
+
+def _number(path: Path, name: str, value: Any) -> float:
+    """A finite JSON number (not text, not a boolean), or a ModelDirError naming the field."""
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(number):
+        raise ModelDirError(f"{path}: {name} is {value!r}, not a finite number; run `surfaceinspect recalibrate`")
+    return number
+
+
+def _check_range(path: Path, name: str, value: float, low: Any, high: Any | None) -> None:
+    """``value`` within the scores it was chosen from (``low`` .. ``high``), widened by their range on each side.
+
+    ``high`` None: only the lower end is known (the upper one is not checked).
+    """
+    low = _number(path, f"the lowest calibration score for {name}", low)
+    top = low if high is None else _number(path, f"the highest calibration score for {name}", high)
+    margin = max(top - low, 1e-6 * max(1.0, abs(top)))
+    if value < low - margin or (high is not None and value > top + margin):
+        upper = f"{top + margin:.6g}" if high is not None else "..."
+        raise ModelDirError(
+            f"{path}: {name} {value:.6g} is outside the plausible range {low - margin:.6g} .. {upper} of its "
+            "calibration scores (was the file edited?); run `surfaceinspect recalibrate`"
+        )
+
+
+def _check_thresholds(path: Path, calibration: Calibration) -> None:
+    """Finite thresholds and scales, within the plausible range of the scores they were chosen from.
+
+    Every mode picks its image threshold among the calibration scores (good ones in quantile mode,
+    good or defective ones in f1/recall mode) and the pixel threshold among the good map maxima, so
+    a threshold far outside them was not made by calibration (``image_threshold: 1e9`` would pass
+    every defect). Files of older versions, which lack some ranges, are checked as far as they allow.
+    """
+    image_t = _number(path, "image_threshold", calibration.image_threshold)
+    pixel_t = _number(path, "pixel_threshold", calibration.pixel_threshold)
+    for name in ("image_scale", "pixel_scale"):
+        if _number(path, name, getattr(calibration, name)) <= 0:
+            raise ModelDirError(f"{path}: {name} must be positive (invalid thresholds); run surfaceinspect recalibrate")
+    good = calibration.good_score_stats or {}
+    defect = calibration.defect_score_stats or {}
+    if "min" in good:
+        low = min(good["min"], defect.get("min", good["min"]))
+        if defect:
+            high = max(good.get("max", defect["max"]), defect["max"])
+        else:  # an older labelled calibration: its defect scores (above the good ones) are unknown
+            high = None if calibration.n_defective else good.get("max")
+        _check_range(path, "image_threshold", image_t, low, high)
+    maxima = calibration.good_map_max_stats or {}
+    if "min" in maxima:
+        _check_range(path, "pixel_threshold", pixel_t, maxima["min"], maxima.get("max"))
 
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +279,10 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
         out["guaranteed_false_reject_rate"] = None
     out["version"] = CALIBRATION_VERSION
     return out
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"min": float(values.min()), "median": float(np.median(values)), "max": float(values.max())}
 
 
 def _logistic(z: np.ndarray) -> np.ndarray | float:
@@ -213,8 +301,12 @@ def calibrate(
     target_recall: float = 0.95,
     defect_scores: np.ndarray | None = None,
     source: str = "",
+    weights_sha256: str | None = None,
 ) -> Calibration:
-    """Build a Calibration from scores of good (and, for f1/recall, defective) images."""
+    """Build a Calibration from scores of good (and, for f1/recall, defective) images.
+
+    ``weights_sha256`` binds it to the model whose scores these are (see :meth:`Calibration.check_model`).
+    """
     good_scores = np.asarray(good_scores, dtype=np.float64)
     if good_scores.size == 0:
         raise ConfigError("calibration needs at least one readable good image")
@@ -273,4 +365,8 @@ def calibrate(
         notes=notes,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=source,
+        weights_sha256=weights_sha256,
+        good_scores=np.sort(good_scores).tolist(),
+        defect_score_stats=_stats(defect_scores) if defect_scores.size else None,
+        good_map_max_stats=_stats(np.asarray(good_map_maxima, dtype=np.float64)),
     )

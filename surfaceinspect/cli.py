@@ -23,6 +23,7 @@ from typer.core import TyperCommand
 import surfaceinspect
 from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import (
+    EXIT_DRIFT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -34,7 +35,8 @@ from surfaceinspect.ui import Part, styled
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect · 3 some images unreadable (no defect) · "
-    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · 130 interrupted."
+    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
+    "5 drift detected (only with --fail-on-drift) · 130 interrupted."
 )
 
 app = typer.Typer(
@@ -223,6 +225,30 @@ ShardOpt = Annotated[
         "and their records concatenate into those of one unsharded run. The exit code covers this shard only.",
     ),
 ]
+
+
+DriftWindowOpt = Annotated[
+    int,
+    typer.Option(
+        "--drift-window",
+        min=5,
+        metavar="N",
+        help="Check for drift every N good verdicts: are their scores still like the calibration's good scores "
+        "(two-sided Mann-Whitney test, false alarm rate at most 0.001 per check)? A drift is a warning, in the "
+        "summary and in the records' warnings.",
+    ),
+]
+FailOnDriftOpt = Annotated[
+    bool,
+    typer.Option("--fail-on-drift", help="Exit 5 when drift was detected (the verdicts themselves are in doubt)."),
+]
+
+
+def _exit_code(summary: Any, fail_on_drift: bool) -> int:
+    """The verdict's exit code, or 5 with --fail-on-drift when drift was detected (it overrides 0, 1 and 3)."""
+    if fail_on_drift and summary.drift is not None and summary.drift.detected:
+        return EXIT_DRIFT
+    return int(summary.exit_code())
 
 
 def _parse_shard(text: str | None) -> Any:
@@ -500,6 +526,7 @@ def _print_trained(result: Any, reporter: Any) -> None:
         ("done", "green"),
         f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
         (str(result.run_dir), "bold"),
+        f" (model id {result.model_id})",
         f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
     )
 
@@ -570,12 +597,14 @@ def _summary_table(summary: Any, title: str) -> Table:
 
 
 def _worst_table(summary: Any) -> Table:
+    from surfaceinspect.records import format_score  # the one score format (summary, watch, gallery)
+
     table = Table(title="highest scores", show_header=True)
     table.add_column("score", justify="right")
     table.add_column("verdict")
     table.add_column("image")
     for score, path, verdict in summary.worst:
-        table.add_row(f"{score:.5g}", verdict, Text(path))  # file names are shown as they are
+        table.add_row(format_score(score), verdict, Text(path))  # file names are shown as they are
     return table
 
 
@@ -593,6 +622,8 @@ def _print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part
         console.print(styled((head, "yellow")), highlight=False)
         for path, reason in summary.unreadable:
             console.print(styled(f"  {path}: {reason}"), highlight=False)
+    if summary.drift is not None:
+        console.print(styled((summary.drift.describe(), "yellow" if summary.drift.detected else "")), highlight=False)
     for part in outputs:
         console.print(styled(part), highlight=False)
 
@@ -632,6 +663,8 @@ def score(
     force: ForceOpt = False,
     shard: ShardOpt = None,
     runtime: RuntimeOpt = None,
+    drift_window: DriftWindowOpt = 50,
+    fail_on_drift: FailOnDriftOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -640,11 +673,11 @@ def score(
 ) -> None:
     """Score images with a trained model: a verdict per image, defect regions, a summary.
 
-    Records carry path (relative to IMAGES_DIR), verdict (good/defect/error), score (raw),
-    score_normalized (0..1, the threshold at 0.5), n_regions, largest_region_area and the
-    largest region's bbox_x/bbox_y/bbox_width/bbox_height, width, height, error. In CSV, text
-    starting with = + - @ gets a leading ' (spreadsheets would run it as a formula).
-    Unreadable images are reported and skipped; they never stop the run.
+    One record per image: path (relative to IMAGES_DIR), verdict (good/defect/error), score (the
+    raw anomaly score: defect if score >= threshold), regions and their bounding box, image size,
+    error, and for traceability model_id, threshold, runtime, time and warnings (what each field
+    means: README, section "Records"). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
+    would run it as a formula). Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine
     from surfaceinspect.records import RecordWriter
@@ -660,10 +693,7 @@ def score(
     active = [w for w in writers if w is not None]
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        reporter.info(
-            f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
-            + _runtime_note(loaded)
-        )
+        _report_model(reporter, loaded)
         summary = engine.score_folder(
             loaded,
             images_dir,
@@ -672,18 +702,31 @@ def score(
             workers=workers,
             reporter=reporter,
             shard=selected,
+            drift_window=drift_window,
         )
     finally:
         for writer in active:
             writer.close()
     _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
-    raise typer.Exit(summary.exit_code())
+    raise typer.Exit(_exit_code(summary, fail_on_drift))
 
 
 def _runtime_note(loaded: Any) -> str:
     """' [onnx: FOLDER]' when an exported model scores, so the operator sees which runtime ran."""
     export_dir = getattr(loaded.detector, "export_dir", None)
     return f" [{loaded.detector.runtime}: {export_dir}]" if export_dir is not None else ""
+
+
+def _report_model(reporter: Any, loaded: Any, extra: str = "") -> None:
+    """The model line (folder, method, model id, threshold, runtime), then its notes as warnings."""
+    threshold = f", threshold {loaded.calibration.image_threshold:.5g}" if loaded.calibration is not None else ""
+    reporter.info(
+        f"model: {loaded.run_dir} ({loaded.detector.name}, model id {loaded.model_id}{threshold})"
+        + _runtime_note(loaded)
+        + extra
+    )
+    for note in loaded.notes:
+        reporter.warn(note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +799,7 @@ def heatmap(
     writer = _open_records(output, None, [images_dir], force, reporter)
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})" + _runtime_note(loaded))
+        _report_model(reporter, loaded)
         summary, index = engine.heatmap_folder(
             loaded,
             images_dir,
@@ -835,7 +878,7 @@ def export(
 
     reporter = _reporter(quiet)
     loaded = engine.load(model, device="cpu", threads=threads or 0, runtime="torch")
-    reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name}); exporting, then checking parity...")
+    _report_model(reporter, loaded, "; exporting, then checking parity...")
     result = export_run(
         loaded.run_dir,
         loaded.detector,
@@ -864,8 +907,9 @@ def export(
         "  surfaceinspect recalibrate ./good_after_relamp             (good images only)\n\n"
         "  surfaceinspect recalibrate ./labelled --labelled --mode f1   (good/ + defect subfolders)\n\n"
         "  surfaceinspect recalibrate --undo                          (restore the previous calibration)\n\n"
-        "Refused (exit 2): fewer good images than training uses for calibration "
-        "(common.calibration.min_images), and a labelled folder without --labelled. The replaced calibration "
+        "Refused (exit 2, nothing changed): fewer good images than training uses for calibration "
+        "(common.calibration.min_images), a labelled folder without --labelled, and good images whose median "
+        "scores at or above the current threshold (unless --force). The replaced calibration "
         "is kept as calibration.<time>.json in the run directory."
     )
 )
@@ -884,6 +928,14 @@ def recalibrate(
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Recall mode target.")] = None,
     undo: Annotated[
         bool, typer.Option("--undo", help="Restore the calibration that the last recalibrate replaced.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace the thresholds even when most new good images score at or above the current threshold "
+            "(refused without it: such images look like defects; with it, only a warning).",
+        ),
     ] = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -905,7 +957,9 @@ def recalibrate(
     if folder is None:
         raise ConfigError("give a folder of good images: surfaceinspect recalibrate ./good_images")
     engine.require_input(folder)
-    loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+    # need_calibration=False: a missing, damaged or foreign calibration is what recalibrate replaces
+    loaded = engine.load(model, device=device or "auto", threads=threads or 0, need_calibration=False)
+    _report_model(reporter, loaded)
     change = engine.recalibrate(
         loaded,
         folder,
@@ -916,11 +970,13 @@ def recalibrate(
         batch_size=batch_size,
         workers=workers,
         reporter=reporter,
+        force=force,
     )
     cal = change.calibration
     reporter.info(
         ("recalibrated", "green"),
-        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images):",
+        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images; "
+        f"model id now {change.model_id}):",
     )
     _print_thresholds(reporter, change)
     if change.backup is not None:
@@ -1108,7 +1164,8 @@ def profiles() -> None:
         "Restarting with the same --output continues it: images already recorded there are not scored again.\n\n"
         "Exit codes: 130 stopped by Ctrl-C or SIGTERM (records written so far are complete) · "
         "after --stop-after/--idle-timeout, as score for the images of this session: 0 all good · 1 a defect · "
-        "3 some unreadable · 2 usage, input, output or model error · 4 internal error."
+        "3 some unreadable · 2 usage, input, output or model error · 4 internal error · 5 drift detected (only "
+        "with --fail-on-drift)."
     )
 )
 @handle_errors
@@ -1179,6 +1236,8 @@ def watch(
         ),
     ] = False,
     force: ForceOpt = False,
+    drift_window: DriftWindowOpt = 50,
+    fail_on_drift: FailOnDriftOpt = False,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -1205,13 +1264,12 @@ def watch(
         poll=poll,
         on_defect=on_defect,
         defects_dir=defects_dir,
+        drift_window=drift_window,
     )
     check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
     loaded = engine.load(model, device=device or "auto", threads=threads or 0)
     options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
-    reporter.info(
-        f"model: {loaded.run_dir} ({loaded.detector.name}, threshold {loaded.calibration.image_threshold:.5g})"
-    )
+    _report_model(reporter, loaded)
     stop = threading.Event()
     with _signals_set(stop):
         result = watch_folder(
@@ -1228,7 +1286,7 @@ def watch(
     _print_summary(summary, quiet, False, extra)
     if result.stopped_by == "interrupted":
         raise _fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
-    raise typer.Exit(summary.exit_code())
+    raise typer.Exit(_exit_code(summary, fail_on_drift))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ import numpy as np
 import torch
 
 from surfaceinspect import modeldir, runtimes
+from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.calibration import Calibration, calibrate
 from surfaceinspect.config import CommonConfig, RunConfig, list_profiles, resolve_keep_aspect, run_config_from_dict
 from surfaceinspect.data import LoadedImage, iterate_images, load_training_images, stack_images
 from surfaceinspect.datasets import find_labelled_layout, labelled_folder
 from surfaceinspect.detectors import Detector, TrainContext, TrainingPaused, get_detector_class
 from surfaceinspect.device import configure_threads, resolve_device
+from surfaceinspect.drift import DEFAULT_WINDOW, DriftMonitor
 from surfaceinspect.errors import (
     EXIT_DEFECT,
     EXIT_OK,
@@ -34,7 +37,7 @@ from surfaceinspect.errors import (
 )
 from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
 from surfaceinspect.outputs import prepare_output_dir
-from surfaceinspect.records import ScoreRecord
+from surfaceinspect.records import ScoreRecord, format_score, utc_now
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
@@ -125,7 +128,7 @@ def colour_mode(grey_flags: Sequence[bool]) -> str:
 
 
 class ImageCheck:
-    """Collects the images unlike the training images in one respect; one warning names them."""
+    """Finds the images unlike the training images in one respect: a note in each one's record, one warning for all."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -134,15 +137,21 @@ class ImageCheck:
     def differs(self, item: LoadedImage) -> bool:
         raise NotImplementedError
 
+    def note(self, item: LoadedImage) -> str:
+        """The record's warning for one such image (short: it is repeated in every record)."""
+        raise NotImplementedError
+
     def message(self, names: str) -> str:
         raise NotImplementedError
 
-    def see(self, item: LoadedImage, name: str) -> None:
+    def see(self, item: LoadedImage, name: str) -> str | None:
+        """Count the image if it differs; returns its record's warning (None if it does not)."""
         if item.image is None or not self.differs(item):
-            return
+            return None
         self.count += 1
         if len(self.names) < MAX_LISTED_FAILURES:
             self.names.append(name)
+        return self.note(item)
 
     def report(self, reporter: Reporter) -> None:
         if self.count:
@@ -164,6 +173,10 @@ class ColourCheck(ImageCheck):
     def differs(self, item: LoadedImage) -> bool:
         return self.trained_on is not None and item.grey != (self.trained_on == "grey")
 
+    def note(self, item: LoadedImage) -> str:
+        other = "colour" if self.trained_on == "grey" else "greyscale"
+        return f"{other} image, model trained on {self.trained_on} images: score not reliable"
+
     def message(self, names: str) -> str:
         other = "colour" if self.trained_on == "grey" else "greyscale"
         return (
@@ -174,29 +187,58 @@ class ColourCheck(ImageCheck):
 
 
 class AspectCheck(ImageCheck):
-    """Images whose aspect ratio is far from the training images' (squashed differently, so scored unreliably).
+    """Images whose aspect ratio lies outside the training images' (squashed differently, so scored unreliably).
 
+    Training images vary (MTD's span 0.36-2.6), and the model has seen every aspect in that range,
+    so the check is against the range (stored at training), widened by :data:`ASPECT_RANGE_MARGIN`;
+    a model of an older version stored only the median, checked with :data:`ASPECT_TOLERANCE`.
     Tiled models see every image at its own scale, so the aspect does not matter to them.
     """
 
-    def __init__(self, trained_aspect: float | None, tiled: bool) -> None:
+    def __init__(self, training: dict[str, Any], tiled: bool) -> None:
         super().__init__()
-        self.trained_aspect = None if tiled or not trained_aspect else float(trained_aspect)
+        self.allowed: tuple[float, float] | None = None
+        self.trained = ""
+        span, median = training.get("image_aspect_range"), training.get("image_aspect")
+        if tiled:
+            return
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in span):
+            low, high = float(min(span)), float(max(span))
+            self.allowed = (low / ASPECT_RANGE_MARGIN, high * ASPECT_RANGE_MARGIN)
+            self.trained = f"{low:.3g}-{high:.3g}"
+        elif isinstance(median, (int, float)) and median > 0:
+            self.allowed = (median / ASPECT_TOLERANCE, median * ASPECT_TOLERANCE)
+            self.trained = f"{median:.3g}"
 
     def differs(self, item: LoadedImage) -> bool:
         height, width = item.original_size
-        if self.trained_aspect is None or not height or not width:
+        if self.allowed is None or not height or not width:
             return False
-        ratio = (width / height) / self.trained_aspect
-        return max(ratio, 1.0 / ratio) > ASPECT_TOLERANCE
+        return not self.allowed[0] <= width / height <= self.allowed[1]
+
+    def note(self, item: LoadedImage) -> str:
+        height, width = item.original_size
+        return (
+            f"aspect {width / height:.3g} (width/height) outside the training images' {self.trained}: "
+            "distorted unlike them, score not reliable"
+        )
 
     def message(self, names: str) -> str:
         return (
-            f"{self.count} image(s) have an aspect ratio (width/height) far from the training images' "
-            f"{self.trained_aspect:.3g} ({names}); resized to the model's input they are distorted unlike the "
-            "training images, so their scores are not reliable: crop them like the training images, or train "
-            "with --image-size keep:L or tiling (common.tiling.enabled)"
+            f"{self.count} image(s) have an aspect ratio (width/height) far outside the training images' "
+            f"{self.trained} ({names}); resized to the model's input they are distorted unlike the "
+            "training images, so their scores are not reliable (each record says so in its warnings): crop "
+            "them like the training images, or train with --image-size keep:L or tiling (common.tiling.enabled)"
         )
+
+
+def reliability_checks(metadata: dict[str, Any], run_config: RunConfig) -> list[ImageCheck]:
+    """The checks of scored images against the model's training images (colour mode, aspect)."""
+    training = metadata.get("training", {})
+    return [
+        ColourCheck(training.get("image_colour")),
+        AspectCheck(training, run_config.common.tiling.enabled),
+    ]
 
 
 def _prepare(run_config: RunConfig) -> torch.device:
@@ -241,11 +283,16 @@ def run_inference(
     workers: int,
     keep_original: bool = False,
     full_resolution_maps: bool = True,
+    model_id: str | None = None,
+    runtime: str | None = None,
+    checks: Sequence[ImageCheck] = (),
 ) -> Iterator[ImageResult]:
     """Score ``paths`` in batches; yield one ImageResult per file, in order, errors included.
 
-    With a calibration, records carry the verdict, normalised score and defect regions (at the
-    pixel threshold, on the map resized to the file's own resolution).
+    With a calibration, records carry the verdict, normalised score, threshold and defect regions
+    (at the pixel threshold, on the map resized to the file's own resolution). Every record carries
+    ``model_id``, ``runtime`` and the time; ``checks`` (see :func:`reliability_checks`) add their
+    notes to the ``warnings`` of the images they concern.
     """
     tiled = detector.run_config.common.tiling.enabled
     # Tiling reads each image at its own resolution, one at a time (a 16000 x 2048 strip is 400 MB
@@ -254,14 +301,19 @@ def run_inference(
         paths, detector.input_size, 1 if tiled else batch_size, workers, keep_original, resize=not tiled
     )
     tiler = TiledPredictor(detector, detector.run_config.common.tiling, batch_size) if tiled else None
+    threshold = calibration.image_threshold if calibration is not None else None
     for batch in batches:
         readable = [item for item in batch if item.image is not None]
         predictions = predict_items(detector, tiler, readable)
         position = 0
         for item in batch:
-            name = relative_name(item.path, root)
+            record = ScoreRecord(
+                path=relative_name(item.path, root), verdict="error", model_id=model_id, threshold=threshold,
+                runtime=runtime, time=utc_now(),
+            )  # fmt: skip
             if item.image is None:
-                yield ImageResult(item, ScoreRecord(path=name, verdict="error", error=item.error), None)
+                record.error = item.error
+                yield ImageResult(item, record, None)
                 continue
             score, small_map = predictions[position]
             position += 1
@@ -271,21 +323,28 @@ def run_inference(
                 if full_resolution_maps and (height, width) != small_map.shape
                 else small_map
             )
-            record = ScoreRecord(path=name, verdict="good", score=score, width=width, height=height)
+            record.verdict, record.score, record.width, record.height = "good", score, width, height
+            record.warnings = [note for check in checks if (note := check.see(item, record.path)) is not None]
             if not math.isfinite(score):
                 record.verdict = "error"
                 record.error = "the model produced a non-finite score for this image"
             elif calibration is not None:
-                record.score_normalized = float(calibration.normalize(score))
-                defect = calibration.is_defect(score)
-                record.verdict = "defect" if defect else "good"
-                regions = find_regions(full_map, calibration.pixel_threshold) if defect else []
-                record.n_regions = len(regions)
-                if regions:
-                    largest = regions[0]
-                    record.largest_region_area = int(largest.area)
-                    record.bbox_x, record.bbox_y, record.bbox_width, record.bbox_height = (int(v) for v in largest.bbox)
+                _judge(record, full_map, calibration)
             yield ImageResult(item, record, full_map)
+
+
+def _judge(record: ScoreRecord, full_map: np.ndarray, calibration: Calibration) -> None:
+    """Verdict, normalised score and (for a defect) its regions at the pixel threshold, into ``record``."""
+    score = float(record.score)  # type: ignore[arg-type]
+    record.score_normalized = float(calibration.normalize(score))
+    defect = calibration.is_defect(score)
+    record.verdict = "defect" if defect else "good"
+    regions = find_regions(full_map, calibration.pixel_threshold) if defect else []
+    record.n_regions = len(regions)
+    if regions:
+        largest = regions[0]
+        record.largest_region_area = int(largest.area)
+        record.bbox_x, record.bbox_y, record.bbox_width, record.bbox_height = (int(v) for v in largest.bbox)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +360,12 @@ def calibrate_detector(
     defect_paths: Sequence[Path] = (),
     source: str = "",
     trained_colour: str | None = None,
+    weights_sha256: str | None = None,
 ) -> Calibration:
     """Score calibration images and build the Calibration (mode and targets from the config).
 
     ``trained_colour`` (``grey``/``colour``, from the training summary) warns about good images
-    of the other colour mode.
+    of the other colour mode; ``weights_sha256`` binds the calibration to the model's weights.
     """
     common = run_config.common
     settings = common.calibration
@@ -354,6 +414,7 @@ def calibrate_detector(
         target_recall=settings.target_recall,
         defect_scores=np.array(defect_scores) if defect_scores else None,
         source=source,
+        weights_sha256=weights_sha256,
     )
     for note in calibration.notes:
         reporter.warn(note)
@@ -376,6 +437,7 @@ class TrainResult:
     run_dir: Path
     summary: dict[str, Any]
     calibration: Calibration
+    model_id: str = ""
 
 
 @dataclass
@@ -506,26 +568,31 @@ def execute_training(
     mark_latest: bool = False,
     metadata_fn: Callable[[Detector, Calibration], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Read the training images (or tiles), fit, calibrate, save the model; remove the checkpoint.
+    """Read the training images (or tiles), fit, save the model, calibrate it; remove the checkpoint.
 
     ``metadata_fn(detector, calibration)`` returns entries stored in the model's ``metadata.json``
-    beside the training summary (``--method auto`` keeps its candidate table there).
+    beside the training summary (``--method auto`` keeps its candidate table there); it runs before
+    the manifest is written, so whatever it writes into the run directory is covered by it.
     """
     started = time.monotonic()
     fitted = fit_plan(plan, reporter=reporter)
     assert fitted.summary is not None  # no pause was asked for
     run_dir, data_dir = plan.run_dir, plan.data_dir
-    calibration = _calibrate_run(plan, fitted.detector, reporter)
     fingerprint = modeldir.dataset_fingerprint(data_dir, [*plan.train_files, *plan.calibration_files])
     rel_calib = [relative_name(p, data_dir) for p in plan.calibration_files]
-    extra = {"calibration_files": rel_calib, **(metadata_fn(fitted.detector, calibration) if metadata_fn else {})}
-    modeldir.save_model(run_dir, fitted.detector, fitted.summary, fingerprint, extra=extra)
+    metadata = modeldir.save_model(
+        run_dir, fitted.detector, fitted.summary, fingerprint, extra={"calibration_files": rel_calib}
+    )
+    calibration = _calibrate_run(plan, fitted.detector, reporter, metadata["weights_sha256"])
     calibration.save(run_dir / modeldir.CALIBRATION_FILE)
+    if metadata_fn is not None:
+        write_json_atomic(run_dir / modeldir.METADATA_FILE, {**metadata, **metadata_fn(fitted.detector, calibration)})
+    identity = modeldir.write_sums(run_dir, changed=modeldir.RUN_FILES)  # last: the model is complete now
     if mark_latest:
         modeldir.mark_latest(run_dir)
     (run_dir / modeldir.CHECKPOINT_FILE).unlink(missing_ok=True)
     summary = {**fitted.summary, "total_seconds": round(time.monotonic() - started, 2)}
-    return TrainResult(run_dir, summary, calibration)
+    return TrainResult(run_dir, summary, calibration, identity.model_id)
 
 
 @dataclass
@@ -604,7 +671,7 @@ def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | Non
     summary = {
         **summary,
         "image_colour": colour_mode(greyscale(images).tolist()),
-        "image_aspect": median_aspect(plan.train_files),
+        **_aspect_summary(plan.train_files),
         "n_train_images": len(ok_paths),
         "n_train_inputs": int(images.shape[0]),  # tiles with common.tiling, else images
         "n_unreadable_train_images": len(failures),
@@ -614,12 +681,19 @@ def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | Non
     return FittedDetector(detector, summary, context.elapsed_s())
 
 
-def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -> Calibration:
+def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter, weights_sha256: str) -> Calibration:
     """Calibrate on the labelled calibration folder, or on the held-out good images."""
     if plan.calibration_dir is not None:
         good, defect = labelled_split(plan.calibration_dir)
         return calibrate_detector(
-            detector, good, plan.calibration_dir, plan.run_config, reporter, defect, str(plan.calibration_dir)
+            detector,
+            good,
+            plan.calibration_dir,
+            plan.run_config,
+            reporter,
+            defect,
+            str(plan.calibration_dir),
+            weights_sha256=weights_sha256,
         )
     return calibrate_detector(
         detector,
@@ -628,6 +702,7 @@ def _calibrate_run(plan: TrainingPlan, detector: Detector, reporter: Reporter) -
         plan.run_config,
         reporter,
         source=f"{len(plan.calibration_files)} held-out images of {plan.data_dir}",
+        weights_sha256=weights_sha256,
     )
 
 
@@ -644,7 +719,10 @@ def _read_training_images(plan: TrainingPlan) -> tuple[torch.Tensor, list[Path],
 
 # Aspect ratios (width / height) are estimated from this many images' headers, spread over the set.
 _ASPECT_SAMPLE = 200
-# Scoring an image whose aspect differs from the training images' by more than this factor warns.
+# Scoring an image whose aspect is this factor outside the training images' range warns (their range
+# comes from a sample of the headers, so its ends are widened a little).
+ASPECT_RANGE_MARGIN = 1.25
+# Models of older versions stored only the median aspect: the warning then fires beyond this factor.
 ASPECT_TOLERANCE = 1.5
 
 
@@ -670,6 +748,17 @@ def median_aspect(paths: Sequence[Path]) -> float | None:
     """Median width / height of (a sample of) ``paths`` from their headers; None if none is readable."""
     aspects = [width / height for height, width in _header_sizes(paths)]
     return round(float(np.median(aspects)), 4) if aspects else None
+
+
+def _aspect_summary(paths: Sequence[Path]) -> dict[str, Any]:
+    """The training summary's aspects (width / height, from a sample of the headers): median and [lowest, highest]."""
+    aspects = [width / height for height, width in _header_sizes(paths)]
+    if not aspects:
+        return {"image_aspect": None, "image_aspect_range": None}
+    return {
+        "image_aspect": round(float(np.median(aspects)), 4),
+        "image_aspect_range": [round(min(aspects), 4), round(max(aspects), 4)],
+    }
 
 
 # The `cpu` profiles shrink images; from this factor on, train may name the `texture` profile.
@@ -811,8 +900,11 @@ def prepare_run_dir(
 class LoadedModel:
     run_dir: Path
     detector: Detector
-    calibration: Calibration
+    calibration: Calibration  # None only from ``load(..., need_calibration=False)`` (recalibrate)
     metadata: dict[str, Any]
+    model_id: str = ""  # first 12 hex of the SHA-256 of the model's manifest (see modeldir.verify_sums)
+    runtime: str = "torch"  # what scores: torch, onnx or openvino
+    notes: list[str] = field(default_factory=list)  # what the operator should know (an older model folder)
 
 
 def load(
@@ -821,14 +913,21 @@ def load(
     threads: int = 0,
     inference_sets: Sequence[str] = (),
     runtime: str | None = None,
+    *,
+    need_calibration: bool = True,
 ) -> LoadedModel:
-    """Load a finished run (``None`` = the latest) with its calibration.
+    """Load a finished run (``None`` = the latest) with its calibration, checked as a whole.
 
     ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
     stored calibration then no longer matches the scores, so callers recalibrate. ``runtime``
     ``onnx`` (or ``model_dir`` being an export folder) scores with the run's exported graph
     instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same. ``None``
     or ``auto``: see :func:`surfaceinspect.runtimes.auto_runtime`.
+
+    The calibration must be the model's own (:meth:`Calibration.check_model`), and every file that
+    affects a verdict must match the folder's manifest (:func:`modeldir.verify_sums`); both are read
+    once here, never per image. ``need_calibration=False`` (recalibrate, which replaces it) loads
+    a model whose calibration is missing, damaged or another model's, with ``calibration`` None.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     configure_threads(threads)
@@ -837,11 +936,32 @@ def load(
         torch_device = resolve_device(device)
         runtime = runtimes.auto_runtime(run_dir, torch_device.type == "cpu", inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
-        detector, calibration, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
-        return LoadedModel(run_dir, detector, calibration, metadata)
-    detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
-    calibration = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
-    return LoadedModel(run_dir, detector, calibration, metadata)
+        detector, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
+        runtime = detector.runtime
+    else:
+        detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
+    notes: list[str] = []
+    calibration = _load_calibration(run_dir, metadata, notes, required=need_calibration)
+    identity = modeldir.verify_sums(
+        run_dir,
+        expected=metadata.get("manifest") == modeldir.SUMS_FILE,
+        skip=() if need_calibration else (modeldir.CALIBRATION_FILE,),
+    )
+    notes = identity.notes + notes
+    return LoadedModel(run_dir, detector, calibration, metadata, identity.model_id, str(runtime), notes)
+
+
+def _load_calibration(run_dir: Path, metadata: dict[str, Any], notes: list[str], required: bool) -> Calibration | None:
+    """The calibration of ``run_dir``, refused if it belongs to another model (None if not ``required``)."""
+    path = run_dir / modeldir.CALIBRATION_FILE
+    try:
+        calibration = Calibration.load(path)
+        notes += calibration.check_model(path, str(metadata.get("method")), metadata.get("weights_sha256"))
+    except ModelDirError:
+        if required:
+            raise
+        return None
+    return calibration
 
 
 @dataclass
@@ -851,6 +971,7 @@ class Recalibration:
     previous: Calibration | None  # None: the replaced file could not be read (undo of a damaged file)
     calibration: Calibration
     backup: Path | None
+    model_id: str = ""  # the model id after the change (the calibration is part of it)
 
 
 def recalibrate(
@@ -864,14 +985,16 @@ def recalibrate(
     batch_size: int | None = None,
     workers: int | None = None,
     reporter: Reporter | None = None,
+    force: bool = False,
 ) -> Recalibration:
     """Recompute the calibration of a trained model from a new folder, without retraining.
 
     Refuses what would quietly make the model pass defects: fewer good images than training
-    needs for calibration (``common.calibration.min_images``), or a labelled folder taken as all
-    good. The previous ``calibration.json`` is kept as ``calibration.<UTC time>.json`` (see
-    :func:`undo_recalibration`), and a warning says when most new "good" images score above the
-    previous threshold (defective images given as good look like that).
+    needs for calibration (``common.calibration.min_images``), a labelled folder taken as all
+    good, and (unless ``force``) "good" images whose median scores at or above the current
+    threshold: defective images given as good look like that, and a script never sees a warning.
+    The previous ``calibration.json`` is kept as ``calibration.<UTC time>.json`` (see
+    :func:`undo_recalibration`); the manifest is rewritten (the model id changes with the thresholds).
     """
     reporter = reporter or Reporter(quiet=True)
     run_config = model.detector.run_config
@@ -904,14 +1027,24 @@ def recalibrate(
         defect,
         str(folder),
         trained_colour=model.metadata.get("training", {}).get("image_colour"),
+        weights_sha256=model.metadata.get("weights_sha256"),
     )
     _require_calibration_images(calibration.n_good, settings.min_images, folder, readable=True)
     previous = model.calibration
+    if previous is not None and calibration.good_score_stats["median"] >= previous.image_threshold and not force:
+        raise DatasetError(
+            f"most of the {calibration.n_good} new good images score at or above the current image threshold "
+            f"(median {calibration.good_score_stats['median']:.5g} >= {previous.image_threshold:.5g}): {folder} looks "
+            "like defective images, and thresholds made from them would pass similar defects; nothing was changed. "
+            "If the line really changed (lighting, camera), pass --force"
+        )
     backup = modeldir.backup_calibration(model.run_dir)
     calibration.save(model.run_dir / modeldir.CALIBRATION_FILE)
-    model.calibration = calibration
-    _warn_if_unlike(previous, calibration, folder, model.run_dir, reporter)
-    return Recalibration(previous, calibration, backup)
+    identity = modeldir.write_sums(model.run_dir, changed=[modeldir.CALIBRATION_FILE])
+    model.calibration, model.model_id = calibration, identity.model_id
+    if previous is not None:
+        _warn_if_unlike(previous, calibration, folder, model.run_dir, reporter)
+    return Recalibration(previous, calibration, backup, identity.model_id)
 
 
 def _require_calibration_images(n: int, minimum: int, folder: Path, readable: bool) -> None:
@@ -926,8 +1059,9 @@ def _warn_if_unlike(previous: Calibration, new: Calibration, folder: Path, run_d
     """Warn when the new good scores look unlike good images of the previous calibration.
 
     The previous threshold leaves about ``false_reject_rate`` (1 %) of good images above it; when
-    the new "good" images put their 95th percentile (or even their median) above it, the folder
-    probably holds defects (or the line really changed): similar defects would now pass.
+    the new "good" images put their 95th percentile (or even their median: only with ``--force``)
+    above it, the folder probably holds defects (or the line really changed): similar defects would
+    now pass.
     """
     stats, threshold = new.good_score_stats, previous.image_threshold
     if stats["median"] >= threshold:
@@ -942,22 +1076,40 @@ def _warn_if_unlike(previous: Calibration, new: Calibration, folder: Path, run_d
     )
 
 
+def _binding(model_dir: Path) -> dict[str, Any]:
+    """What a calibration of ``model_dir`` is checked against: method, weights, whether it has a manifest."""
+    if runtimes.is_export_dir(model_dir):
+        manifest = runtimes.read_manifest(model_dir)
+        return {
+            "method": manifest.get("method"),
+            "weights_sha256": manifest.get("source_weights_sha256"),
+            "manifest": manifest.get("manifest"),
+        }
+    return modeldir.read_metadata(model_dir)
+
+
 def undo_recalibration(model_dir: str | Path | None) -> Recalibration:
     """Restore the newest kept calibration of a run (``recalibrate --undo``).
 
-    The restored file is checked before it replaces ``calibration.json``; the calibration it
-    replaces is dropped (it came from ``recalibrate``, which can be run again), even when it is
-    damaged: undo is the way back from a bad calibration file.
+    The restored file is checked (valid, and made for this model) and the rest of the folder
+    against its manifest before it replaces ``calibration.json``; the calibration it replaces is
+    dropped (it came from ``recalibrate``, which can be run again), even when it is damaged: undo is
+    the way back from a bad calibration file.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     backup = modeldir.newest_calibration_backup(run_dir)
     restored = Calibration.load(backup)
+    binding = _binding(run_dir)
+    restored.check_model(backup, str(binding.get("method")), binding.get("weights_sha256"))
+    expected = binding.get("manifest") == modeldir.SUMS_FILE
+    modeldir.verify_sums(run_dir, expected=expected, skip=[modeldir.CALIBRATION_FILE])
     try:
         current: Calibration | None = Calibration.load(run_dir / modeldir.CALIBRATION_FILE)
     except ModelDirError:
         current = None
     modeldir.restore_calibration(run_dir, backup)
-    return Recalibration(current, restored, backup)
+    identity = modeldir.write_sums(run_dir, changed=[modeldir.CALIBRATION_FILE])
+    return Recalibration(current, restored, backup, identity.model_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,6 +1124,7 @@ class ScoreSummary:
     seconds: float = 0.0
     worst: list[tuple[float, str, str]] = field(default_factory=list)  # (score, path, verdict)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # the first (path, reason) pairs
+    drift: DriftMonitor | None = None  # the drift checks of this run (None: not monitored)
 
     @property
     def total(self) -> int:
@@ -997,6 +1150,11 @@ class ScoreSummary:
         return EXIT_OK
 
 
+def drift_monitor(model: LoadedModel, window: int = DEFAULT_WINDOW) -> DriftMonitor:
+    """The drift monitor of a loaded model: its good calibration scores are the reference."""
+    return DriftMonitor(model.calibration.good_scores, model.calibration.image_threshold, window)
+
+
 def score_folder(
     model: LoadedModel,
     images_dir: Path,
@@ -1009,13 +1167,16 @@ def score_folder(
     n_worst: int = 10,
     label: str = "score",
     shard: Shard | None = None,
+    drift_window: int = DEFAULT_WINDOW,
 ) -> ScoreSummary:
     """Score every image under ``images_dir`` (recursive), calling ``on_result`` as each is done.
 
     Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores and the
-    first unreadable files. Images of another colour mode than the training images (grey on a
-    colour model or the reverse) are named in one warning at the end. With ``shard`` only the
-    images of that shard are scored (see :mod:`surfaceinspect.sharding`); a shard may be empty.
+    first unreadable files. Images unlike the training images (another colour mode, an aspect
+    outside theirs) get a note in their record's ``warnings`` and are named in one warning at the
+    end. Each ``drift_window`` good verdicts are checked for drift (:mod:`surfaceinspect.drift`).
+    With ``shard`` only the images of that shard are scored (see :mod:`surfaceinspect.sharding`);
+    a shard may be empty.
     """
     reporter = reporter or Reporter(quiet=True)
     paths = find_images(images_dir, reporter)
@@ -1028,12 +1189,9 @@ def score_folder(
         reporter.info(shard.describe(len(paths), n_found))
     common = model.detector.run_config.common
     summary = ScoreSummary()
+    summary.drift = drift = drift_monitor(model, drift_window)
     worst: list[tuple[float, str, str]] = []
-    training = model.metadata.get("training", {})
-    checks = [
-        ColourCheck(training.get("image_colour")),
-        AspectCheck(training.get("image_aspect"), common.tiling.enabled),
-    ]
+    checks = reliability_checks(model.metadata, model.detector.run_config)
     started = time.monotonic()
     with reporter.progress(label, len(paths)) as bar:
         for result in run_inference(
@@ -1044,11 +1202,13 @@ def score_folder(
             batch_size=batch_size or common.batch_size,
             workers=common.workers if workers is None else workers,
             keep_original=keep_original,
+            model_id=model.model_id,
+            runtime=model.runtime,
+            checks=checks,
         ):
             record = result.record
             summary.add(record)
-            for check in checks:
-                check.see(result.item, record.path)
+            drift.track(record, reporter)
             if record.score is not None and math.isfinite(record.score):
                 entry = (record.score, record.path, record.verdict)
                 if len(worst) < n_worst:
@@ -1079,18 +1239,43 @@ def _output_stem(record_path: str, used: set[str]) -> str:
 
 def _gallery_context(model: LoadedModel, images_dir: Path) -> dict[str, str]:
     """What the operator needs to read index.html: which model, which thresholds, which images."""
-    import datetime as _dt
-
     cal = model.calibration
     return {
         "model": str(model.run_dir.resolve()),
+        "model id": model.model_id,
         "method": model.detector.name,
+        "runtime": model.runtime,
         "trained": str(model.metadata.get("created", "unknown")),
         "calibrated": f"{cal.created or 'unknown'} ({cal.mode}, {cal.n_good} good images)",
-        "image threshold": f"{cal.image_threshold:.5g} (normalised score 0.5)",
-        "pixel threshold": f"{cal.pixel_threshold:.5g} (outlined regions)",
+        "image threshold": f"{cal.image_threshold:.5g} (defect if score >= threshold; score = raw anomaly score)",
+        "pixel threshold": f"{cal.pixel_threshold:.5g} (the outlined regions of a defect)",
         "source folder": str(images_dir.resolve()),
-        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "written": utc_now(),
+    }
+
+
+def _link(target: Path, base: Path) -> str:
+    """A link from a page in ``base`` to ``target``: relative (the two folders may move together), else a file URI."""
+    try:
+        return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return target.resolve().as_uri()
+
+
+def _gallery_entry(result: ImageResult, stem: str, out_dir: Path) -> dict[str, Any]:
+    """The index.html card of one scored image (the same numbers as its record)."""
+    record = result.record
+    return {
+        "image": f"{stem}.png",
+        "source": record.path,
+        "original": _link(result.item.path, out_dir),
+        "score": record.score,
+        "threshold": record.threshold,
+        "verdict": record.verdict,
+        "n_regions": record.n_regions or 0,
+        "warnings": list(record.warnings),
+        "width": record.width,
+        "height": record.height,
     }
 
 
@@ -1130,30 +1315,31 @@ def heatmap_folder(
         if on_result is not None:
             on_result(result)
         if record.verdict == "error" or result.anomaly_map is None or result.item.original is None:
-            entries.append({"source": record.path, "verdict": "error", "error": record.error or "unreadable"})
+            entries.append(
+                {
+                    "source": record.path,
+                    "original": _link(result.item.path, out_dir),
+                    "verdict": "error",
+                    "error": record.error or "unreadable",
+                }
+            )
             return
         stem = _output_stem(record.path, used)
+        # Outlined: exactly the regions the record counts (those of a defect, at the pixel threshold).
+        regions = result.anomaly_map >= calibration.pixel_threshold
         overlay = render_overlay(
             result.item.original,
             calibration.normalize_map(result.anomaly_map),
-            label=f"score {record.score_normalized:.2f}  (raw {record.score:.4g})",
+            label=f"score {format_score(record.score)}  threshold {format_score(record.threshold)}",
             verdict=record.verdict,
             alpha=DEFAULT_OPACITY if opacity is None else opacity,
+            outline=regions if record.verdict == "defect" else np.zeros_like(regions),
         )
         save_png(out_dir / f"{stem}.png", overlay)
         if save_maps:
             with atomic_open(out_dir / f"{stem}.npy", "wb") as handle:
                 np.save(handle, result.anomaly_map.astype(np.float32, copy=False))
-        entries.append(
-            {
-                "image": f"{stem}.png",
-                "source": record.path,
-                "score": record.score,
-                "score_normalized": record.score_normalized,
-                "verdict": record.verdict,
-                "n_regions": record.n_regions or 0,
-            }
-        )
+        entries.append(_gallery_entry(result, stem, out_dir))
 
     context = _gallery_context(model, images_dir)
     if shard is not None:

@@ -14,6 +14,7 @@ EXIT_DEFECT = 1  # at least one image scored defective
 EXIT_USAGE = 2  # usage, input, config or model error: nothing (or not everything) could run
 EXIT_UNREADABLE = 3  # some images could not be read, none of the readable ones is defective
 EXIT_INTERNAL = 4  # a bug in surfaceinspect; rerun with --debug and report the traceback
+EXIT_DRIFT = 5  # only with --fail-on-drift: the good scores drifted from calibration (verdicts in doubt)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

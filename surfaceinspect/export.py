@@ -7,7 +7,8 @@ a dynamic batch axis. Before anything is written, the exported graph runs in onn
 the torch detector on the run's held-out calibration images (or ``--images``); the export is
 refused unless every score and map value agrees within :data:`RTOL` of the larger of the value
 and the calibrated threshold, and every verdict is identical. The files are written atomically,
-``export.json`` last (its checksum of ``model.onnx`` makes a half-replaced folder fail to load).
+``export.json`` after the graph (its checksum of ``model.onnx`` makes a half-replaced folder fail to
+load), then the folder's ``SHA256SUMS`` (and, for the run's own ``export-onnx/``, the run's).
 
 Tiled runs: the graph is the per-tile model (input = the tile size); cutting the image into
 tiles and blending the tile maps happen outside the graph (``export.json`` says how), and
@@ -213,6 +214,7 @@ def manifest(
         "surfaceinspect_version": surfaceinspect.__version__,
         "source_run": str(run_dir.resolve()),
         "source_weights_sha256": metadata.get("weights_sha256"),
+        "manifest": modeldir.SUMS_FILE,  # SHA256SUMS covers model.onnx, export.json and calibration.json
         "input": {
             "name": runtimes.INPUT_NAME,
             "shape": ["batch", 3, h, w],
@@ -257,7 +259,9 @@ def manifest(
         ),
         "parity": parity.to_dict(),
         "config": detector.run_config.to_dict(),
-        "training": {k: metadata.get("training", {}).get(k) for k in ("image_colour", "image_aspect")},
+        "training": {
+            k: metadata.get("training", {}).get(k) for k in ("image_colour", "image_aspect", "image_aspect_range")
+        },
     }
 
 
@@ -355,4 +359,8 @@ def export_run(
     write_json_atomic(
         files[2], {**manifest(detector, calibration, metadata, run_dir, model, report), "parity_other": other}
     )
+    files.append(out_dir / modeldir.SUMS_FILE)
+    modeldir.write_sums(out_dir, changed=modeldir.EXPORT_FILES)
+    if out_dir.resolve() == (run_dir / modeldir.EXPORT_SUBDIR).resolve():  # the run's own export: part of the run
+        modeldir.write_sums(run_dir, changed=[f"{modeldir.EXPORT_SUBDIR}/{name}" for name in modeldir.EXPORT_FILES])
     return ExportResult(out_dir, report, files, other)

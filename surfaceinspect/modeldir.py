@@ -5,7 +5,10 @@ Layout of one run directory::
     model.safetensors   weights (safetensors: loading cannot execute code)
     metadata.json       format version, method, effective config, versions, training summary,
                         dataset fingerprint, SHA-256 of the weights
-    calibration.json    thresholds and score normalisation (rewritten by ``recalibrate``)
+    calibration.json    thresholds and score normalisation (rewritten by ``recalibrate``), bound to
+                        the weights it was made for
+    SHA256SUMS          SHA-256 of every file that affects a verdict (weights, metadata,
+                        calibration, ``export-onnx/``), in ``sha256sum`` format; checked on load
     calibration.<UTC time>.json
                         earlier calibrations, kept by ``recalibrate`` (``recalibrate --undo`` restores
                         the newest)
@@ -27,8 +30,8 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,18 @@ LATEST_FILE = "LATEST"
 AUTO_STATE_FILE = "auto.json"  # an unfinished `train --method auto` (see surfaceinspect.auto)
 CANDIDATES_DIR = "candidates"  # its candidates' probe checkpoints and evidence
 SELECTION_SCORES_FILE = "selection_scores.json"  # a finished auto run: every candidate's raw evidence scores
+# The manifest: one "<sha256>  <path>" line per file that affects a verdict, sorted by path.
+SUMS_FILE = "SHA256SUMS"
+EXPORT_SUBDIR = "export-onnx"  # = runtimes.DEFAULT_EXPORT_SUBDIR (runtimes imports this module lazily)
+EXPORT_FILES = ("model.onnx", "export.json", CALIBRATION_FILE)  # the verdict files of an export folder
+RUN_FILES = (
+    WEIGHTS_FILE,
+    METADATA_FILE,
+    CALIBRATION_FILE,
+    SELECTION_SCORES_FILE,
+    *(f"{EXPORT_SUBDIR}/{n}" for n in EXPORT_FILES),
+)
+MODEL_ID_LENGTH = 12
 _BACKUP_NAME = re.compile(r"^calibration\.(\d{8}T\d{6}Z)(?:\.(\d+))?\.json$")
 
 
@@ -136,7 +151,8 @@ def clear_model(run_dir: Path) -> list[Path]:
 
     ``metadata.json`` goes first, so an interruption leaves a folder that is no finished model.
     """
-    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, AUTO_STATE_FILE, SELECTION_SCORES_FILE]
+    names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, SUMS_FILE, AUTO_STATE_FILE]
+    names.append(SELECTION_SCORES_FILE)
     removed = []
     for path in [run_dir / n for n in names] + calibration_backups(run_dir):
         if path.is_file():
@@ -206,6 +222,126 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------
+# The manifest (SHA256SUMS) and the model id
+#
+# Plain ``sha256sum`` format, so a model folder can be checked without surfaceinspect
+# (``cd RUN && sha256sum -c SHA256SUMS``), sorted by path, so the same files always give the same
+# text. The model id is the first 12 hex digits of the SHA-256 of that text: it changes whenever a
+# file that affects a verdict changes (training, recalibrate, export), and an older folder without
+# the file gets the same id it would have with it. It detects changes, it is not a signature: whoever
+# can edit the files can edit the manifest too (but the model id then changes, in every record).
+
+_SUMS_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+
+
+@dataclass
+class ModelIdentity:
+    """The outcome of the manifest check: the model id, and whether a manifest vouched for the files."""
+
+    model_id: str
+    sealed: bool  # SHA256SUMS was there and every verdict file matched it
+    sums: dict[str, str]  # relative path -> SHA-256 of the verdict files present
+    notes: list[str] = field(default_factory=list)
+
+
+def verdict_files(model_dir: Path) -> tuple[str, ...]:
+    """The files of ``model_dir`` that affect a verdict (an export folder has its own set)."""
+    return EXPORT_FILES if (model_dir / "export.json").is_file() else RUN_FILES
+
+
+def current_sums(model_dir: Path) -> dict[str, str]:
+    """SHA-256 of the verdict files present in ``model_dir`` (read once, at load: never per image)."""
+    return {name: sha256_file(model_dir / name) for name in verdict_files(model_dir) if (model_dir / name).is_file()}
+
+
+def sums_text(sums: dict[str, str]) -> str:
+    """The canonical manifest text: ``<sha256>  <path>`` lines sorted by path."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+
+
+def model_id(sums: dict[str, str]) -> str:
+    """The first 12 hex digits of the SHA-256 of the manifest text (``sha256sum SHA256SUMS | cut -c1-12``)."""
+    return hashlib.sha256(sums_text(sums).encode("utf-8")).hexdigest()[:MODEL_ID_LENGTH]
+
+
+def read_sums(model_dir: Path) -> dict[str, str] | None:
+    """The manifest of ``model_dir`` (None if it has none); a ModelDirError if it is malformed."""
+    path = model_dir / SUMS_FILE
+    if not path.is_file():
+        return None
+    allowed = set(verdict_files(model_dir))
+    sums: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["?"]
+    for number, line in enumerate(lines, 1):
+        match = _SUMS_LINE.match(line)
+        if match is None or match.group(2) not in allowed:  # never a path outside the model's own files
+            raise ModelDirError(
+                f"{path} line {number} is not a checksum of a model file; restore the file or retrain the model"
+            )
+        sums[match.group(2)] = match.group(1)
+    return sums
+
+
+def _compare_sums(model_dir: Path, stored: dict[str, str], present: dict[str, str], skip: set[str]) -> None:
+    """Refuse, with one line, the first verdict file that differs from the manifest."""
+    for name in sorted((set(stored) | set(present)) - skip):
+        path = model_dir / name
+        if name not in present:
+            raise ModelDirError(f"{path} is missing (listed in {SUMS_FILE}); the model is incomplete: restore it")
+        if name not in stored:
+            fix = "export again with `surfaceinspect export --force`" if "export" in name else "remove it or retrain"
+            raise ModelDirError(f"{path} was added after the model was written (not in {SUMS_FILE}); {fix}")
+        if stored[name] != present[name]:
+            fix = "run `surfaceinspect recalibrate`" if name == CALIBRATION_FILE else "retrain"
+            raise ModelDirError(
+                f"{path} was changed after the model was written (its SHA-256 differs from {SUMS_FILE}), so "
+                f"verdicts would no longer be the model's; restore the file, or {fix}"
+            )
+
+
+def verify_sums(model_dir: Path, *, expected: bool, skip: Iterable[str] = ()) -> ModelIdentity:
+    """Check every verdict file of ``model_dir`` against its manifest; returns the model id.
+
+    ``expected``: the metadata says the folder was written with a manifest, so a missing one is an
+    error; without it (a folder of an older version) the model id is computed and a note says that
+    nothing vouches for the files. ``skip``: files not checked (``recalibrate`` replaces them).
+    """
+    stored = read_sums(model_dir)
+    present = current_sums(model_dir)
+    if stored is None:
+        if expected:
+            raise ModelDirError(
+                f"{model_dir / SUMS_FILE} is missing, but the model was written with one: the folder is incomplete "
+                "or was altered; restore it or retrain"
+            )
+        note = (
+            f"{model_dir} has no {SUMS_FILE} (written by an older surfaceinspect): only its weights are checked; "
+            "`surfaceinspect recalibrate` or `export` with this version adds one"
+        )
+        return ModelIdentity(model_id(present), False, present, [note])
+    _compare_sums(model_dir, stored, present, set(skip))
+    return ModelIdentity(model_id(present), True, present)
+
+
+def write_sums(model_dir: Path, changed: Iterable[str] = ()) -> ModelIdentity:
+    """Write the manifest of ``model_dir`` after the tool (re)wrote the files ``changed``.
+
+    Every other verdict file must still match the manifest being replaced, so a rewrite never
+    vouches for a file that was modified behind the tool's back (a folder without a manifest is
+    taken as found: its weights were checked against the metadata when it was loaded).
+    """
+    stored = read_sums(model_dir)
+    present = current_sums(model_dir)
+    if stored is not None:
+        _compare_sums(model_dir, stored, present, set(changed))
+    write_text_atomic(model_dir / SUMS_FILE, sums_text(present))
+    return ModelIdentity(model_id(present), True, present)
+
+
 def dataset_fingerprint(root: Path, files: list[Path]) -> dict[str, Any]:
     """Identify a training set by its files' relative paths and sizes (cheap, order-independent)."""
     digest = hashlib.sha256()
@@ -239,8 +375,12 @@ def save_model(
     summary: dict[str, Any],
     fingerprint: dict[str, Any],
     extra: dict[str, Any] | None = None,
-) -> None:
-    """Write weights and metadata of a trained detector to ``run_dir`` (both atomically)."""
+) -> dict[str, Any]:
+    """Write weights and metadata of a trained detector to ``run_dir`` (both atomically); returns the metadata.
+
+    The caller writes the calibration and then :func:`write_sums`; ``metadata["manifest"]`` says
+    that this directory must have one (a directory without it is incomplete, not old).
+    """
     state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
     data = safetensors_save(state, metadata={"format_version": str(FORMAT_VERSION), "method": detector.name})
     write_bytes_atomic(run_dir / WEIGHTS_FILE, data)
@@ -253,9 +393,11 @@ def save_model(
         "training": summary,
         "dataset": fingerprint,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "manifest": SUMS_FILE,
         **(extra or {}),
     }
     write_json_atomic(run_dir / METADATA_FILE, metadata)
+    return metadata
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:

@@ -7,17 +7,22 @@ CSV cells are neutralised for spreadsheets (OWASP "CSV injection"): a text cell 
 ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a file named ``=1+2.png``) gets a leading
 ``'``, so Excel or LibreOffice show it as text instead of evaluating it. Numbers are written as
 they are; JSON Lines records are never altered.
+
+The fields and their meaning are documented in one place, the README section "Records". New
+fields are only ever appended (readers that select columns by name keep working); files of the
+earlier field set (:data:`LEGACY_FIELDS`) are still recognised and continued in their own columns.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io
 import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +50,12 @@ class ScoreRecord:
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    # Appended by issue #30 (traceability); earlier fields keep their names, order and meaning.
+    model_id: str | None = None  # first 12 hex of the SHA-256 of the model folder's manifest (SHA256SUMS)
+    threshold: float | None = None  # the image threshold the verdict was made with (raw score units)
+    runtime: str | None = None  # what computed the score: torch, onnx or openvino
+    time: str | None = None  # when the verdict was made, ISO-8601 UTC
+    warnings: list[str] = field(default_factory=list)  # why this verdict may not be reliable
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -56,6 +67,19 @@ class ScoreRecord:
 
 # Column order of CSV files and key order of JSON records: the ScoreRecord fields, in order.
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ScoreRecord))
+# The fields before model_id .. warnings were appended: files of earlier versions have these.
+LEGACY_FIELDS: tuple[str, ...] = FIELDS[: FIELDS.index("model_id")]
+WARNINGS_SEPARATOR = "; "  # joins the warnings into one CSV cell
+
+
+def utc_now() -> str:
+    """The current time as ISO-8601 UTC with milliseconds (``2024-06-01T12:00:00.123Z``)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def format_score(value: float | None) -> str:
+    """A raw score as shown everywhere a person reads it (summary, watch, gallery): 5 significant digits."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.5g}"
 
 
 def spreadsheet_safe(value: Any) -> Any:
@@ -75,14 +99,23 @@ def undo_spreadsheet_safe(value: str) -> str:
 class RecordWriter:
     """Streams records to a CSV or JSONL file (or stdout), one flushed line per record."""
 
-    def __init__(self, handle: IO[str], fmt: str, close: bool, target: Path | None = None, header: bool = True) -> None:
+    def __init__(
+        self,
+        handle: IO[str],
+        fmt: str,
+        close: bool,
+        target: Path | None = None,
+        header: bool = True,
+        columns: Sequence[str] = FIELDS,
+    ) -> None:
         self._handle = handle
         self._fmt = fmt
         self._close = close
         self.target = target
+        self.columns = tuple(columns)  # CSV: LEGACY_FIELDS when continuing a file of an earlier version
         self.replaced = False  # the file existed (an earlier records file, or --force) and was replaced
         if fmt == "csv" and header:  # no header when appending to a file that has one (watch)
-            self._write_line(_CSV_HEADER)
+            self._write_line(",".join(self.columns) + "\n")
 
     @classmethod
     def open(
@@ -125,7 +158,8 @@ class RecordWriter:
             self._write_line(json.dumps(data, ensure_ascii=False) + "\n")
         else:
             buffer = io.StringIO()
-            row = ["" if data[k] is None else spreadsheet_safe(data[k]) for k in FIELDS]
+            data["warnings"] = WARNINGS_SEPARATOR.join(data["warnings"]) or None
+            row = ["" if data[k] is None else spreadsheet_safe(data[k]) for k in self.columns]
             csv.writer(buffer, lineterminator="\n").writerow(row)
             self._write_line(buffer.getvalue())
 
@@ -137,7 +171,7 @@ class RecordWriter:
                 raise write_error(exc, self.target or Path("?")) from None
 
 
-_CSV_HEADER = ",".join(FIELDS) + "\n"
+_CSV_HEADERS = (",".join(FIELDS) + "\n", ",".join(LEGACY_FIELDS) + "\n")
 _SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
@@ -169,10 +203,20 @@ def is_records_file(path: Path) -> bool:
         return False
     if not first:
         return True  # empty: nothing to lose
-    if first == _CSV_HEADER:
+    if first in _CSV_HEADERS:
         return True
     try:
         data = json.loads(first)
     except ValueError:
         return False
-    return isinstance(data, dict) and set(data) == set(FIELDS)
+    return isinstance(data, dict) and set(data) in (set(FIELDS), set(LEGACY_FIELDS))
+
+
+def csv_columns(path: Path) -> tuple[str, ...] | None:
+    """The columns of an existing CSV records file (the current or the earlier field set), else None."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            first = handle.readline(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return FIELDS if first == _CSV_HEADERS[0] else LEGACY_FIELDS if first == _CSV_HEADERS[1] else None

@@ -165,8 +165,13 @@ def render_overlay(
     label: str,
     verdict: str,
     alpha: float = DEFAULT_OPACITY,
+    outline: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend the coloured map over the image, outline regions >= 0.5 and draw a text banner.
+    """Blend the coloured map over the image, outline regions and draw a text banner.
+
+    ``outline`` (bool, HxW of the image) is what is outlined: the engine passes exactly the
+    regions its record counts (none for a good verdict), so picture and record agree; None
+    outlines the map's pixels >= 0.5.
 
     Returns uint8 HxWx3 RGB at the image's own resolution (a map of another size is resized
     to it bilinearly). ``alpha`` is the overlay opacity at the threshold (0.5); it rises to
@@ -198,11 +203,14 @@ def render_overlay(
 
     if verdict not in label.lower().split():
         label = f"{verdict.upper()}  {label}"  # the verdict is always spelled out, not only colour-coded
-    binary = (m >= THRESHOLD).astype(np.uint8)
+    hot = m >= THRESHOLD
+    binary = (hot if outline is None else np.asarray(outline, dtype=bool)).astype(np.uint8)
+    if binary.shape != (h, w):
+        raise ValueError(f"outline must be {h}x{w} like the image, got shape {binary.shape}")
     layout = _banner_layout(h, w, label)
     band_h = layout["band_h"]
     # The banner goes at the top unless that hides more above-threshold pixels than the bottom.
-    top = 0 if int(binary[:band_h].sum()) <= int(binary[h - band_h :].sum()) else h - band_h
+    top = 0 if int(hot[:band_h].sum()) <= int(hot[h - band_h :].sum()) else h - band_h
     rows = slice(top, top + band_h)
     # Translucent dark band so the image stays faintly visible under the text.
     band = out[rows].astype(np.float32)
@@ -300,8 +308,11 @@ main { display:grid; grid-template-columns:repeat(auto-fill, minmax(240px, 1fr))
         display:flex; flex-direction:column; }
 .card.defect { border-top:4px solid var(--defect); } .card.good { border-top:4px solid var(--good); }
 .card.error { border-top:4px solid var(--error); }
-.thumb { display:block; background:#111; aspect-ratio:1/1; }
+.thumb { display:block; background:#111; aspect-ratio:1/1; max-height:70vh; }
 .thumb img { width:100%; height:100%; object-fit:contain; display:block; }
+.card.wide { grid-column:1 / -1; }  /* line-scan strips get the whole row instead of a sliver */
+.warn { color:#9a6700; font-size:12px; }
+.src a { color:inherit; }
 .meta { padding:8px 10px 10px; display:grid; gap:3px; }
 .row { display:flex; justify-content:space-between; align-items:center; gap:8px; }
 .badge { font-size:11px; font-weight:700; letter-spacing:.04em; color:#fff; padding:2px 8px; border-radius:10px; }
@@ -334,8 +345,10 @@ _JS = """
 
 
 def _url(path: Any) -> str:
-    """A relative file path as an escaped URL attribute value (spaces, '#', '?', '<' ... are safe)."""
+    """A relative path (or a file:/// URI) as an escaped URL attribute value (spaces, '#', '?', '<' ... are safe)."""
     posix = str(path).replace("\\", "/")
+    if posix.startswith("file:///"):  # already a URI (an original on another drive); no relative path looks so
+        return html.escape(posix, quote=True)
     return html.escape(quote(posix, safe="/"), quote=True)
 
 
@@ -345,14 +358,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     except (TypeError, ValueError):
         return html.escape(str(value))
     return "n/a" if math.isnan(f) else f"{f:.{digits}g}"
-
-
-def _fmt_fixed(value: Any) -> str:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if math.isnan(f) else f"{f:.3f}"
 
 
 _VERDICT_ORDER = {"defect": 0, "error": 1, "good": 2}  # what needs the operator's attention first
@@ -369,30 +374,48 @@ def _sort_key(entry: Mapping[str, Any]) -> tuple[int, bool, float]:
     return (order, math.isnan(score), -score if not math.isnan(score) else 0.0)
 
 
-def _card(e: Mapping[str, Any]) -> str:
+WIDE_ASPECT = 2.5  # width / height from which a card spans the whole row
+
+
+def _source_html(e: Mapping[str, Any]) -> str:
+    """The image's path as given, linked to the original file when the entry knows where it is."""
     src = html.escape(str(e["source"]).replace("\\", "/"), quote=True)
+    if e.get("original"):
+        src = f'<a href="{_url(e["original"])}" target="_blank" rel="noopener" title="the original image">{src}</a>'
+    return f'<div class="src">{src}</div>'
+
+
+def _warnings_html(e: Mapping[str, Any]) -> str:
+    return "".join(f'<div class="warn">warning: {html.escape(str(w))}</div>' for w in e.get("warnings") or ())
+
+
+def _card(e: Mapping[str, Any]) -> str:
+    """One image's card: verdict, score, threshold, regions, warnings, the overlay and a link to the original."""
     if e["verdict"] == "error":
         reason = html.escape(str(e.get("error") or "unreadable"))
         return (
             '<article class="card error" data-verdict="error">'
             '<div class="thumb missing"><span>not scored</span></div>'
             '<div class="meta"><div class="row"><span class="badge error">UNREADABLE</span></div>'
-            f'<div class="why">{reason}</div>'
-            f'<div class="src" title="{src}">{src}</div></div></article>'
+            f'<div class="why">{reason}</div>{_source_html(e)}</div></article>'
         )
     verdict = "defect" if e["verdict"] == "defect" else "good"
     img = _url(e["image"])
+    alt = html.escape(str(e["source"]), quote=True)
     n_regions = int(e["n_regions"])
     why = f'<div class="why">{html.escape(NO_REGION_REASON)}</div>' if verdict == "defect" and not n_regions else ""
+    width, height = int(e.get("width") or 0), int(e.get("height") or 0)
+    shape = f' style="aspect-ratio:{width} / {height}"' if width and height else ""
+    wide = " wide" if width and height and width / height >= WIDE_ASPECT else ""
+    threshold = f"threshold {_fmt(e['threshold'], 5)} · " if e.get("threshold") is not None else ""
     return (
-        f'<article class="card {verdict}" data-verdict="{verdict}">'
-        f'<a class="thumb" href="{img}" target="_blank" rel="noopener">'
-        f'<img src="{img}" alt="{src}" loading="lazy"></a>'
+        f'<article class="card {verdict}{wide}" data-verdict="{verdict}">'
+        f'<a class="thumb" href="{img}" target="_blank" rel="noopener"{shape}>'
+        f'<img src="{img}" alt="{alt}" loading="lazy"></a>'
         f'<div class="meta"><div class="row"><span class="badge {verdict}">{verdict.upper()}</span>'
-        f'<span class="score" title="raw score">{_fmt(e["score"])}</span></div>'
-        f'<div class="row small"><span>normalised {_fmt_fixed(e["score_normalized"])}</span>'
-        f"<span>{n_regions} region{'' if n_regions == 1 else 's'}</span></div>{why}"
-        f'<div class="src" title="{src}">{src}</div></div></article>'
+        f'<span class="score" title="raw anomaly score: defect if score &gt;= threshold">score {_fmt(e["score"], 5)}'
+        f'</span></div><div class="row small"><span>{threshold}{n_regions} region{"" if n_regions == 1 else "s"}'
+        f"</span></div>{why}{_warnings_html(e)}{_source_html(e)}</div></article>"
     )
 
 
@@ -407,12 +430,15 @@ def write_index_html(
 
     Each entry needs the keys ``source`` (original image path as given to the user) and
     ``verdict`` ('good', 'defect' or 'error'); scored entries also ``image`` (overlay PNG path
-    relative to ``out_dir``), ``score``, ``score_normalized`` and ``n_regions``; 'error' entries
-    ``error`` (why the file could not be scored; they get a card with the reason, no image). A
-    defect card without a region says why. ``context`` (label -> value, e.g. the model, its
-    thresholds and the source folder) is shown under the title; ``note`` (e.g. that the run was
-    interrupted) stands out above the cards. The page is self-contained (inline CSS/JS, no
-    network), every path and text is HTML-escaped, thumbnails link to the full-size overlay.
+    relative to ``out_dir``), ``score`` (the raw score, as in the records and the CLI) and
+    ``n_regions``; 'error' entries ``error`` (why the file could not be scored; they get a card
+    with the reason, no image). Optional: ``threshold``, ``warnings``, ``width``/``height`` (the
+    thumbnail keeps that aspect; strips span the row) and ``original`` (link to the source image,
+    relative to ``out_dir``). A defect card without a region says why. ``context`` (label ->
+    value, e.g. the model, its thresholds and the source folder) is shown under the title;
+    ``note`` (e.g. that the run was interrupted) stands out above the cards. The page is
+    self-contained (inline CSS/JS, no network), every path and text is HTML-escaped, thumbnails
+    link to the full-size overlay.
     """
     out_dir = Path(out_dir)
     ordered = sorted(entries, key=_sort_key)

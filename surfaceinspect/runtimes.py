@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from surfaceinspect.calibration import Calibration
 from surfaceinspect.config import run_config_from_dict
 from surfaceinspect.detectors import get_detector_class
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainSummary
@@ -220,11 +219,13 @@ def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = 
 
 def load_exported(
     model_dir: Path, runtime: str | None, threads: int = 0, inference_sets: Sequence[str] = ()
-) -> tuple[ExportedDetector, Calibration, dict[str, Any]]:
+) -> tuple[ExportedDetector, dict[str, Any]]:
     """``--model`` with ``--runtime onnx``: an export folder itself, or a run folder with its default export.
 
-    A run folder's own (possibly recalibrated) ``calibration.json`` applies, and its export must
-    come from the run's current weights; an export folder uses the calibration copied into it.
+    Returns the detector and the metadata its calibration is checked against (``method``,
+    ``weights_sha256``, ``manifest``, ``training``). A run folder's own (possibly recalibrated)
+    ``calibration.json`` applies, and its export must come from the run's current weights; an export
+    folder uses the calibration copied into it, made for the weights it was exported from.
     """
     from surfaceinspect import modeldir  # modeldir imports torch-heavy detector code; runtimes stays light
 
@@ -240,8 +241,13 @@ def load_exported(
                 "the run folder it was exported from"
             )
         detector = ExportedDetector(model_dir, threads, graph)
-        calibration = Calibration.load(model_dir / modeldir.CALIBRATION_FILE)
-        return detector, calibration, {"training": detector.manifest.get("training", {})}
+        manifest = detector.manifest
+        return detector, {
+            "method": detector.name,
+            "weights_sha256": manifest.get("source_weights_sha256"),
+            "manifest": manifest.get("manifest"),
+            "training": manifest.get("training", {}),
+        }
     metadata = modeldir.read_metadata(model_dir)
     export_dir = model_dir / DEFAULT_EXPORT_SUBDIR
     if not is_export_dir(export_dir):
@@ -255,4 +261,4 @@ def load_exported(
             f"{export_dir} was exported from other weights than {model_dir} holds now; export again with "
             f"`surfaceinspect export --model {model_dir} --force`"
         )
-    return detector, Calibration.load(model_dir / modeldir.CALIBRATION_FILE), metadata
+    return detector, metadata

@@ -29,10 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surfaceinspect.drift import DEFAULT_WINDOW
 from surfaceinspect.errors import ConfigError, OutputError
 from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
 from surfaceinspect.outputs import check_output_file, open_for_writing, prepare_output_dir
-from surfaceinspect.records import RecordWriter, ScoreRecord, is_records_file, output_format, undo_spreadsheet_safe
+from surfaceinspect.records import (
+    FIELDS,
+    RecordWriter,
+    ScoreRecord,
+    csv_columns,
+    format_score,
+    is_records_file,
+    output_format,
+    undo_spreadsheet_safe,
+)
 from surfaceinspect.ui import Reporter
 
 # How often the loop wakes up without events to check files that are settling (seconds).
@@ -221,7 +231,10 @@ def open_records_for_append(
     done = recorded_paths(output, fmt) if resume else set()
     handle.seek(0, os.SEEK_END)
     empty = handle.tell() == 0
-    return RecordWriter(handle, fmt, close=True, target=output, header=empty), done, fmt
+    # A CSV file of an earlier version is continued in its own columns: rows must match its header.
+    columns = (csv_columns(output) or FIELDS) if fmt == "csv" and not empty else FIELDS
+    writer = RecordWriter(handle, fmt, close=True, target=output, header=empty, columns=columns)
+    return writer, done, fmt
 
 
 def _lock(handle: Any, output: Path) -> None:
@@ -345,6 +358,7 @@ class WatchOptions:
     batch_size: int = 8
     on_defect: str | None = None
     defects_dir: Path | None = None
+    drift_window: int = DEFAULT_WINDOW  # good verdicts per drift check (surfaceinspect.drift)
 
 
 def check_outputs(
@@ -380,6 +394,122 @@ class WatchResult:
     copied: list[Path] = field(default_factory=list)
 
 
+class _BatchScorer:
+    """Scores files judged complete and writes their records: the per-record work of :func:`watch_folder`."""
+
+    def __init__(
+        self,
+        model: Any,
+        root: Path,
+        options: WatchOptions,
+        writer: RecordWriter,
+        done: set[str],
+        result: WatchResult,
+        reporter: Reporter,
+        hook: DefectHook | None,
+        on_record: Callable[[ScoreRecord], None] | None,
+    ) -> None:
+        from surfaceinspect.engine import drift_monitor, reliability_checks
+
+        self.model, self.root, self.options, self.writer, self.done = model, root, options, writer, done
+        self.result, self.reporter, self.hook, self.on_record = result, reporter, hook, on_record
+        self.checks = reliability_checks(model.metadata, model.detector.run_config)
+        result.summary.drift = self.drift = drift_monitor(model, options.drift_window)
+
+    def __call__(self, batch: Sequence[Ready], tracker: SettleTracker) -> None:
+        from surfaceinspect.engine import run_inference
+
+        by_path = {r.path: r for r in batch}
+        for item in run_inference(
+            [r.path for r in batch],
+            self.root,
+            self.model.detector,
+            self.model.calibration,
+            batch_size=len(batch),
+            workers=0,
+            model_id=self.model.model_id,
+            runtime=self.model.runtime,
+            checks=self.checks,
+        ):
+            record = item.record
+            if record.verdict == "error" and not by_path[item.item.path].final:
+                tracker.failed(by_path[item.item.path])  # its writer may be pausing: retry when it changes
+                continue
+            self.drift.track(record, self.reporter)  # before writing: a drift warning belongs in the record
+            self.writer.write(record)
+            self.done.add(record.path)
+            self.result.summary.add(record)
+            if self.on_record is not None:
+                self.on_record(record)
+            if record.verdict == "defect":
+                self._defect(item.item.path, record)
+            elif record.verdict == "error":
+                self.reporter.warn(f"unreadable {record.path}: {record.error}")
+
+    def _defect(self, image: Path, record: ScoreRecord) -> None:
+        self.reporter.info(("defect", "red"), f" score {format_score(record.score)} ", record.path)
+        defects_dir = self.options.defects_dir
+        if defects_dir is not None:
+            try:
+                self.result.copied.append(copy_defect(image, record.path, defects_dir))
+            except OSError as exc:
+                self.reporter.warn(f"could not copy {record.path} to {defects_dir}: {exc.strerror or exc}")
+        if self.hook is not None:
+            self.hook(image, record)
+
+    def close(self) -> None:
+        for check in self.checks:
+            check.report(self.reporter)
+
+
+def _file_events(root: Path, options: WatchOptions, stop_event: Any) -> Any:
+    """The watchfiles iterator over ``root``: it also yields (empty) every TICK_S, so settling files are checked."""
+    import watchfiles
+
+    return watchfiles.watch(
+        root,
+        watch_filter=None,
+        debounce=200,
+        step=20,
+        rust_timeout=max(1, int(TICK_S * 1000)),
+        yield_on_timeout=True,
+        stop_event=stop_event,
+        force_polling=options.poll or None,
+        poll_delay_ms=100,
+        raise_interrupt=True,
+    )
+
+
+def _take_changes(changes: Iterable[tuple[Any, str]], tracker: SettleTracker, consider: Callable[..., None]) -> None:
+    """Track the files that file events name (a deleted one is forgotten; a folder moved in brings its images)."""
+    import watchfiles
+
+    for change, raw in changes:
+        path = Path(raw)
+        if change == watchfiles.Change.deleted:
+            tracker.forget(path)
+        elif path.is_dir():
+            consider(discover_images(path))
+        else:
+            consider([path])
+
+
+def _score_ready(
+    ready: list[Ready], tracker: SettleTracker, score: _BatchScorer, options: WatchOptions, stop_event: Any
+) -> None:
+    """Score the files due, batch by batch; stop between batches (never inside one) or at --stop-after."""
+    while ready:
+        room = options.batch_size
+        if options.stop_after is not None:
+            room = min(room, options.stop_after - score.result.summary.total)
+        if (stop_event is not None and stop_event.is_set()) or room <= 0:
+            for leftover in ready:
+                tracker.restore(leftover)
+            return
+        batch, ready = ready[:room], ready[room:]
+        score(batch, tracker)
+
+
 def watch_folder(
     model: Any,
     folder: Path,
@@ -400,11 +530,9 @@ def watch_folder(
     ``stop_event`` (anything with ``is_set()``) is set, or on Ctrl-C (``stopped_by ==
     "interrupted"``, records written so far are complete and flushed). ``on_record`` is called
     after each record is written, ``on_ready`` once the watcher runs (files written from then on
-    are seen).
+    are seen). Every ``drift_window`` good verdicts are checked for drift (``result.summary.drift``).
     """
-    import watchfiles
-
-    from surfaceinspect.engine import ScoreSummary, run_inference
+    from surfaceinspect.engine import ScoreSummary
 
     reporter = reporter or Reporter(quiet=True)
     root = folder.expanduser().resolve()
@@ -415,9 +543,8 @@ def watch_folder(
     images = ImageFilter(root)
     grace = options.error_grace_s if options.error_grace_s is not None else 5.0 * options.settle_s
     tracker = SettleTracker(options.settle_s, grace)
-    summary = ScoreSummary()
-    result = WatchResult(summary, len(done), "stop-event")
-    detector, calibration = model.detector, model.calibration
+    result = WatchResult(ScoreSummary(), len(done), "stop-event")
+    score = _BatchScorer(model, root, options, writer, done, result, reporter, hook, on_record)
     started_wall = time.time()
     last_activity = time.monotonic()
     next_rescan = time.monotonic() + options.rescan_s if options.rescan_s > 0 else float("inf")
@@ -431,55 +558,11 @@ def watch_folder(
                 continue  # --no-existing: a file older than the watch is not new
             tracker.touch(path)
 
-    def score(batch: Sequence[Ready]) -> None:
-        by_path = {r.path: r for r in batch}
-        for item in run_inference(
-            [r.path for r in batch], root, detector, calibration, batch_size=len(batch), workers=0
-        ):
-            record = item.record
-            if record.verdict == "error" and not by_path[item.item.path].final:
-                tracker.failed(by_path[item.item.path])  # its writer may be pausing: retry when it changes
-                continue
-            writer.write(record)
-            done.add(record.path)
-            summary.add(record)
-            if on_record is not None:
-                on_record(record)
-            if record.verdict == "defect":
-                reporter.info(("defect", "red"), f" {record.score_normalized:.3f} ", record.path)
-                if options.defects_dir is not None:
-                    try:
-                        result.copied.append(copy_defect(item.item.path, record.path, options.defects_dir))
-                    except OSError as exc:
-                        reporter.warn(f"could not copy {record.path} to {options.defects_dir}: {exc.strerror or exc}")
-                if hook is not None:
-                    hook(item.item.path, record)
-            elif record.verdict == "error":
-                reporter.warn(f"unreadable {record.path}: {record.error}")
-
-    watcher = watchfiles.watch(
-        root,
-        watch_filter=None,
-        debounce=200,
-        step=20,
-        rust_timeout=max(1, int(TICK_S * 1000)),
-        yield_on_timeout=True,
-        stop_event=stop_event,
-        force_polling=options.poll or None,
-        poll_delay_ms=100,
-        raise_interrupt=True,
-    )
+    watcher = _file_events(root, options, stop_event)
     first = True
     try:
         for changes in watcher:
-            for change, raw in changes:
-                path = Path(raw)
-                if change == watchfiles.Change.deleted:
-                    tracker.forget(path)
-                elif path.is_dir():
-                    consider(discover_images(path))  # a folder moved in at once brings its images
-                else:
-                    consider([path])
+            _take_changes(changes, tracker, consider)
             if first:  # the watcher is running now, so no file written from here on can be missed
                 first = False
                 # files written since the start but before the watcher ran count as new ones
@@ -494,25 +577,12 @@ def watch_folder(
             ready = tracker.due()
             if ready or len(tracker):
                 last_activity = time.monotonic()
-            while ready:
-                if stop_event is not None and stop_event.is_set():  # stop between batches, never inside one
-                    for leftover in ready:
-                        tracker.restore(leftover)
-                    break
-                room = options.batch_size
-                if options.stop_after is not None:
-                    room = min(room, options.stop_after - summary.total)
-                if room <= 0:
-                    for leftover in ready:
-                        tracker.restore(leftover)
-                    break
-                batch, ready = ready[:room], ready[room:]
-                score(batch)
+            _score_ready(ready, tracker, score, options, stop_event)
             if hook is not None:
                 hook.reap()
             if stop_event is not None and stop_event.is_set():
                 break
-            if options.stop_after is not None and summary.total >= options.stop_after:
+            if options.stop_after is not None and result.summary.total >= options.stop_after:
                 result.stopped_by = "stop-after"
                 break
             idle = time.monotonic() - last_activity
@@ -522,6 +592,7 @@ def watch_folder(
     except KeyboardInterrupt:
         result.stopped_by = "interrupted"
     finally:
+        score.close()
         with contextlib.suppress(Exception):
             watcher.close()
         writer.close()

@@ -72,7 +72,9 @@ def good_copy(synthetic_dataset, tmp_path) -> Path:
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The records of a file, without their ``time`` (when each verdict was made differs from run to run)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [{k: v for k, v in row.items() if k != "time"} for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------- 1

@@ -55,10 +55,13 @@ def images(synthetic_dataset) -> dict[str, Path]:
 
 
 def _records(path: Path) -> list[dict]:
+    """The records of a file, without their ``time`` (when each verdict was made differs from run to run)."""
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [{k: v for k, v in row.items() if k != "time"} for row in rows]
 
 
 class Watch:

@@ -237,6 +237,7 @@ def test_killed_score_leaves_only_complete_records(trained, synthetic_dataset, t
     meta = json.loads((trained / "metadata.json").read_text())
     meta["config"]["toy"]["predict_delay_s"] = 0.3
     (trained / "metadata.json").write_text(json.dumps(meta))
+    modeldir.write_sums(trained, changed=["metadata.json"])  # a deliberate change: the manifest follows it
     out = tmp_path / "partial.csv"
     proc = subprocess.Popen(
         [

@@ -28,6 +28,9 @@ class ToyConfig(MethodConfig):
     step_delay_s: float = 0.0  # slow training down so a test can kill it mid-run
     predict_delay_s: float = 0.0  # slow scoring down so a test can kill it mid-run
     blind: bool = False  # score every image alike (a detector known to be useless, for --method auto's tests)
+    # "brightness": score = mean pixel value, a stand-in for a detector whose scores follow the lighting
+    # (drift tests); "zmax": the maximum of the z-score map
+    score: str = "zmax"
 
 
 class ToyDetector(Detector):
@@ -87,6 +90,8 @@ class ToyDetector(Detector):
         maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if self.config.blind:
             maps = torch.zeros_like(maps)
+        if self.config.score == "brightness":
+            return Prediction(scores=images.float().mean(dim=(1, 2, 3)), maps=images.float().mean(1))
         return Prediction(scores=maps.flatten(1).max(1).values.float(), maps=maps.float())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
