@@ -34,7 +34,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _umask() -> int:
@@ -43,8 +43,8 @@ def _umask() -> int:
     return current
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere (e.g. Windows), hence best effort.
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not supported everywhere, e.g. Windows)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:

@@ -508,9 +508,30 @@ def _open_records(output: Path | None, fmt: str | None, inputs: list[Path], forc
     from surfaceinspect.records import RecordWriter
 
     writer = RecordWriter.open(output, fmt, inputs=inputs, force=force)
-    if writer is not None and writer.replaced:
-        reporter.info(f"replacing {output} (" + ("--force" if force else "records of an earlier run") + ")")
+    if writer is None or writer.part is None:
+        return writer
+    if writer.leftover_part:
+        reporter.info(f"replacing {writer.part}, left by an interrupted run")
+    if writer.replaced:
+        why = "--force" if force else "records of an earlier run"
+        reporter.info(
+            f"replacing {output} ({why}) when this run completes; until then it is kept as it is, and the new "
+            f"records go to {writer.part}"
+        )
+    else:
+        reporter.info(f"records go to {writer.part} and become {output} when the run completes")
     return writer
+
+
+def _close_records(writers: list[Any], complete: bool, reporter: Any) -> None:
+    """Close every records writer; after an incomplete run, say where its records are."""
+    for writer in writers:
+        kept = writer.close(complete)
+        if kept is not None:
+            reporter.warn(
+                f"the run did not complete: its {writer.count} record(s) are in {kept}; {writer.target} "
+                + ("is unchanged" if writer.replaced else "was not written")
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +586,7 @@ def score(
     if json_out:
         writers.append(RecordWriter.open(None, fmt_name, to_stdout=True))
     active = [w for w in writers if w is not None]
+    complete = False
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
         reporter.info(
@@ -580,9 +602,9 @@ def score(
             reporter=reporter,
             shard=selected,
         )
+        complete = True
     finally:
-        for writer in active:
-            writer.close()
+        _close_records(active, complete, reporter)
     _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
     raise typer.Exit(summary.exit_code())
 
@@ -654,13 +676,16 @@ def heatmap(
     glows, and outlines mark the regions above the pixel threshold.
     """
     from surfaceinspect import engine
-    from surfaceinspect.outputs import prepare_output_dir
+    from surfaceinspect.outputs import lock_output, prepare_output_dir
 
     reporter = _reporter(quiet)
     selected = _parse_shard(shard)
     engine.require_input(images_dir)
-    prepare_output_dir(out, [images_dir], force=force)  # fail before the model loads (checked again, idempotent)
+    # Fail before the model loads, on a refused or locked --out (the engine checks and locks it again).
+    prepare_output_dir(out, [images_dir], force=force)
+    lock_output(out, "--out", "folder").release()
     writer = _open_records(output, None, [images_dir], force, reporter)
+    complete = False
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
         reporter.info(f"model: {loaded.run_dir} ({loaded.detector.name})" + _runtime_note(loaded))
@@ -677,9 +702,9 @@ def heatmap(
             opacity=opacity,
             shard=selected,
         )
+        complete = True
     finally:
-        if writer:
-            writer.close()
+        _close_records([writer] if writer else [], complete, reporter)
     outputs: list[Part] = [f"overlays: {out}   index: {index}"]
     _print_summary(summary, quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
     raise typer.Exit(summary.exit_code())

@@ -33,7 +33,7 @@ from surfaceinspect.errors import (
     ModelDirError,
 )
 from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
-from surfaceinspect.outputs import prepare_output_dir
+from surfaceinspect.outputs import OutputLock, lock_output, prepare_output_dir
 from surfaceinspect.records import ScoreRecord
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
@@ -394,6 +394,13 @@ class TrainingPlan:
     run_dir: Path
     resume_state: dict[str, Any] | None = None  # the detector's checkpoint state
     seconds_before: float = 0.0  # training seconds spent before the checkpoint
+    lock: OutputLock | None = None  # of ``run_dir``, held until the run ends (see ``release``)
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the plan has been run, or will not be)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def resumed(self) -> bool:
@@ -430,13 +437,20 @@ def train(
         files=files,
         force=force,
     )
-    return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+    try:
+        return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+    finally:
+        plan.release()
 
 
 def resume(run_dir: Path, *, reporter: Reporter | None = None, mark_latest: bool = False) -> TrainResult:
     """Continue an interrupted run from its last checkpoint (config, data and calibration folder from it)."""
     reporter = reporter or Reporter(quiet=True)
-    return execute_training(plan_resume(run_dir, reporter=reporter), reporter=reporter, mark_latest=mark_latest)
+    plan = plan_resume(run_dir, reporter=reporter)
+    try:
+        return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+    finally:
+        plan.release()
 
 
 def plan_training(
@@ -463,12 +477,23 @@ def plan_training(
     resolve_geometry(run_config, train_files, reporter)
     suggest_profile(run_config, train_files, reporter)
     inputs = [data_dir, *([calibration_dir] if calibration_dir else [])]
-    run_dir = _prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
-    return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir)
+    run_dir, lock = _prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
+    return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir, lock=lock)
 
 
 def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
-    """The plan of an interrupted run, from its checkpoint."""
+    """The plan of an interrupted run, from its checkpoint (its directory locked, see ``TrainingPlan.release``)."""
+    lock = lock_output(run_dir, "--resume", None)  # two resumes of one run would write one checkpoint
+    try:
+        plan = _plan_resume(run_dir, reporter)
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _plan_resume(run_dir: Path, reporter: Reporter) -> TrainingPlan:
     checkpoint = modeldir.load_checkpoint(run_dir)
     method = str(checkpoint.run_config["method"])
     run_config = run_config_from_dict(get_detector_class(method).config_cls, checkpoint.run_config)
@@ -749,21 +774,27 @@ def _training_split(
 
 def _prepare_run_dir(
     run_dir: Path | None, method: str, inputs: Sequence[Path], force: bool, reporter: Reporter
-) -> Path:
-    """A new run directory under the runs folder, or ``run_dir`` checked by the output rules.
+) -> tuple[Path, OutputLock]:
+    """A new run directory under the runs folder, or ``run_dir`` checked by the output rules; locked.
 
     A folder that holds a model (or an interrupted run) is refused unless ``force``; with it,
-    the old model's files are deleted first, so no mix of two models can remain.
+    the old model's files are deleted first, so no mix of two models can remain. The lock comes
+    first: a second ``train --out`` into a folder being trained into is refused as such, before it
+    could take the first run's checkpoint for an interrupted run or delete it with ``--force``.
     """
     if run_dir is None:
         run_dir = modeldir.new_run_dir(method)
-    else:
+    lock = lock_output(run_dir, "--out", "run directory")
+    try:
         modeldir.refuse_existing_run(run_dir, force)
-    prepare_output_dir(run_dir, inputs, force=force)
-    removed = modeldir.clear_model(run_dir) if force else []
+        prepare_output_dir(run_dir, inputs, force=force)
+        removed = modeldir.clear_model(run_dir) if force else []
+    except BaseException:
+        lock.release()
+        raise
     if removed:
         reporter.warn(f"--force: replacing the model in {run_dir} (removed {', '.join(p.name for p in removed)})")
-    return run_dir
+    return run_dir, lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1076,7 +1107,7 @@ def heatmap_folder(
     ``out_dir`` follows the output rules (:mod:`surfaceinspect.outputs`): never the input folder,
     a dedicated subfolder of it at most. ``index.html`` lists unreadable files too, shows the
     model, thresholds and source folder (and the shard, with ``shard``), and is written even
-    when the run is interrupted.
+    when the run is interrupted. ``out_dir`` is locked while it is written (:func:`lock_output`).
     """
     from surfaceinspect.atomic import atomic_open
     from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
@@ -1121,6 +1152,7 @@ def heatmap_folder(
     context = _gallery_context(model, images_dir)
     if shard is not None:
         context["shard"] = f"{shard.index} of {shard.count} (numbered 0..{shard.count - 1}): only this shard's images"
+    lock = lock_output(out_dir, "--out", "folder")
     try:
         summary = score_folder(
             model,
@@ -1139,5 +1171,8 @@ def heatmap_folder(
         write_index_html(out_dir, entries, context=context, note=note)
         reporter.warn(f"interrupted; {out_dir / 'index.html'} shows the {len(entries)} images done")
         raise
-    index = write_index_html(out_dir, entries, context=context)
+    else:
+        index = write_index_html(out_dir, entries, context=context)
+    finally:
+        lock.release()
     return summary, index

@@ -31,7 +31,7 @@ from typing import Any
 
 from surfaceinspect.errors import ConfigError, OutputError
 from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
-from surfaceinspect.outputs import check_output_file, open_for_writing, prepare_output_dir
+from surfaceinspect.outputs import check_output_file, lock_output, open_for_writing, prepare_output_dir
 from surfaceinspect.records import RecordWriter, ScoreRecord, is_records_file, output_format, undo_spreadsheet_safe
 from surfaceinspect.ui import Reporter
 
@@ -210,32 +210,27 @@ def open_records_for_append(
         raise OutputError(f"--output {output} holds JSON Lines records; name the file .jsonl")
     if resume and fmt == "jsonl" and output.stat().st_size and _has_csv_header(output):
         raise OutputError(f"--output {output} holds CSV records; name the file .csv")
-    if resume:
-        try:
-            handle = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115 - the writer closes it
-        except OSError as exc:
-            raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
-    else:
-        handle = open_for_writing(output)
-    _lock(handle, output)  # before reading: a second watch on the same file would interleave records
-    done = recorded_paths(output, fmt) if resume else set()
-    handle.seek(0, os.SEEK_END)
+    # Locked before reading: a second watch (or a score) on the same file would interleave records.
+    lock = lock_output(output, "--output")
+    handle = None
+    try:
+        handle = _open_append(output) if resume else open_for_writing(output)
+        done = recorded_paths(output, fmt) if resume else set()
+        handle.seek(0, os.SEEK_END)
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        lock.release()
+        raise
     empty = handle.tell() == 0
-    return RecordWriter(handle, fmt, close=True, target=output, header=empty), done, fmt
+    return RecordWriter(handle, fmt, close=True, target=output, header=empty, lock=lock), done, fmt
 
 
-def _lock(handle: Any, output: Path) -> None:
+def _open_append(output: Path) -> Any:
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock; one watch per output file is the user's job
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise OutputError(
-            f"--output {output} is being written by another watch; give each watch its own file"
-        ) from None
+        return open(output, "a", encoding="utf-8", newline="")  # closed by the RecordWriter
+    except OSError as exc:
+        raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
 
 
 def _has_csv_header(path: Path) -> bool:

@@ -229,7 +229,7 @@ def test_a_second_watch_on_the_same_output_is_refused(tmp_path):
     writer, done, fmt = open_records_for_append(tmp_path / "out.jsonl", None, folder, force=False)
     try:
         assert done == set() and fmt == "jsonl"
-        with pytest.raises(OutputError, match="another watch"):
+        with pytest.raises(OutputError, match="being written by another surfaceinspect process"):
             open_records_for_append(tmp_path / "out.jsonl", None, folder, force=False)
     finally:
         writer.close()

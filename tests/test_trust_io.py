@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from surfaceinspect import cli, modeldir
 from surfaceinspect.cli import app
-from surfaceinspect.errors import EXIT_OK, EXIT_UNREADABLE
+from surfaceinspect.errors import EXIT_DEFECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
 
 TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT_S = 120
@@ -48,7 +49,7 @@ def toy_env(tmp_path: Path, **config: str) -> dict[str, str]:
             "method: toy\ncommon:\n  image_size: 64\n  batch_size: 2\n  workers: 0\n"
             "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n" + toy
         )
-    return {**os.environ, "TOY_PROFILES": str(profiles)}
+    return {**os.environ, "TOY_PROFILES": str(profiles), "COLUMNS": "1000"}  # no wrapped messages
 
 
 def cli_process(tmp_path: Path, *args, **popen) -> subprocess.Popen:
@@ -78,6 +79,12 @@ def wait_for(predicate, timeout: float = 60.0, proc: subprocess.Popen | None = N
         time.sleep(0.05)
 
 
+def written_since(path: Path, before: str | None, lines: int) -> bool:
+    """``path`` holds at least ``lines`` lines and differs from ``before`` (what an earlier run left)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return text != before and text.count("\n") >= lines
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -87,6 +94,22 @@ def trained(toy_method, synthetic_dataset):
     result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
+
+
+@pytest.fixture
+def slow_model(toy_method, synthetic_dataset, tmp_path):
+    """A toy model that takes 0.4 s per batch to score, so a test can act while a run is in progress."""
+    out = tmp_path / "slow_model"
+    data = synthetic_dataset / "train" / "good"
+    result = run("train", "-m", "toy", data, "--set", "toy.predict_delay_s=0.4", "--out", out, "-q")
+    assert result.exit_code == EXIT_OK, result.output
+    return out
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
 
 
 @pytest.fixture
@@ -135,3 +158,97 @@ def test_item4_reads_are_bounded_and_a_symlink_loop_is_named(tmp_path, monkeypat
     os.symlink("missing.png", tmp_path / "dangling.png")
     with pytest.raises(ImageReadError, match="broken symbolic link"):
         imageio.read_image(tmp_path / "dangling.png")
+
+
+# ---------------------------------------------------------------------------------------------- 1
+
+
+def test_item1_concurrent_score_same_output_refused(slow_model, synthetic_dataset, tmp_path):
+    output = tmp_path / "shared.jsonl"
+    part = tmp_path / "shared.jsonl.part"
+    args = ("score", synthetic_dataset / "test", "--model", slow_model, "--output", output, "--batch-size", "1")
+    first = cli_process(tmp_path, *args, "-q")
+    try:
+        wait_for(lambda: part.exists() and part.read_text().count("\n") >= 1, proc=first)
+        second = run(*args)  # this test process is the second writer
+        assert first.poll() is None, "the first run must still be writing"
+        assert second.exit_code == EXIT_USAGE
+        line = one_line(second.output)
+        assert f"--output {output} is being written by another surfaceinspect process (pid {first.pid} on " in line
+        assert "`surfaceinspect score " in line and "give each run its own file" in line
+        _, stderr = first.communicate(timeout=TIMEOUT_S)
+    finally:
+        first.kill()
+    assert first.returncode == EXIT_DEFECT, stderr
+    rows = records(output)  # every line one whole record: nothing spliced in
+    assert len(rows) == len({r["path"] for r in rows}) == 17
+    assert not part.exists() and not (tmp_path / ".shared.jsonl.lock").exists()
+
+
+def test_item1_concurrent_heatmap_and_train_into_one_out_refused(slow_model, synthetic_dataset, tmp_path):
+    out = tmp_path / "hm"
+    first = cli_process(tmp_path, "heatmap", synthetic_dataset / "test", "--model", slow_model, "--out", out, "-q")
+    try:
+        wait_for(lambda: any(out.rglob("*.png")), proc=first)
+        second = run("heatmap", synthetic_dataset / "test", "--model", slow_model, "--out", out, "--force")
+        assert second.exit_code == EXIT_USAGE
+        assert f"--out {out} is being written by another surfaceinspect process (pid {first.pid}" in one_line(
+            second.output
+        )
+    finally:
+        first.kill()
+        first.communicate()
+
+    data = synthetic_dataset / "train" / "good"
+    run_dir = tmp_path / "run"
+    first = cli_process(tmp_path, "train", "-m", "toy", data, "--out", run_dir, "--set", "toy.step_delay_s=0.2")
+    try:
+        wait_for(lambda: (run_dir / ".surfaceinspect-output").exists(), proc=first)
+        for force in ([], ["--force"]):  # --force must not delete the files of the run in progress either
+            second = run("train", "-m", "toy", data, "--out", run_dir, *force)
+            assert second.exit_code == EXIT_USAGE
+            line = one_line(second.output)
+            assert f"--out {run_dir} is being written by another surfaceinspect process (pid {first.pid}" in line
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # the kernel dropped the killed run's lock: the next run is not blocked by its leftover lock file
+    result = run("train", "-m", "toy", data, "--out", run_dir, "--force", "-q")
+    assert result.exit_code == EXIT_OK, result.output
+    assert not (tmp_path / ".run.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 2
+
+
+def test_item2_rerun_over_own_output_never_loses_earlier_records(trained, slow_model, synthetic_dataset, tmp_path):
+    output = tmp_path / "k.csv"
+    part = tmp_path / "k.csv.part"
+    data = synthetic_dataset / "test"
+    assert run("score", data, "--model", trained, "--output", output, "-q").exit_code == EXIT_DEFECT
+    earlier = output.read_bytes()
+    assert earlier.count(b"\n") == 18  # header + 17 records
+
+    args = ("score", data, "--model", slow_model, "--output", output, "--batch-size", "1")
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        leftover = part.read_text() if part.exists() else None  # until this run starts writing
+        proc = cli_process(tmp_path, *args)
+        try:
+            wait_for(lambda before=leftover: written_since(part, before, 3), proc=proc)
+            assert output.read_bytes() == earlier  # not emptied at the start
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=TIMEOUT_S)
+        finally:
+            proc.kill()
+        assert output.read_bytes() == earlier  # the earlier records survive the kill ...
+        kept = part.read_text(encoding="utf-8")  # ... and what the killed run computed is kept
+        assert kept.startswith("path,verdict,") and kept.endswith("\n") and kept.count("\n") >= 3
+        if sig == signal.SIGINT:
+            assert proc.returncode == EXIT_INTERRUPTED
+            assert f"record(s) are in {part}; {output} is unchanged" in stderr
+    # told at the start where the records go, and a completed run replaces the file atomically
+    result = run("score", data, "--model", trained, "--output", output)
+    assert f"replacing {part}, left by an interrupted run" in result.output
+    assert f"replacing {output} (records of an earlier run) when this run completes" in result.output
+    assert output.read_bytes() == earlier and not part.exists()
