@@ -682,7 +682,7 @@ def heatmap(
     selected = _parse_shard(shard)
     engine.require_input(images_dir)
     # Fail before the model loads, on a refused or locked --out (the engine checks and locks it again).
-    prepare_output_dir(out, [images_dir], force=force)
+    prepare_output_dir(out, [images_dir], force=force, refuse_links=True)
     lock_output(out, "--out", "folder").release()
     writer = _open_records(output, None, [images_dir], force, reporter)
     complete = False

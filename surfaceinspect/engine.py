@@ -1113,7 +1113,7 @@ def heatmap_folder(
     from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
 
     reporter = reporter or Reporter(quiet=True)
-    if prepare_output_dir(out_dir, [images_dir], force=force).reused:
+    if prepare_output_dir(out_dir, [images_dir], force=force, refuse_links=True).reused:
         reporter.info(f"{out_dir} is not empty: earlier overlays with the same names are replaced")
     entries: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -1134,9 +1134,9 @@ def heatmap_folder(
             verdict=record.verdict,
             alpha=DEFAULT_OPACITY if opacity is None else opacity,
         )
-        save_png(out_dir / f"{stem}.png", overlay)
+        save_png(out_dir / f"{stem}.png", overlay, below=out_dir)  # never through a link below out_dir
         if save_maps:
-            with atomic_open(out_dir / f"{stem}.npy", "wb") as handle:
+            with atomic_open(out_dir / f"{stem}.npy", "wb", below=out_dir) as handle:
                 np.save(handle, result.anomaly_map.astype(np.float32, copy=False))
         entries.append(
             {

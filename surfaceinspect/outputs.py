@@ -2,6 +2,9 @@
 
 No command writes over its inputs or over a file it did not create:
 
+* Nothing is written through a symbolic link below an output folder (the folder itself may be
+  one): a reused folder holding a link is refused, and writes open each folder without following
+  links (:func:`~surfaceinspect.atomic.atomic_open` ``below``), so a link made meanwhile fails too.
 * An output **folder** may not be an input folder, nor contain one. It may lie inside an input
   folder only as a dedicated subfolder (new, empty, or an earlier output of the tool); every
   output folder is marked with :data:`~surfaceinspect.imageio.OUTPUT_MARKER`, and image discovery
@@ -49,6 +52,8 @@ _OS_ERROR_FIXES = {
     errno.EISDIR: "is a folder; give a file name",
     errno.ENAMETOOLONG: "file name too long; choose a shorter path",
     errno.ENOENT: "no such file or folder (and it cannot be created there); choose another path",
+    errno.ELOOP: "is a symbolic link inside an output folder; outputs are never written through links: remove it, "
+    "or choose a new output folder",
 }
 
 
@@ -87,6 +92,31 @@ def _is_empty(folder: Path) -> bool:
     return not folder.is_dir() or all(p.name == OUTPUT_MARKER for p in folder.iterdir())
 
 
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link below ``folder`` (links are not followed), or None."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.is_symlink():
+            return Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            found = _first_link(Path(entry.path))
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_links_inside(out: Path, option: str) -> None:
+    link = _first_link(out)
+    if link is not None:
+        raise OutputError(
+            f"{option} {out}: {link} is a symbolic link (to {os.readlink(link)}); outputs are never written "
+            "through links: remove it, or choose a new folder"
+        )
+
+
 @dataclass
 class OutputDir:
     """A checked, created and marked output folder."""
@@ -102,11 +132,13 @@ def prepare_output_dir(
     option: str = "--out",
     force: bool = False,
     allow_reuse: bool = True,
+    refuse_links: bool = False,
 ) -> OutputDir:
     """Check ``out`` against the rules in the module docstring, create it and mark it as the tool's.
 
     ``inputs`` are the files and folders the command reads. ``allow_reuse=False`` also refuses a
-    folder the tool wrote before (for outputs that must start empty). Calling it again on the same
+    folder the tool wrote before (for outputs that must start empty); ``refuse_links`` refuses a
+    folder with a symbolic link anywhere below it (for outputs written into subfolders). Calling it again on the same
     folder gives the same answer (a folder holding only the marker counts as empty).
     """
     out = Path(out).expanduser()
@@ -134,6 +166,8 @@ def prepare_output_dir(
     if blocking is not None:
         raise OutputError(f"{option} {out}: {blocking} is a file, so the folder cannot be created; choose another path")
     reused = False
+    if refuse_links and target.is_dir():
+        _refuse_links_inside(out, option)
     if not _is_empty(target):
         if is_output_dir(target):
             if not allow_reuse:

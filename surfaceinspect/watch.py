@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -312,13 +313,21 @@ class DefectHook:
 
 
 def copy_defect(image: Path, rel: str, defects_dir: Path) -> Path:
-    """Copy ``image`` to ``defects_dir/rel`` atomically (readers never see a partial copy)."""
+    """Copy ``image`` to ``defects_dir/rel`` atomically (readers never see a partial copy).
+
+    Never through a symbolic link below ``defects_dir`` (OSError ``ELOOP`` instead); the copy keeps
+    the image's permissions and time stamps.
+    """
     from surfaceinspect.atomic import atomic_open
 
     target = defects_dir / rel
-    with open(image, "rb") as source, atomic_open(target, "wb") as handle:
+    with open(image, "rb") as source, atomic_open(target, "wb", below=defects_dir) as handle:
         shutil.copyfileobj(source, handle)
-    shutil.copystat(image, target)
+        handle.flush()
+        st = os.fstat(source.fileno())
+        # on the open copy, not by path: a path could lead through a link made meanwhile
+        os.chmod(handle.fileno(), stat.S_IMODE(st.st_mode))
+        os.utime(handle.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
     return target
 
 
@@ -360,7 +369,7 @@ def check_outputs(
     output_format(output, fmt)
     check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
     if options.defects_dir is not None:
-        prepare_output_dir(options.defects_dir, [folder], option="--defects-dir")
+        prepare_output_dir(options.defects_dir, [folder], option="--defects-dir", refuse_links=True)
     return DefectHook(options.on_defect, reporter or Reporter(quiet=True)) if options.on_defect else None
 
 

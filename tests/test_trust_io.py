@@ -252,3 +252,58 @@ def test_item2_rerun_over_own_output_never_loses_earlier_records(trained, slow_m
     assert f"replacing {part}, left by an interrupted run" in result.output
     assert f"replacing {output} (records of an earlier run) when this run completes" in result.output
     assert output.read_bytes() == earlier and not part.exists()
+
+
+# ---------------------------------------------------------------------------------------------- 3
+
+
+def test_item3_heatmap_refuses_symlink_below_out_and_never_writes_through_it(trained, synthetic_dataset, tmp_path):
+    data = synthetic_dataset / "test"
+    out = tmp_path / "hm"
+    assert run("heatmap", data, "--model", trained, "--out", out, "-q").exit_code == EXIT_DEFECT
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "000.png").write_bytes(b"someone else's file")
+    shutil.rmtree(out / "dent")
+    os.symlink(victim, out / "dent")  # HM/sub replaced by a link to another folder
+    result = run("heatmap", data, "--model", trained, "--out", out)
+    assert result.exit_code == EXIT_USAGE
+    assert f"--out {out}: {out / 'dent'} is a symbolic link (to {victim}); outputs are never written" in one_line(
+        result.output
+    )
+    assert (victim / "000.png").read_bytes() == b"someone else's file" and sorted(os.listdir(victim)) == ["000.png"]
+
+    # a link made after the check (while the run is going on) fails the write, never redirects it
+    from surfaceinspect.atomic import write_bytes_atomic
+
+    with pytest.raises(OSError, match="symbolic link below an output folder") as caught:
+        write_bytes_atomic(out / "dent" / "000.png", b"overlay", below=out)
+    assert caught.value.filename == str(out / "dent")
+    os.symlink(victim / "000.png", out / "good" / "link.png")  # the file itself a link: refused as well
+    with pytest.raises(OSError, match="symbolic link below an output folder"):
+        write_bytes_atomic(out / "good" / "link.png", b"overlay", below=out)
+    assert (victim / "000.png").read_bytes() == b"someone else's file"
+
+
+def test_item3_watch_defects_dir_refuses_symlink_below_it(trained, synthetic_dataset, tmp_path):
+    from surfaceinspect.watch import copy_defect
+
+    folder = tmp_path / "camera"
+    (folder / "sub").mkdir(parents=True)
+    dent = synthetic_dataset / "test" / "dent" / "000.png"
+    shutil.copy(dent, folder / "sub" / "x.png")
+    defects = tmp_path / "defects"
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "x.png").write_bytes(b"keep me")
+    assert copy_defect(folder / "sub" / "x.png", "sub/x.png", defects).read_bytes() == dent.read_bytes()
+    shutil.rmtree(defects / "sub")
+    os.symlink(victim, defects / "sub")
+    # at start: refused before anything is watched
+    result = run("watch", folder, "--model", trained, "-o", tmp_path / "w.jsonl", "--defects-dir", defects)
+    assert result.exit_code == EXIT_USAGE
+    assert f"--defects-dir {defects}: {defects / 'sub'} is a symbolic link" in one_line(result.output)
+    # made while watching: the copy fails (a warning in the watch), the linked folder is untouched
+    with pytest.raises(OSError, match="symbolic link below an output folder"):
+        copy_defect(folder / "sub" / "x.png", "sub/x.png", defects)
+    assert (victim / "x.png").read_bytes() == b"keep me" and os.listdir(victim) == ["x.png"]
