@@ -982,9 +982,9 @@ class ScoreSummary:
         else:
             self.n_good += 1
 
-    def exit_code(self) -> int:
-        """1 if any defect, else 3 if any unreadable, else 0."""
-        if self.n_defect:
+    def exit_code(self, fail_on_defect: bool = True) -> int:
+        """1 if any defect (unless not ``fail_on_defect``), else 3 if any unreadable, else 0."""
+        if self.n_defect and fail_on_defect:
             return EXIT_DEFECT
         if self.n_error:
             return EXIT_UNREADABLE

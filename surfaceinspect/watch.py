@@ -377,9 +377,10 @@ def check_outputs(
 class WatchResult:
     """How a watch ended: the counts of this session, and why it stopped."""
 
-    summary: Any  # engine.ScoreSummary of the images scored in this session
+    summary: Any  # engine.ScoreSummary of the images scored in this session (its seconds: time spent scoring)
     already_recorded: int
-    stopped_by: str  # "stop-after", "idle-timeout", "interrupted" or "stop-event"
+    stopped_by: str  # "stop-after", "idle-timeout", "interrupted" or "stop-event" ("terminated": set by the CLI)
+    watched_s: float = 0.0  # how long the watch ran
     hook_failures: int = 0
     copied: list[Path] = field(default_factory=list)
 
@@ -423,6 +424,7 @@ def watch_folder(
     result = WatchResult(summary, len(done), "stop-event")
     detector, calibration = model.detector, model.calibration
     started_wall = time.time()
+    started = time.monotonic()
     last_activity = time.monotonic()
     next_rescan = time.monotonic() + options.rescan_s if options.rescan_s > 0 else float("inf")
 
@@ -436,6 +438,13 @@ def watch_folder(
             tracker.touch(path)
 
     def score(batch: Sequence[Ready]) -> None:
+        began = time.monotonic()
+        try:
+            score_batch(batch)
+        finally:
+            summary.seconds += time.monotonic() - began
+
+    def score_batch(batch: Sequence[Ready]) -> None:
         by_path = {r.path: r for r in batch}
         for item in run_inference(
             [r.path for r in batch], root, detector, calibration, batch_size=len(batch), workers=0
@@ -526,6 +535,7 @@ def watch_folder(
     except KeyboardInterrupt:
         result.stopped_by = "interrupted"
     finally:
+        result.watched_s = time.monotonic() - started
         with contextlib.suppress(Exception):
             watcher.close()
         writer.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -307,3 +308,66 @@ def test_item3_watch_defects_dir_refuses_symlink_below_it(trained, synthetic_dat
     with pytest.raises(OSError, match="symbolic link below an output folder"):
         copy_defect(folder / "sub" / "x.png", "sub/x.png", defects)
     assert (victim / "x.png").read_bytes() == b"keep me" and os.listdir(victim) == ["x.png"]
+
+
+# ---------------------------------------------------------------------------------------------- 12
+
+
+def test_item12_no_fail_on_defect_lets_set_e_scripts_read_their_results(trained, synthetic_dataset, tmp_path):
+    data = synthetic_dataset / "test"
+    assert run("score", data, "--model", trained, "-q").exit_code == EXIT_DEFECT
+    assert run("score", data, "--model", trained, "-q", "--no-fail-on-defect").exit_code == EXIT_OK
+    result = run("heatmap", data, "--model", trained, "--out", tmp_path / "hm", "-q", "--no-fail-on-defect")
+    assert result.exit_code == EXIT_OK
+    broken = Path(shutil.copytree(data / "dent", tmp_path / "dent"))
+    (broken / "bad.png").write_bytes(b"not a png")
+    result = run("score", broken, "--model", trained, "-q", "--no-fail-on-defect")
+    assert result.exit_code == EXIT_UNREADABLE  # unreadable images still stop a script
+
+    cli_command = f"{sys.executable} {TESTS_DIR / 'cli_with_toy.py'}"
+    script = f"""set -euo pipefail
+{cli_command} score {data} --model {trained} --output {tmp_path / "r.jsonl"} -q --no-fail-on-defect
+echo "defects: $(grep -c '"defect"' {tmp_path / "r.jsonl"})"
+"""
+    done = subprocess.run(["bash", "-c", script], env=toy_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("defects: "), done.stderr
+    assert int(done.stdout.split()[1]) == sum(r["verdict"] == "defect" for r in records(tmp_path / "r.jsonl")) > 0
+
+
+def test_item12_watch_stopped_by_sigterm_exits_0_with_a_summary(trained, synthetic_dataset, tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    shutil.copy(synthetic_dataset / "test" / "good" / "000.png", folder / "a.png")
+    shutil.copy(synthetic_dataset / "test" / "dent" / "000.png", folder / "b.png")
+    output = tmp_path / "w.jsonl"
+    proc = cli_process(tmp_path, "watch", folder, "--model", trained, "-o", output, "--settle", "0.1")
+    try:
+        wait_for(lambda: written_since(output, None, 2), proc=proc)
+        proc.send_signal(signal.SIGTERM)  # what `systemctl stop` sends
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_OK, stderr  # a requested stop, even though a defect was seen
+    assert "error" not in stderr and "interrupted" not in stderr
+    summary = " ".join(stdout.split())  # the table title wraps to the table's width
+    assert re.search(r"2 images in \d+\.\d s of watching, \d+\.\d s scoring", summary), stdout
+    assert "stopped by SIGTERM" in summary
+    assert "[torch on cpu]" in stderr  # it says which runtime scores (item 13)
+
+
+# ---------------------------------------------------------------------------------------------- 13
+
+
+def test_item13_sigterm_during_heatmap_leaves_index_html(slow_model, synthetic_dataset, tmp_path):
+    out = tmp_path / "hm"
+    proc = cli_process(tmp_path, "heatmap", synthetic_dataset / "test", "--model", slow_model, "--out", out)
+    try:
+        wait_for(lambda: len(list(out.rglob("*.png"))) >= 2, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr  # a batch job stopped half-way: not a verdict
+    assert "error: interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert page.rstrip().endswith("</html>") and "Interrupted: only the first" in page
