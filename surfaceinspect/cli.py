@@ -483,7 +483,7 @@ def train(
         ("done", "green"),
         f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
         (str(result.run_dir), "bold"),
-        f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
+        f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {plural(cal.n_good, 'good calibration image')}{target})",
     )
 
 
@@ -898,7 +898,7 @@ def recalibrate(
     cal = change.calibration
     reporter.info(
         ("recalibrated", "green"),
-        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images):",
+        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {plural(cal.n_defective, 'defective image')}):",
     )
     _print_thresholds(reporter, change)
     if change.backup is not None:

@@ -5,8 +5,10 @@ Method-independent: detectors are reached only through the Detector interface an
 
 from __future__ import annotations
 
+import errno
 import heapq
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +34,20 @@ from surfaceinspect.errors import (
     DatasetError,
     ModelDirError,
 )
-from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
+from surfaceinspect.imageio import (
+    discover_images,
+    greyscale,
+    image_size,
+    read_image,
+    resize_image,
+    supported_suffixes,
+)
 from surfaceinspect.outputs import OutputLock, lock_output, prepare_output_dir
 from surfaceinspect.records import ScoreRecord
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
-from surfaceinspect.ui import Reporter, TrainProgressView
+from surfaceinspect.ui import Reporter, TrainProgressView, plural
 
 MAX_LISTED_FAILURES = 10
 
@@ -48,9 +57,17 @@ MAX_LISTED_FAILURES = 10
 
 
 def require_input(path: Path) -> Path:
-    """Fail early (before loading a model) when the image file or folder does not exist."""
-    if not path.exists():
-        raise DatasetError(f"{path} does not exist; give an image file or a folder of images")
+    """Fail early (before loading a model) when the image file or folder does not exist (links named as such)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            what = "is a symbolic link loop (it leads back to itself)"
+        elif path.is_symlink():
+            what = "is a broken symbolic link (its target does not exist)"
+        else:
+            what = "does not exist"
+        raise DatasetError(f"{path} {what}; give an image file or a folder of images") from None
     return path
 
 
@@ -63,15 +80,24 @@ def relative_name(path: Path, root: Path) -> str:
         return path.name
 
 
-def split_calibration(files: Sequence[Path], run_config: RunConfig) -> tuple[list[Path], list[Path]]:
-    """Deterministically hold out ``max(min_images, fraction * N)`` files for calibration."""
+def split_calibration(
+    files: Sequence[Path], run_config: RunConfig, folder: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """Deterministically hold out ``max(min_images, fraction * N)`` files for calibration.
+
+    Too few files is refused with the fix first: more good images. The minimum is a safety
+    setting (fewer calibration images cannot guarantee the false-reject rate), so lowering it is
+    only named as what decides the number, not offered as the way out.
+    """
     cal = run_config.common.calibration
     n = len(files)
     n_cal = max(cal.min_images, round(cal.fraction * n))
     if n - n_cal < 2:
+        where = f"{folder}: " if folder is not None else ""
         raise DatasetError(
-            f"{n} good images found, but calibration holds out {n_cal} and training needs at least 2 more; "
-            f"add images or lower common.calibration.min_images / fraction (--set common.calibration.min_images=N)"
+            f"{where}{plural(n, 'good image')}, but training needs at least {n_cal + 2}: {n_cal} held out to set "
+            f"the threshold and 2 or more to learn from; add images of defect-free parts (how many are held out "
+            f"is set by common.calibration.min_images and fraction)"
         )
     order = np.random.default_rng(run_config.common.seed).permutation(n)
     cal_idx = set(order[:n_cal].tolist())
@@ -81,14 +107,28 @@ def split_calibration(files: Sequence[Path], run_config: RunConfig) -> tuple[lis
 
 
 def find_images(root: Path, reporter: Reporter) -> list[Path]:
-    """The input images under ``root`` (see ``discover_images``); says once which output folders it skipped."""
+    """The input images under ``root`` (see ``discover_images``); says which output folders and files it skips.
+
+    Files that are not images (``report.pdf``) are named in a warning: a part whose picture was
+    saved in a format that is not read would otherwise go uninspected without a word.
+    """
     skipped: list[Path] = []
-    paths = discover_images(root, skipped=skipped)
+    others: list[Path] = []
+    paths = discover_images(root, skipped=skipped, others=others)
     if skipped:
-        names = ", ".join(str(p) for p in skipped[:MAX_LISTED_FAILURES])
-        more = f" and {len(skipped) - MAX_LISTED_FAILURES} more" if len(skipped) > MAX_LISTED_FAILURES else ""
-        reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {names}{more}")
+        reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {_listed(skipped)}")
+    if others:
+        reporter.warn(
+            f"{plural(len(others), 'file')} skipped, not in an image format that is read "
+            f"({supported_suffixes()}): {_listed(others)}"
+        )
     return paths
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """The first :data:`MAX_LISTED_FAILURES` paths, and how many more."""
+    names = ", ".join(str(p) for p in paths[:MAX_LISTED_FAILURES])
+    return names + (f" and {len(paths) - MAX_LISTED_FAILURES} more" if len(paths) > MAX_LISTED_FAILURES else "")
 
 
 def refuse_labelled_folder(folder: Path, command: str) -> None:
@@ -532,7 +572,7 @@ def execute_training(plan: TrainingPlan, *, reporter: Reporter, mark_latest: boo
     reporter.info(
         "training ",
         (run_config.method, "bold"),
-        f" (profile {run_config.profile}) on {device}: {len(plan.train_files)} training images, "
+        f" (profile {run_config.profile}) on {device}: {plural(len(plan.train_files), 'training image')}, "
         f"{len(plan.calibration_files) or 'labelled folder for'} calibration; input {_geometry_text(common)}; "
         f"run directory {run_dir}",
     )
@@ -766,10 +806,10 @@ def _training_split(
         refuse_labelled_folder(data_dir, "train")
         files = find_images(data_dir, reporter)
     if not files:
-        raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")
+        raise DatasetError(f"no images found in {data_dir}; point train at a folder of {supported_suffixes()} files")
     if calibration_dir is not None:
         return list(files), []
-    return split_calibration(files, run_config)
+    return split_calibration(files, run_config, data_dir)
 
 
 def _prepare_run_dir(
@@ -1014,7 +1054,7 @@ def score_folder(
     reporter = reporter or Reporter(quiet=True)
     paths = find_images(images_dir, reporter)
     if not paths:
-        raise DatasetError(f"no images found in {images_dir}; expected .png/.jpg/.jpeg/.bmp/.tif files")
+        raise DatasetError(f"no images found in {images_dir}; expected {supported_suffixes()} files")
     root = images_dir if images_dir.is_dir() else images_dir.parent
     if shard is not None:
         n_found = len(paths)

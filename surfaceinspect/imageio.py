@@ -146,9 +146,7 @@ def _open_checked(path: Path, data: bytes, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _fail(
-            path, f"not an image or unsupported format (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        ) from None
+        raise _fail(path, f"not an image or unsupported format (supported: {supported_suffixes()})") from None
     except Image.DecompressionBombError:
         raise _fail(path, "image dimensions are absurdly large") from None
     except MemoryError:
@@ -363,14 +361,23 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def supported_suffixes() -> str:
+    """The image suffixes that are read, for messages: ``.bmp, .jpeg, .jpg, .png, ...``."""
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
 def discover_images(
-    root: str | os.PathLike[str], recursive: bool = True, skipped: list[Path] | None = None
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    skipped: list[Path] | None = None,
+    others: list[Path] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` whose suffix is in :data:`IMAGE_EXTENSIONS` (any case).
 
     Hidden files and folders (name starting with '.') below ``root`` are skipped, and so are
     output folders of surfaceinspect below ``root`` (:func:`is_output_dir`; appended to
-    ``skipped`` when given, so the caller can say so). Symlinked folders are followed once (loops
+    ``skipped`` when given, so the caller can say so); other files that are not images (``a.pdf``)
+    are appended to ``others`` when given. Symlinked folders are followed once (loops
     cannot hang). Sorted by the POSIX relative path, so the order is the same on every machine. A
     file given as ``root`` is returned as ``[root]``. Raises :class:`DatasetError` if ``root``
     does not exist.
@@ -401,9 +408,13 @@ def discover_images(
                 skipped.extend(Path(dirpath) / d for d in outputs)
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and d not in outputs)
         for name in filenames:
-            if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if _is_hidden(name):
                 continue
             p = Path(dirpath) / name
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                if others is not None:
+                    others.append(p)
+                continue
             found.append((p.relative_to(root).as_posix(), p))
     found.sort(key=lambda item: item[0])
     return [p for _, p in found]

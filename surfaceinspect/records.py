@@ -247,6 +247,6 @@ def is_records_file(path: Path) -> bool:
         return True
     try:
         data = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(data, dict) and set(data) == set(FIELDS)

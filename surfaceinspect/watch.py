@@ -188,7 +188,7 @@ def recorded_paths(path: Path, fmt: str) -> set[str]:
     for number, line in enumerate(text.splitlines(), 1):
         try:
             paths.add(json.loads(line)["path"])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             if line.strip():
                 raise OutputError(
                     f"--output {path}: line {number} is not a record; give a new file or repair this one"

@@ -371,3 +371,108 @@ def test_item13_sigterm_during_heatmap_leaves_index_html(slow_model, synthetic_d
     assert "error: interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
     page = (out / "index.html").read_text(encoding="utf-8")
     assert page.rstrip().endswith("</html>") and "Interrupted: only the first" in page
+
+
+def test_item13_watch_summary_has_real_durations_and_names_the_runtime(trained, synthetic_dataset, tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(synthetic_dataset / "test" / "good" / f"00{i}.png", folder / f"{i}.png")
+    args = ("watch", folder, "--model", trained, "-o", tmp_path / "w.jsonl", "--settle", "0.1", "--stop-after", "3")
+    result = run(*args)
+    assert result.exit_code == EXIT_OK, result.output
+    assert f"model: {trained} (toy, threshold " in result.output and "[torch on cpu]" in result.output
+    title = re.search(r"3 images in (\d+\.\d) s of watching, (\d+\.\d) s scoring", " ".join(result.output.split()))
+    assert title and float(title.group(1)) > 0  # was "3 images in 0.0 s"
+
+
+def test_item13_files_that_are_not_images_are_named_and_every_suffix_listed(trained, good_copy, tmp_path):
+    from surfaceinspect.imageio import IMAGE_EXTENSIONS
+
+    (good_copy / "inspection.pdf").write_bytes(b"%PDF-1.4")
+    result = run("score", good_copy, "--model", trained, "-q")
+    assert result.exit_code in (EXIT_OK, EXIT_DEFECT)
+    line = next(line for line in result.output.splitlines() if "skipped" in line)
+    assert line.startswith("warning: 1 file skipped, not in an image format that is read (.bmp, ")
+    assert line.endswith(f"): {good_copy / 'inspection.pdf'}")
+    empty = tmp_path / "only_pdf"
+    empty.mkdir()
+    (empty / "a.pdf").write_bytes(b"%PDF-1.4")
+    result = run("score", empty, "--model", trained)
+    assert result.exit_code == EXIT_USAGE
+    message = result.output.splitlines()[-1]
+    assert message.startswith(f"error: no images found in {empty}")
+    assert all(suffix in message for suffix in IMAGE_EXTENSIONS), message
+
+
+def test_item13_one_image_is_singular_and_too_few_images_asks_for_more_images(trained, good_copy, tmp_path):
+    result = run("score", good_copy / "000.png", "--model", trained)
+    assert "1 image in " in result.output and "1 images" not in result.output
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("000.png", "001.png", "002.png"):
+        shutil.copy(good_copy / name, few / name)
+    result = run("train", "-m", "toy", few, "--out", tmp_path / "run")
+    assert result.exit_code == EXIT_USAGE
+    line = one_line(result.output)
+    assert f"{few}: 3 good images, but training needs at least 6" in line
+    fix = line.index("add images of defect-free parts")
+    assert "lower" not in line and fix < line.index("common.calibration.min_images")
+
+
+def test_item13_symlink_loop_is_named_as_a_loop(trained, good_copy, tmp_path):
+    os.symlink("loop.png", good_copy / "loop.png")
+    result = run("score", good_copy / "loop.png", "--model", trained)
+    assert result.exit_code == EXIT_USAGE
+    assert one_line(result.output) == (
+        f"error: {good_copy / 'loop.png'} is a symbolic link loop (it leads back to itself); "
+        "give an image file or a folder of images"
+    )
+    result = run("score", good_copy, "--model", trained, "--output", tmp_path / "r.jsonl")
+    assert result.exit_code == EXIT_UNREADABLE
+    by_path = {r["path"]: r for r in records(tmp_path / "r.jsonl")}
+    assert by_path["loop.png"]["error"] == "symbolic link loop (the link leads back to itself)"
+
+
+def test_item13_openvino_and_onnx_hints_name_the_running_python(monkeypatch):
+    from surfaceinspect import runtimes
+    from surfaceinspect.errors import ModelDirError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ModelDirError, match=re.escape(f"`{sys.executable} -m pip install onnxruntime`")):
+        runtimes.import_onnxruntime()
+    with pytest.raises(ModelDirError) as caught:
+        runtimes.import_openvino()
+    assert f"`{sys.executable} -m pip install 'openvino>=2025.0'`" in str(caught.value)
+    assert ".venv/bin/pip" not in str(caught.value)
+
+
+def test_item13_damaged_model_files_exit_2_and_a_manifest_cannot_point_outside(trained, good_copy, tmp_path):
+    image = good_copy / "000.png"
+
+    def refused(model: Path, message: str) -> None:
+        result = run("score", image, "--model", model)
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert message in one_line(result.output) and "internal error" not in result.output
+
+    deep = Path(shutil.copytree(trained, tmp_path / "deep"))
+    (deep / "metadata.json").write_text('{"format_version": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    refused(deep, "metadata.json is corrupt (not valid JSON)")
+
+    text_threshold = Path(shutil.copytree(trained, tmp_path / "text_threshold"))
+    calibration = json.loads((text_threshold / "calibration.json").read_text())
+    calibration["image_threshold"] = "0.5"
+    (text_threshold / "calibration.json").write_text(json.dumps(calibration))
+    refused(text_threshold, "calibration.json holds a threshold or scale that is not a number")
+
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(trained / "calibration.json", export)
+    manifest = {"format": "surfaceinspect-export", "format_version": 1, "method": "toy", "model_sha256": "0"}
+    manifest["config"] = json.loads((trained / "metadata.json").read_text())["config"]
+    for name in ("../" * 12 + "etc/passwd", "/etc/passwd", "model.onnx"):
+        if name == "model.onnx":
+            os.symlink("/etc/passwd", export / name)  # a link leading out of the folder
+        (export / "export.json").write_text(json.dumps({**manifest, "model_file": name}))
+        refused(export, f"names the model file {name!r}, which is not a file of the export folder")
