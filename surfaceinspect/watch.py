@@ -439,12 +439,6 @@ def watch_folder(
 
     def score(batch: Sequence[Ready]) -> None:
         began = time.monotonic()
-        try:
-            score_batch(batch)
-        finally:
-            summary.seconds += time.monotonic() - began
-
-    def score_batch(batch: Sequence[Ready]) -> None:
         by_path = {r.path: r for r in batch}
         for item in run_inference(
             [r.path for r in batch], root, detector, calibration, batch_size=len(batch), workers=0
@@ -469,6 +463,7 @@ def watch_folder(
                     hook(item.item.path, record)
             elif record.verdict == "error":
                 reporter.warn(f"unreadable {record.path}: {record.error}")
+        summary.seconds += time.monotonic() - began  # the time spent scoring, for the summary
 
     watcher = watchfiles.watch(
         root,

@@ -164,7 +164,7 @@ def test_too_few_images_for_calibration_is_refused(toy_method, synthetic_dataset
     for src in sorted((synthetic_dataset / "train" / "good").glob("*.png"))[:5]:
         shutil.copy(src, folder / src.name)
     result = CliRunner().invoke(app, ["train", "-m", "toy", str(folder)])
-    assert result.exit_code == EXIT_USAGE and "calibration holds out 4" in result.output
+    assert result.exit_code == EXIT_USAGE and "needs at least 6: 4 held out to set the threshold" in result.output
 
 
 def test_unreadable_training_images_skip_or_stop(toy_method, synthetic_dataset, tmp_path):
