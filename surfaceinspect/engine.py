@@ -486,11 +486,9 @@ def train(
 def resume(run_dir: Path, *, reporter: Reporter | None = None, mark_latest: bool = False) -> TrainResult:
     """Continue an interrupted run from its last checkpoint (config, data and calibration folder from it)."""
     reporter = reporter or Reporter(quiet=True)
-    plan = plan_resume(run_dir, reporter=reporter)
-    try:
-        return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
-    finally:
-        plan.release()
+    # Locked before the checkpoint is read: two resumes of one run would write one checkpoint.
+    with lock_output(run_dir, "--resume", None):
+        return execute_training(plan_resume(run_dir, reporter=reporter), reporter=reporter, mark_latest=mark_latest)
 
 
 def plan_training(
@@ -522,18 +520,7 @@ def plan_training(
 
 
 def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
-    """The plan of an interrupted run, from its checkpoint (its directory locked, see ``TrainingPlan.release``)."""
-    lock = lock_output(run_dir, "--resume", None)  # two resumes of one run would write one checkpoint
-    try:
-        plan = _plan_resume(run_dir, reporter)
-    except BaseException:
-        lock.release()
-        raise
-    plan.lock = lock
-    return plan
-
-
-def _plan_resume(run_dir: Path, reporter: Reporter) -> TrainingPlan:
+    """The plan of an interrupted run, from its checkpoint."""
     checkpoint = modeldir.load_checkpoint(run_dir)
     method = str(checkpoint.run_config["method"])
     run_config = run_config_from_dict(get_detector_class(method).config_cls, checkpoint.run_config)

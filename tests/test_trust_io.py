@@ -220,6 +220,26 @@ def test_item1_concurrent_heatmap_and_train_into_one_out_refused(slow_model, syn
     assert not (tmp_path / ".run.lock").exists()
 
 
+def test_item1_resume_of_a_run_another_process_writes_is_refused(toy_method, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(  # another process holds the run directory's lock, as a running train does
+        [sys.executable, "-c", "import sys, time; from surfaceinspect.outputs import lock_output; "
+         f"lock = lock_output({str(run_dir)!r}, '--out'); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run("train", "--resume", run_dir)
+        assert result.exit_code == EXIT_USAGE
+        assert f"--resume {run_dir} is being written by another surfaceinspect process (pid {holder.pid}" in one_line(
+            result.output
+        )
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 # ---------------------------------------------------------------------------------------------- 2
 
 
