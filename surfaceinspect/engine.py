@@ -113,16 +113,21 @@ def find_images(root: Path, reporter: Reporter) -> list[Path]:
     saved in a format that is not read would otherwise go uninspected without a word.
     """
     skipped: list[Path] = []
-    others: list[Path] = []
-    paths = discover_images(root, skipped=skipped, others=others)
+    found_others: list[Path] = []
+    paths = discover_images(root, skipped=skipped, others=found_others)
     if skipped:
         reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {_listed(skipped)}")
+    # records files (this run's own FILE.part among them) are no pictures anyone expects to be scored
+    others = [p for p in found_others if p.suffix.lower() not in _RECORDS_SUFFIXES]
     if others:
         reporter.warn(
             f"{plural(len(others), 'file')} skipped, not in an image format that is read "
             f"({supported_suffixes()}): {_listed(others)}"
         )
     return paths
+
+
+_RECORDS_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson", ".json", ".part"})
 
 
 def _listed(paths: Sequence[Path]) -> str:

@@ -410,7 +410,8 @@ def test_item13_files_that_are_not_images_are_named_and_every_suffix_listed(trai
     from surfaceinspect.imageio import IMAGE_EXTENSIONS
 
     (good_copy / "inspection.pdf").write_bytes(b"%PDF-1.4")
-    result = run("score", good_copy, "--model", trained, "-q")
+    (good_copy / "earlier.csv").write_text("path,verdict\n")  # records are not pictures: not named
+    result = run("score", good_copy, "--model", trained, "-q", "--output", good_copy / "r.csv")
     assert result.exit_code in (EXIT_OK, EXIT_DEFECT)
     line = next(line for line in result.output.splitlines() if "skipped" in line)
     assert line.startswith("warning: 1 file skipped, not in an image format that is read (.bmp, ")
