@@ -40,6 +40,7 @@ from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_opti
 from surfaceinspect.errors import ConfigError, ModelDirError
 from surfaceinspect.evidence import EvidenceImage, write_evidence
 from surfaceinspect.metrics import image_auroc
+from surfaceinspect.outputs import lock_output
 from surfaceinspect.ui import Reporter
 
 AUTO_STATE_FILE = modeldir.AUTO_STATE_FILE
@@ -233,7 +234,7 @@ def train_auto(
         if not engine.find_images(defects_dir, reporter):
             raise ConfigError(f"--defects {defects_dir} holds no images; give a folder of real defect images")
     inputs = [data_dir, *(d for d in (calibration_dir, defects_dir) if d is not None)]
-    run_dir = engine.prepare_run_dir(run_dir, "auto", inputs, force, reporter)
+    run_dir, lock = engine.prepare_run_dir(run_dir, "auto", inputs, force, reporter)
     state = {
         "version": STATE_VERSION,
         "data_dir": str(data_dir),
@@ -249,8 +250,11 @@ def train_auto(
         "winner": None,
         "evidence_s": 0.0,
     }
-    _save_state(run_dir, state)
-    return _run(run_dir, state, reporter, mark_latest, on_candidate)
+    try:  # the run directory stays locked while this process writes it (a second train into it is refused)
+        _save_state(run_dir, state)
+        return _run(run_dir, state, reporter, mark_latest, on_candidate)
+    finally:
+        lock.release()
 
 
 def is_auto_run(run_dir: Path) -> bool:
@@ -269,7 +273,8 @@ def resume_auto(
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ModelDirError(f"{run_dir / AUTO_STATE_FILE} is from another surfaceinspect version; start a new run")
     reporter.info(f"resuming the detector selection in {run_dir}")
-    return _run(run_dir, state, reporter, mark_latest, on_candidate)
+    with lock_output(run_dir, "--resume", None):
+        return _run(run_dir, state, reporter, mark_latest, on_candidate)
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:

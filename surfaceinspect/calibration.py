@@ -177,13 +177,15 @@ class Calibration:
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
             data.pop("normalization", None)
             if data.get("version") == 1:
                 data = _upgrade_v1(data)
             if data.get("version") == 2:  # version 3 only added fields
                 data["version"] = CALIBRATION_VERSION
             calibration = cls(**data)
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep, wrong fields
             raise ModelDirError(
                 f"{path} is not a valid calibration file ({exc}); run `surfaceinspect recalibrate`"
             ) from None
@@ -317,7 +319,8 @@ def calibrate(
     image_thr_q, achievable = conformal_threshold(good_scores, false_reject_rate)
     if achievable > false_reject_rate:
         notes.append(
-            f"{good_scores.size} good images cannot guarantee a false-reject rate of {false_reject_rate:g}; "
+            f"{good_scores.size} good image{'' if good_scores.size == 1 else 's'} cannot guarantee a false-reject "
+            f"rate of {false_reject_rate:g}; "
             f"the threshold is the highest good score (guaranteed rate {achievable:.3g}). "
             f"Use at least {math.ceil(1 / false_reject_rate - 1)} calibration images for the target."
         )

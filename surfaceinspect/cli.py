@@ -31,12 +31,12 @@ from surfaceinspect.errors import (
     ConfigError,
     SurfaceInspectError,
 )
-from surfaceinspect.ui import Part, styled
+from surfaceinspect.ui import Part, plural, styled
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 all images good · 1 at least one defect · 3 some images unreadable (no defect) · "
-    "2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
-    "5 drift detected (only with --fail-on-drift) · 130 interrupted."
+    "Exit codes: 0 all images good · 1 at least one defect (0 with --no-fail-on-defect) · 3 some images unreadable "
+    "(no defect) · 2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
+    "5 drift detected (only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
 )
 
 app = typer.Typer(
@@ -85,15 +85,17 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _sigterm_interrupts():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # usage errors (BadParameter ...): Typer prints them itself and exits 2
         except SurfaceInspectError as exc:
             if _state["debug"]:
                 raise
             raise _fail(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted", EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            by = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+            raise _fail(f"interrupted{by}", EXIT_INTERRUPTED) from None
         except MemoryError:
             raise _fail("out of memory; lower --batch-size or --image-size", EXIT_USAGE) from None
         except Exception as exc:
@@ -102,6 +104,36 @@ def handle_errors(func: F) -> F:
             raise _internal_or_os_error(exc) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a batch command, raised like Ctrl-C so the same clean-up runs (records, gallery)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM interrupts it as Ctrl-C does (instead of killing it on the spot).
+
+    A killed ``heatmap`` left no ``index.html`` and a killed ``score`` no word about its records;
+    interrupted, they write the gallery and say where the records are, and exit 130. ``watch``
+    overrides this: SIGTERM is how a service is stopped (:func:`_signals_set`). A handler someone
+    else installed (an embedding program) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _internal_or_os_error(exc: Exception) -> typer.Exit:
@@ -244,11 +276,12 @@ FailOnDriftOpt = Annotated[
 ]
 
 
-def _exit_code(summary: Any, fail_on_drift: bool) -> int:
-    """The verdict's exit code, or 5 with --fail-on-drift when drift was detected (it overrides 0, 1 and 3)."""
+def _exit_code(summary: Any, fail_on_drift: bool, fail_on_defect: bool = True) -> int:
+    """The verdict's exit code (1 for a defect only with ``fail_on_defect``), or 5 with --fail-on-drift when
+    drift was detected (it overrides 0, 1 and 3)."""
     if fail_on_drift and summary.drift is not None and summary.drift.detected:
         return EXIT_DRIFT
-    return int(summary.exit_code())
+    return int(summary.exit_code(fail_on_defect))
 
 
 def _parse_shard(text: str | None) -> Any:
@@ -256,6 +289,15 @@ def _parse_shard(text: str | None) -> Any:
 
     return None if text is None else Shard.parse(text)
 
+
+FailOnDefectOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fail-on-defect/--no-fail-on-defect",
+        help="--no-fail-on-defect: exit 0, not 1, when images are defective (the verdicts are in the records and "
+        "the summary), so `set -e` scripts go on to read them; unreadable images still exit 3.",
+    ),
+]
 
 ForceOpt = Annotated[
     bool,
@@ -527,7 +569,7 @@ def _print_trained(result: Any, reporter: Any) -> None:
         f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
         (str(result.run_dir), "bold"),
         f" (model id {result.model_id})",
-        f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {cal.n_good} good calibration images{target})",
+        f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {plural(cal.n_good, 'good calibration image')}{target})",
     )
 
 
@@ -608,12 +650,12 @@ def _worst_table(summary: Any) -> Table:
     return table
 
 
-def _print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part]) -> None:
+def _print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part], title: str | None = None) -> None:
     """The verdict counts, the highest scores, the unreadable files and where the outputs went."""
     console = err_console if json_out else out_console
     if quiet:
         return
-    console.print(_summary_table(summary, f"{summary.total} images in {summary.seconds:.1f} s"))
+    console.print(_summary_table(summary, title or f"{plural(summary.total, 'image')} in {summary.seconds:.1f} s"))
     if summary.worst:
         console.print(_worst_table(summary))
     if summary.unreadable:
@@ -632,9 +674,30 @@ def _open_records(output: Path | None, fmt: str | None, inputs: list[Path], forc
     from surfaceinspect.records import RecordWriter
 
     writer = RecordWriter.open(output, fmt, inputs=inputs, force=force)
-    if writer is not None and writer.replaced:
-        reporter.info(f"replacing {output} (" + ("--force" if force else "records of an earlier run") + ")")
+    if writer is None or writer.part is None:
+        return writer
+    if writer.leftover_part:
+        reporter.info(f"replacing {writer.part}, left by an interrupted run")
+    if writer.replaced:
+        why = "--force" if force else "records of an earlier run"
+        reporter.info(
+            f"replacing {output} ({why}) when this run completes; until then it is kept as it is, and the new "
+            f"records go to {writer.part}"
+        )
+    else:
+        reporter.info(f"records go to {writer.part} and become {output} when the run completes")
     return writer
+
+
+def _close_records(writers: list[Any], complete: bool, reporter: Any) -> None:
+    """Close every records writer; after an incomplete run, say where its records are."""
+    for writer in writers:
+        kept = writer.close(complete)
+        if kept is not None:
+            reporter.warn(
+                f"the run did not complete: its {writer.count} record(s) are in {kept}; {writer.target} "
+                + ("is unchanged" if writer.replaced else "was not written")
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,6 +724,7 @@ def score(
         bool, typer.Option("--json", help="Write JSON Lines records to stdout (and nothing else to stdout).")
     ] = False,
     force: ForceOpt = False,
+    fail_on_defect: FailOnDefectOpt = True,
     shard: ShardOpt = None,
     runtime: RuntimeOpt = None,
     drift_window: DriftWindowOpt = 50,
@@ -691,6 +755,7 @@ def score(
     if json_out:
         writers.append(RecordWriter.open(None, fmt_name, to_stdout=True))
     active = [w for w in writers if w is not None]
+    complete = False
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
         _report_model(reporter, loaded)
@@ -704,17 +769,19 @@ def score(
             shard=selected,
             drift_window=drift_window,
         )
+        complete = True
     finally:
-        for writer in active:
-            writer.close()
+        _close_records(active, complete, reporter)
     _print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
-    raise typer.Exit(_exit_code(summary, fail_on_drift))
+    raise typer.Exit(_exit_code(summary, fail_on_drift, fail_on_defect))
 
 
 def _runtime_note(loaded: Any) -> str:
-    """' [onnx: FOLDER]' when an exported model scores, so the operator sees which runtime ran."""
+    """' [onnx: FOLDER]' or ' [torch on cpu]': the operator sees which runtime scores."""
     export_dir = getattr(loaded.detector, "export_dir", None)
-    return f" [{loaded.detector.runtime}: {export_dir}]" if export_dir is not None else ""
+    if export_dir is not None:
+        return f" [{loaded.detector.runtime}: {export_dir}]"
+    return f" [torch on {loaded.detector.device}]"
 
 
 def _report_model(reporter: Any, loaded: Any, extra: str = "") -> None:
@@ -776,6 +843,7 @@ def heatmap(
         typer.Option("--output", metavar="FILE", help="Also write records to FILE.csv/.jsonl (see score)."),
     ] = None,
     force: ForceOpt = False,
+    fail_on_defect: FailOnDefectOpt = True,
     shard: ShardOpt = None,
     runtime: RuntimeOpt = None,
     batch_size: BatchOpt = None,
@@ -790,13 +858,16 @@ def heatmap(
     glows, and outlines mark the regions above the pixel threshold.
     """
     from surfaceinspect import engine
-    from surfaceinspect.outputs import prepare_output_dir
+    from surfaceinspect.outputs import lock_output, prepare_output_dir
 
     reporter = _reporter(quiet)
     selected = _parse_shard(shard)
     engine.require_input(images_dir)
-    prepare_output_dir(out, [images_dir], force=force)  # fail before the model loads (checked again, idempotent)
+    # Fail before the model loads, on a refused or locked --out (the engine checks and locks it again).
+    prepare_output_dir(out, [images_dir], force=force, refuse_links=True)
+    lock_output(out, "--out", "folder").release()
     writer = _open_records(output, None, [images_dir], force, reporter)
+    complete = False
     try:
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
         _report_model(reporter, loaded)
@@ -813,12 +884,12 @@ def heatmap(
             opacity=opacity,
             shard=selected,
         )
+        complete = True
     finally:
-        if writer:
-            writer.close()
+        _close_records([writer] if writer else [], complete, reporter)
     outputs: list[Part] = [f"overlays: {out}   index: {index}"]
     _print_summary(summary, quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
-    raise typer.Exit(summary.exit_code())
+    raise typer.Exit(summary.exit_code(fail_on_defect))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,7 +1046,7 @@ def recalibrate(
     cal = change.calibration
     reporter.info(
         ("recalibrated", "green"),
-        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {cal.n_defective} defective images; "
+        f" {loaded.run_dir} ({cal.mode}, {cal.n_good} good, {plural(cal.n_defective, 'defective image')}; "
         f"model id now {change.model_id}):",
     )
     _print_thresholds(reporter, change)
@@ -1162,10 +1233,10 @@ def profiles() -> None:
         "do not arrive)\n\n"
         "  surfaceinspect watch ./inbox -o batch.jsonl --idle-timeout 60   (stop after a minute without new images)\n\n"
         "Restarting with the same --output continues it: images already recorded there are not scored again.\n\n"
-        "Exit codes: 130 stopped by Ctrl-C or SIGTERM (records written so far are complete) · "
-        "after --stop-after/--idle-timeout, as score for the images of this session: 0 all good · 1 a defect · "
-        "3 some unreadable · 2 usage, input, output or model error · 4 internal error · 5 drift detected (only "
-        "with --fail-on-drift)."
+        "Exit codes: 0 stopped by SIGTERM (how systemd stops a service) · 130 interrupted by Ctrl-C (records written "
+        "so far are complete either way) · after --stop-after/--idle-timeout, as score for the images of this "
+        "session: 0 all good · 1 a defect (0 with --no-fail-on-defect) · 3 some unreadable · 2 usage, input, output "
+        "or model error · 4 internal error · 5 drift detected (only with --fail-on-drift)."
     )
 )
 @handle_errors
@@ -1238,6 +1309,7 @@ def watch(
     force: ForceOpt = False,
     drift_window: DriftWindowOpt = 50,
     fail_on_drift: FailOnDriftOpt = False,
+    fail_on_defect: FailOnDefectOpt = True,
     batch_size: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -1247,8 +1319,8 @@ def watch(
 
     Files are judged complete when their size and time stamp stop changing (--settle), or when
     they are renamed into place (write .name.png.tmp or name.png.part, then rename). Unreadable
-    files get an error record and never stop the watch. Runs until Ctrl-C (or SIGTERM), --stop-after
-    or --idle-timeout; the summary covers the images of this session.
+    files get an error record and never stop the watch. Runs until SIGTERM (a clean stop, exit 0),
+    Ctrl-C (exit 130), --stop-after or --idle-timeout; the summary covers the images of this session.
     """
     from surfaceinspect import engine
     from surfaceinspect.watch import WatchOptions, check_outputs, watch_folder
@@ -1267,43 +1339,51 @@ def watch(
         drift_window=drift_window,
     )
     check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
-    loaded = engine.load(model, device=device or "auto", threads=threads or 0)
-    options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
-    _report_model(reporter, loaded)
     stop = threading.Event()
-    with _signals_set(stop):
+    with _signals_set(stop) as received:  # from here on SIGTERM stops the watch: how a service is stopped
+        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
+        options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
+        _report_model(reporter, loaded)
         result = watch_folder(
             loaded, folder, output, options, fmt=fmt_name, force=force, reporter=reporter, stop_event=stop
         )
-    if stop.is_set():
-        result.stopped_by = "interrupted"
+    if received:  # the first signal decides: SIGTERM is a requested stop, Ctrl-C an interruption
+        result.stopped_by = "terminated" if received[0] == signal.SIGTERM else "interrupted"
     summary = result.summary
     extra: list[Part] = [f"records: {output}"]
     if result.already_recorded:
-        extra.append(f"({result.already_recorded} image(s) were recorded by earlier runs)")
+        extra.append(f"({plural(result.already_recorded, 'image')} recorded by earlier runs)")
     if defects_dir is not None:
         extra.append(f"defect copies: {defects_dir} ({len(result.copied)} this session)")
-    _print_summary(summary, quiet, False, extra)
+    if result.stopped_by == "terminated":
+        extra.append("stopped by SIGTERM")
+    title = f"{plural(summary.total, 'image')} in {result.watched_s:.1f} s of watching, {summary.seconds:.1f} s scoring"
+    _print_summary(summary, quiet, False, extra, title)
     if result.stopped_by == "interrupted":
         raise _fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
-    raise typer.Exit(_exit_code(summary, fail_on_drift))
+    if result.stopped_by == "terminated":
+        raise typer.Exit(EXIT_OK)  # a requested stop ends a service cleanly, whatever it saw
+    raise typer.Exit(_exit_code(summary, fail_on_drift, fail_on_defect))
 
 
 @contextlib.contextmanager
-def _signals_set(stop: threading.Event) -> Iterator[None]:
+def _signals_set(stop: threading.Event) -> Iterator[list[int]]:
     """Ctrl-C and SIGTERM (systemd, Kubernetes, kill) set ``stop``: the watch ends after the batch in hand.
 
     A flag instead of an exception raised wherever the signal lands: the record being written, the
     data loader and the on-defect commands all finish cleanly. A second Ctrl-C interrupts at once.
+    Yields the list of the signals received, in order (the caller tells a stop from an interruption).
     """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # A shell starts background jobs with SIGINT ignored (so Ctrl-C in the terminal spares them); keep that.
     handled = [sig for sig, handler in previous.items() if handler is not signal.SIG_IGN]
 
-    def request_stop(_signum: int, _frame: Any) -> None:
+    def request_stop(signum: int, _frame: Any) -> None:
+        received.append(signum)
         stop.set()
         if signal.SIGINT in handled:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1311,7 +1391,7 @@ def _signals_set(stop: threading.Event) -> Iterator[None]:
     for sig in handled:
         signal.signal(sig, request_stop)
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,6 +5,7 @@ Method-independent: detectors are reached only through the Detector interface an
 
 from __future__ import annotations
 
+import errno
 import heapq
 import math
 import os
@@ -35,13 +36,20 @@ from surfaceinspect.errors import (
     DatasetError,
     ModelDirError,
 )
-from surfaceinspect.imageio import discover_images, greyscale, image_size, read_image, resize_image
-from surfaceinspect.outputs import prepare_output_dir
+from surfaceinspect.imageio import (
+    discover_images,
+    greyscale,
+    image_size,
+    read_image,
+    resize_image,
+    supported_suffixes,
+)
+from surfaceinspect.outputs import OutputLock, lock_output, prepare_output_dir
 from surfaceinspect.records import ScoreRecord, format_score, utc_now
 from surfaceinspect.regions import find_regions
 from surfaceinspect.sharding import Shard
 from surfaceinspect.tiling import TiledPredictor, load_training_tiles
-from surfaceinspect.ui import Reporter, TrainProgressView
+from surfaceinspect.ui import Reporter, TrainProgressView, plural
 
 MAX_LISTED_FAILURES = 10
 
@@ -51,9 +59,17 @@ MAX_LISTED_FAILURES = 10
 
 
 def require_input(path: Path) -> Path:
-    """Fail early (before loading a model) when the image file or folder does not exist."""
-    if not path.exists():
-        raise DatasetError(f"{path} does not exist; give an image file or a folder of images")
+    """Fail early (before loading a model) when the image file or folder does not exist (links named as such)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            what = "is a symbolic link loop (it leads back to itself)"
+        elif path.is_symlink():
+            what = "is a broken symbolic link (its target does not exist)"
+        else:
+            what = "does not exist"
+        raise DatasetError(f"{path} {what}; give an image file or a folder of images") from None
     return path
 
 
@@ -66,15 +82,24 @@ def relative_name(path: Path, root: Path) -> str:
         return path.name
 
 
-def split_calibration(files: Sequence[Path], run_config: RunConfig) -> tuple[list[Path], list[Path]]:
-    """Deterministically hold out ``max(min_images, fraction * N)`` files for calibration."""
+def split_calibration(
+    files: Sequence[Path], run_config: RunConfig, folder: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """Deterministically hold out ``max(min_images, fraction * N)`` files for calibration.
+
+    Too few files is refused with the fix first: more good images. The minimum is a safety
+    setting (fewer calibration images cannot guarantee the false-reject rate), so lowering it is
+    only named as what decides the number, not offered as the way out.
+    """
     cal = run_config.common.calibration
     n = len(files)
     n_cal = max(cal.min_images, round(cal.fraction * n))
     if n - n_cal < 2:
+        where = f"{folder}: " if folder is not None else ""
         raise DatasetError(
-            f"{n} good images found, but calibration holds out {n_cal} and training needs at least 2 more; "
-            f"add images or lower common.calibration.min_images / fraction (--set common.calibration.min_images=N)"
+            f"{where}{plural(n, 'good image')}, but training needs at least {n_cal + 2}: {n_cal} held out to set "
+            f"the threshold and 2 or more to learn from; add images of defect-free parts (how many are held out "
+            f"is set by common.calibration.min_images and fraction)"
         )
     order = np.random.default_rng(run_config.common.seed).permutation(n)
     cal_idx = set(order[:n_cal].tolist())
@@ -84,14 +109,33 @@ def split_calibration(files: Sequence[Path], run_config: RunConfig) -> tuple[lis
 
 
 def find_images(root: Path, reporter: Reporter) -> list[Path]:
-    """The input images under ``root`` (see ``discover_images``); says once which output folders it skipped."""
+    """The input images under ``root`` (see ``discover_images``); says which output folders and files it skips.
+
+    Files that are not images (``report.pdf``) are named in a warning: a part whose picture was
+    saved in a format that is not read would otherwise go uninspected without a word.
+    """
     skipped: list[Path] = []
-    paths = discover_images(root, skipped=skipped)
+    found_others: list[Path] = []
+    paths = discover_images(root, skipped=skipped, others=found_others)
     if skipped:
-        names = ", ".join(str(p) for p in skipped[:MAX_LISTED_FAILURES])
-        more = f" and {len(skipped) - MAX_LISTED_FAILURES} more" if len(skipped) > MAX_LISTED_FAILURES else ""
-        reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {names}{more}")
+        reporter.info(f"skipping output folder(s) of surfaceinspect inside the input: {_listed(skipped)}")
+    # records files (this run's own FILE.part among them) are no pictures anyone expects to be scored
+    others = [p for p in found_others if p.suffix.lower() not in _RECORDS_SUFFIXES]
+    if others:
+        reporter.warn(
+            f"{plural(len(others), 'file')} skipped, not in an image format that is read "
+            f"({supported_suffixes()}): {_listed(others)}"
+        )
     return paths
+
+
+_RECORDS_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson", ".json", ".part"})
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """The first :data:`MAX_LISTED_FAILURES` paths, and how many more."""
+    names = ", ".join(str(p) for p in paths[:MAX_LISTED_FAILURES])
+    return names + (f" and {len(paths) - MAX_LISTED_FAILURES} more" if len(paths) > MAX_LISTED_FAILURES else "")
 
 
 def refuse_labelled_folder(folder: Path, command: str) -> None:
@@ -456,6 +500,13 @@ class TrainingPlan:
     run_dir: Path
     resume_state: dict[str, Any] | None = None  # the detector's checkpoint state
     seconds_before: float = 0.0  # training seconds spent before the checkpoint
+    lock: OutputLock | None = None  # of ``run_dir``, held until the run ends (see ``release``)
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the plan has been run, or will not be)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def resumed(self) -> bool:
@@ -492,13 +543,18 @@ def train(
         files=files,
         force=force,
     )
-    return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+    try:
+        return execute_training(plan, reporter=reporter, mark_latest=mark_latest)
+    finally:
+        plan.release()
 
 
 def resume(run_dir: Path, *, reporter: Reporter | None = None, mark_latest: bool = False) -> TrainResult:
     """Continue an interrupted run from its last checkpoint (config, data and calibration folder from it)."""
     reporter = reporter or Reporter(quiet=True)
-    return execute_training(plan_resume(run_dir, reporter=reporter), reporter=reporter, mark_latest=mark_latest)
+    # Locked before the checkpoint is read: two resumes of one run would write one checkpoint.
+    with lock_output(run_dir, "--resume", None):
+        return execute_training(plan_resume(run_dir, reporter=reporter), reporter=reporter, mark_latest=mark_latest)
 
 
 def plan_training(
@@ -525,8 +581,8 @@ def plan_training(
     resolve_geometry(run_config, train_files, reporter)
     suggest_profile(run_config, train_files, reporter)
     inputs = [data_dir, *([calibration_dir] if calibration_dir else [])]
-    run_dir = prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
-    return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir)
+    run_dir, lock = prepare_run_dir(run_dir, run_config.method, inputs, force, reporter)
+    return TrainingPlan(run_config, data_dir, train_files, calibration_files, calibration_dir, run_dir, lock=lock)
 
 
 def plan_resume(run_dir: Path, *, reporter: Reporter) -> TrainingPlan:
@@ -618,7 +674,7 @@ def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | Non
     reporter.info(
         "training ",
         (run_config.method, "bold"),
-        f" (profile {run_config.profile}) on {device}: {len(plan.train_files)} training images, "
+        f" (profile {run_config.profile}) on {device}: {plural(len(plan.train_files), 'training image')}, "
         f"{len(plan.calibration_files) or 'labelled folder for'} calibration; input {_geometry_text(common)}; "
         f"run directory {run_dir}",
     )
@@ -867,29 +923,35 @@ def training_split(
         refuse_labelled_folder(data_dir, "train")
         files = find_images(data_dir, reporter)
     if not files:
-        raise DatasetError(f"no images found in {data_dir}; point train at a folder of .png/.jpg/.bmp/.tif files")
+        raise DatasetError(f"no images found in {data_dir}; point train at a folder of {supported_suffixes()} files")
     if calibration_dir is not None:
         return list(files), []
-    return split_calibration(files, run_config)
+    return split_calibration(files, run_config, data_dir)
 
 
 def prepare_run_dir(
     run_dir: Path | None, method: str, inputs: Sequence[Path], force: bool, reporter: Reporter
-) -> Path:
-    """A new run directory under the runs folder, or ``run_dir`` checked by the output rules.
+) -> tuple[Path, OutputLock]:
+    """A new run directory under the runs folder, or ``run_dir`` checked by the output rules; locked.
 
     A folder that holds a model (or an interrupted run) is refused unless ``force``; with it,
-    the old model's files are deleted first, so no mix of two models can remain.
+    the old model's files are deleted first, so no mix of two models can remain. The lock comes
+    first: a second ``train --out`` into a folder being trained into is refused as such, before it
+    could take the first run's checkpoint for an interrupted run or delete it with ``--force``.
     """
     if run_dir is None:
         run_dir = modeldir.new_run_dir(method)
-    else:
+    lock = lock_output(run_dir, "--out", "run directory")
+    try:
         modeldir.refuse_existing_run(run_dir, force)
-    prepare_output_dir(run_dir, inputs, force=force)
-    removed = modeldir.clear_model(run_dir) if force else []
+        prepare_output_dir(run_dir, inputs, force=force)
+        removed = modeldir.clear_model(run_dir) if force else []
+    except BaseException:
+        lock.release()
+        raise
     if removed:
         reporter.warn(f"--force: replacing the model in {run_dir} (removed {', '.join(p.name for p in removed)})")
-    return run_dir
+    return run_dir, lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1141,9 +1203,9 @@ class ScoreSummary:
         else:
             self.n_good += 1
 
-    def exit_code(self) -> int:
-        """1 if any defect, else 3 if any unreadable, else 0."""
-        if self.n_defect:
+    def exit_code(self, fail_on_defect: bool = True) -> int:
+        """1 if any defect (unless not ``fail_on_defect``), else 3 if any unreadable, else 0."""
+        if self.n_defect and fail_on_defect:
             return EXIT_DEFECT
         if self.n_error:
             return EXIT_UNREADABLE
@@ -1181,7 +1243,7 @@ def score_folder(
     reporter = reporter or Reporter(quiet=True)
     paths = find_images(images_dir, reporter)
     if not paths:
-        raise DatasetError(f"no images found in {images_dir}; expected .png/.jpg/.jpeg/.bmp/.tif files")
+        raise DatasetError(f"no images found in {images_dir}; expected {supported_suffixes()} files")
     root = images_dir if images_dir.is_dir() else images_dir.parent
     if shard is not None:
         n_found = len(paths)
@@ -1298,13 +1360,13 @@ def heatmap_folder(
     ``out_dir`` follows the output rules (:mod:`surfaceinspect.outputs`): never the input folder,
     a dedicated subfolder of it at most. ``index.html`` lists unreadable files too, shows the
     model, thresholds and source folder (and the shard, with ``shard``), and is written even
-    when the run is interrupted.
+    when the run is interrupted. ``out_dir`` is locked while it is written (:func:`lock_output`).
     """
     from surfaceinspect.atomic import atomic_open
     from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
 
     reporter = reporter or Reporter(quiet=True)
-    if prepare_output_dir(out_dir, [images_dir], force=force).reused:
+    if prepare_output_dir(out_dir, [images_dir], force=force, refuse_links=True).reused:
         reporter.info(f"{out_dir} is not empty: earlier overlays with the same names are replaced")
     entries: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -1335,15 +1397,16 @@ def heatmap_folder(
             alpha=DEFAULT_OPACITY if opacity is None else opacity,
             outline=regions if record.verdict == "defect" else np.zeros_like(regions),
         )
-        save_png(out_dir / f"{stem}.png", overlay)
+        save_png(out_dir / f"{stem}.png", overlay, below=out_dir)  # never through a link below out_dir
         if save_maps:
-            with atomic_open(out_dir / f"{stem}.npy", "wb") as handle:
+            with atomic_open(out_dir / f"{stem}.npy", "wb", below=out_dir) as handle:
                 np.save(handle, result.anomaly_map.astype(np.float32, copy=False))
         entries.append(_gallery_entry(result, stem, out_dir))
 
     context = _gallery_context(model, images_dir)
     if shard is not None:
         context["shard"] = f"{shard.index} of {shard.count} (numbered 0..{shard.count - 1}): only this shard's images"
+    lock = lock_output(out_dir, "--out", "folder")
     try:
         summary = score_folder(
             model,
@@ -1362,5 +1425,8 @@ def heatmap_folder(
         write_index_html(out_dir, entries, context=context, note=note)
         reporter.warn(f"interrupted; {out_dir / 'index.html'} shows the {len(entries)} images done")
         raise
-    index = write_index_html(out_dir, entries, context=context)
+    else:
+        index = write_index_html(out_dir, entries, context=context)
+    finally:
+        lock.release()
     return summary, index

@@ -118,7 +118,7 @@ def onnx_bytes(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     except ImportError as exc:
         raise ExportError(
             f"exporting needs the {exc.name or 'onnx/onnxscript'} package, which is not installed; install it with "
-            "`.venv/bin/pip install onnx onnxscript onnxruntime` (or `make install`)"
+            f"{runtimes.pip_install('onnx onnxscript onnxruntime')} (or `make install`)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the user needs one line
         raise ExportError(f"torch.onnx could not export this model: {first_line(exc)}") from None

@@ -21,8 +21,10 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -44,6 +46,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # 64 Mpx: a float32 RGB tensor of that size is already 768 MiB. Kept below Pillow's own
 # decompression-bomb warning threshold (~89 Mpx) so Pillow never warns before we refuse.
 MAX_PIXELS = 64 * 1024 * 1024
+# Bytes read from one file at most: the largest image MAX_PIXELS admits, stored uncompressed as
+# 32-bit float RGBA (64 Mpx x 16 bytes). Anything larger is not an image this tool can decode.
+MAX_FILE_BYTES = MAX_PIXELS * 16
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -61,22 +66,79 @@ def _fail(path: Path, reason: str) -> ImageReadError:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """Read the whole file, turning every filesystem problem into a short reason."""
-    if not path.exists():
-        if path.is_symlink():
-            raise _fail(path, "broken symbolic link (its target does not exist)")
-        raise _fail(path, "file not found")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not an image file")
+    """Read the whole file, turning every filesystem problem into a short reason.
+
+    Only regular files are read: a named pipe (``x.png`` made by ``mkfifo``) would block the run
+    forever and a device (``/dev/zero`` linked as ``zero.png``) would fill the memory. The type is
+    checked before opening (opening some devices has side effects) and again on the open file
+    (the name may have been swapped in between); O_NONBLOCK keeps that open from waiting for a
+    pipe's writer. At most :data:`MAX_FILE_BYTES` are read.
+    """
+    limit = MAX_FILE_BYTES
     try:
-        data = path.read_bytes()
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
+        _require_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        if st.st_size > limit:
+            raise _fail(path, f"file is {_size_text(st.st_size)}, more than the {_size_text(limit)} limit")
+        data = _read_bounded(fd, st.st_size, limit)
     except OSError as exc:
         raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _fail(path, f"file is larger than the {_size_text(limit)} limit")
     if not data:
         raise _fail(path, "file is empty (0 bytes)")
     return data
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _read_bounded(fd: int, expected: int, limit: int) -> bytes:
+    """Read ``fd`` to its end, but never more than ``limit + 1`` bytes (a file may grow while read)."""
+    parts, size = [], 0
+    while size <= limit:
+        chunk = os.read(fd, min(limit + 1 - size, max(expected + 1 - size, 1 << 16)))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
+    """Refuse anything but a regular file (the reason names what it is)."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise _fail(path, "is a directory, not an image file")
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    raise _fail(path, f"is {kind}, not a regular image file; only regular files are read")
+
+
+def _open_error(path: Path, exc: OSError) -> ImageReadError:
+    """The reason a file could not be opened (links that lead nowhere are named as such)."""
+    if exc.errno == errno.ELOOP:
+        return _fail(path, "symbolic link loop (the link leads back to itself)")
+    if exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return _fail(path, "broken symbolic link (its target does not exist)")
+        return _fail(path, "file not found")
+    if isinstance(exc, PermissionError):
+        return _fail(path, "permission denied")
+    return _fail(path, f"cannot read file ({exc.strerror or exc})")
 
 
 def _open_checked(path: Path, data: bytes, max_pixels: int) -> Image.Image:
@@ -84,9 +146,7 @@ def _open_checked(path: Path, data: bytes, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _fail(
-            path, f"not an image or unsupported format (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        ) from None
+        raise _fail(path, f"not an image or unsupported format (supported: {supported_suffixes()})") from None
     except Image.DecompressionBombError:
         raise _fail(path, "image dimensions are absurdly large") from None
     except MemoryError:
@@ -301,14 +361,23 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def supported_suffixes() -> str:
+    """The image suffixes that are read, for messages: ``.bmp, .jpeg, .jpg, .png, ...``."""
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
 def discover_images(
-    root: str | os.PathLike[str], recursive: bool = True, skipped: list[Path] | None = None
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    skipped: list[Path] | None = None,
+    others: list[Path] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` whose suffix is in :data:`IMAGE_EXTENSIONS` (any case).
 
     Hidden files and folders (name starting with '.') below ``root`` are skipped, and so are
     output folders of surfaceinspect below ``root`` (:func:`is_output_dir`; appended to
-    ``skipped`` when given, so the caller can say so). Symlinked folders are followed once (loops
+    ``skipped`` when given, so the caller can say so); other files that are not images (``a.pdf``)
+    are appended to ``others`` when given. Symlinked folders are followed once (loops
     cannot hang). Sorted by the POSIX relative path, so the order is the same on every machine. A
     file given as ``root`` is returned as ``[root]``. Raises :class:`DatasetError` if ``root``
     does not exist.
@@ -339,9 +408,13 @@ def discover_images(
                 skipped.extend(Path(dirpath) / d for d in outputs)
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and d not in outputs)
         for name in filenames:
-            if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if _is_hidden(name):
                 continue
             p = Path(dirpath) / name
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                if others is not None:
+                    others.append(p)
+                continue
             found.append((p.relative_to(root).as_posix(), p))
     found.sort(key=lambda item: item[0])
     return [p for _, p in found]

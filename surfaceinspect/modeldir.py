@@ -412,7 +412,7 @@ def read_metadata(run_dir: Path) -> dict[str, Any]:
         raise ModelDirError(f"{run_dir} is not a finished model directory: {METADATA_FILE} is missing{hint}")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep for the parser
         raise ModelDirError(f"{path} is corrupt (not valid JSON); retrain or restore the file") from None
     if not isinstance(metadata, dict) or "format_version" not in metadata:
         raise ModelDirError(f"{path} is not a surfaceinspect metadata file")
@@ -437,7 +437,7 @@ def load_model(
     try:
         cls = get_detector_class(str(method))
         run_config = run_config_from_dict(cls.config_cls, metadata["config"])
-    except (ConfigError, KeyError) as exc:
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
         raise ModelDirError(f"{run_dir / METADATA_FILE} has an invalid config ({exc}); retrain the model") from None
     run_config = with_inference_overrides(run_config, inference_sets)
     weights_path = run_dir / WEIGHTS_FILE

@@ -3,6 +3,12 @@
 Each record is written as one complete line and flushed at once, so a run that is killed leaves
 a file of complete records only (at most the record being written is lost).
 
+A records file is never emptied before its replacement is complete: ``score``/``heatmap`` write
+``FILE.part`` beside ``FILE`` and rename it over ``FILE`` (atomically) only when the run completes.
+A run that fails or is interrupted leaves ``FILE`` as it was (an earlier run's records stay) and
+keeps what it computed in ``FILE.part`` (and says so); a kill leaves the same two files. Only one
+process writes a records file at a time (:func:`~surfaceinspect.outputs.lock_output`).
+
 CSV cells are neutralised for spreadsheets (OWASP "CSV injection"): a text cell starting with
 ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a file named ``=1+2.png``) gets a leading
 ``'``, so Excel or LibreOffice show it as text instead of evaluating it. Numbers are written as
@@ -15,19 +21,23 @@ earlier field set (:data:`LEGACY_FIELDS`) are still recognised and continued in 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
 import json
 import math
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+from surfaceinspect.atomic import fsync_dir
 from surfaceinspect.errors import ConfigError
-from surfaceinspect.outputs import check_output_file, open_for_writing, write_error
+from surfaceinspect.outputs import OutputLock, check_output_file, lock_output, open_for_writing, write_error
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("csv", "jsonl")
@@ -96,8 +106,18 @@ def undo_spreadsheet_safe(value: str) -> str:
     return value
 
 
+def part_path(target: Path) -> Path:
+    """Where a run writes the records that replace ``target`` when it completes: ``target.part``."""
+    real = Path(target).expanduser().resolve()  # a symlinked records file stays a link to the new records
+    return real.with_name(real.name + ".part")
+
+
 class RecordWriter:
-    """Streams records to a CSV or JSONL file (or stdout), one flushed line per record."""
+    """Streams records to a CSV or JSONL file (or stdout), one flushed line per record.
+
+    With ``part`` the lines go to that file, which :meth:`close` renames over ``target`` once the
+    run is complete; ``lock`` (the output's lock) is released by :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -107,13 +127,20 @@ class RecordWriter:
         target: Path | None = None,
         header: bool = True,
         columns: Sequence[str] = FIELDS,
+        *,
+        part: Path | None = None,
+        lock: OutputLock | None = None,
     ) -> None:
         self._handle = handle
         self._fmt = fmt
         self._close = close
         self.target = target
         self.columns = tuple(columns)  # CSV: LEGACY_FIELDS when continuing a file of an earlier version
-        self.replaced = False  # the file existed (an earlier records file, or --force) and was replaced
+        self.part = part
+        self._lock = lock
+        self.count = 0  # records written
+        self.replaced = False  # the file existed (an earlier records file, or --force) and is replaced
+        self.leftover_part = False  # a .part file of an interrupted run was in the way (and is replaced)
         if fmt == "csv" and header:  # no header when appending to a file that has one (watch)
             self._write_line(",".join(self.columns) + "\n")
 
@@ -131,7 +158,8 @@ class RecordWriter:
 
         ``target`` follows the output rules of :mod:`surfaceinspect.outputs`: never one of
         ``inputs``, and an existing file is replaced only if it is a records file written by
-        surfaceinspect (or with ``force``).
+        surfaceinspect (or with ``force``). A regular file is locked and written through
+        :func:`part_path` (see the module docstring); a device or pipe is written as it is.
         """
         if to_stdout:
             return cls(sys.stdout, fmt or "jsonl", close=False)
@@ -139,8 +167,17 @@ class RecordWriter:
             return None
         fmt = output_format(target, fmt)
         replaced = check_output_file(target, inputs, force=force, written_by_tool=is_records_file)
-        writer = cls(open_for_writing(target), fmt, close=True, target=target)
-        writer.replaced = replaced
+        if target.exists() and not stat.S_ISREG(os.stat(target).st_mode):
+            return cls(open_for_writing(target), fmt, close=True, target=target)
+        lock = lock_output(target, "--output")
+        try:
+            part = part_path(target)
+            leftover = check_output_file(part, inputs, force=force, written_by_tool=is_records_file)
+            writer = cls(open_for_writing(part), fmt, close=True, target=target, part=part, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+        writer.replaced, writer.leftover_part = replaced, leftover
         return writer
 
     def _write_line(self, line: str) -> None:
@@ -150,7 +187,7 @@ class RecordWriter:
         except OSError as exc:
             if self.target is None:
                 raise
-            raise write_error(exc, self.target) from None
+            raise write_error(exc, self.part or self.target) from None
 
     def write(self, record: ScoreRecord) -> None:
         data = record.to_dict()
@@ -162,13 +199,43 @@ class RecordWriter:
             row = ["" if data[k] is None else spreadsheet_safe(data[k]) for k in self.columns]
             csv.writer(buffer, lineterminator="\n").writerow(row)
             self._write_line(buffer.getvalue())
+        self.count += 1
 
-    def close(self) -> None:
-        if self._close:
-            try:
-                self._handle.close()
-            except OSError as exc:
-                raise write_error(exc, self.target or Path("?")) from None
+    def close(self, complete: bool = True) -> Path | None:
+        """Finish writing; returns the part file kept by an incomplete run (None otherwise).
+
+        ``complete``: the part file replaces ``target`` (flushed to disk first, so a power cut never
+        leaves an empty or half file under the final name). Not complete (the run failed or was
+        interrupted): ``target`` stays as it was, and the part file keeps the records written, or is
+        removed if there are none.
+        """
+        try:
+            return self._finish(complete) if self._close else None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _finish(self, complete: bool) -> Path | None:
+        commit = complete and self.part is not None
+        try:
+            if commit:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+            self._handle.close()
+            if commit:
+                real = Path(self.target or self.part).expanduser().resolve()
+                os.replace(self.part, real)
+                fsync_dir(real.parent)
+        except OSError as exc:
+            raise write_error(exc, self.part or self.target or Path("?")) from None
+        if self.part is None or complete:
+            return None
+        if self.count == 0:  # nothing computed: no file to keep
+            with contextlib.suppress(OSError):
+                self.part.unlink()
+            return None
+        return self.part
 
 
 _CSV_HEADERS = (",".join(FIELDS) + "\n", ",".join(LEGACY_FIELDS) + "\n")
@@ -207,7 +274,7 @@ def is_records_file(path: Path) -> bool:
         return True
     try:
         data = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(data, dict) and set(data) in (set(FIELDS), set(LEGACY_FIELDS))
 

@@ -278,13 +278,13 @@ def _draw_label(img: np.ndarray, layout: dict[str, Any], top: int, verdict: str)
     return np.asarray(pil).copy()
 
 
-def save_png(path: str | Path, image_rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image as PNG atomically."""
+def save_png(path: str | Path, image_rgb: np.ndarray, *, below: str | Path | None = None) -> None:
+    """Write an RGB uint8 image as PNG atomically (``below``: see :func:`surfaceinspect.atomic.atomic_open`)."""
     img = _as_rgb(image_rgb)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode PNG for {path}")
-    write_bytes_atomic(path, buf.tobytes())
+    write_bytes_atomic(path, buf.tobytes(), below=below)
 
 
 # ------------------------------------------------------------------------------------------ index.html

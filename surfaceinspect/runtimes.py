@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,14 @@ ONNX_FILE = "model.onnx"
 DEFAULT_EXPORT_SUBDIR = "export-onnx"  # `export`'s default --out, inside the run folder
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "map")
-INSTALL_HINT = "install it with `.venv/bin/pip install onnxruntime` (or `make install`)"
+
+
+def pip_install(requirement: str) -> str:
+    """The command that installs ``requirement`` into the Python running this program (whatever venv is active)."""
+    return f"`{shlex.quote(sys.executable)} -m pip install {requirement}`"
+
+
+INSTALL_HINT = f"install it with {pip_install('onnxruntime')} (or `make install`)"
 
 
 def import_onnxruntime() -> Any:
@@ -57,7 +66,8 @@ def import_openvino() -> Any:
     except ImportError:
         raise ModelDirError(
             "--runtime openvino needs the openvino package, which is not installed; install it with "
-            "`.venv/bin/pip install -e '.[openvino]'` (not officially supported on AMD CPUs)"
+            f"{pip_install(repr('openvino>=2025.0'))} (or `pip install -e '.[openvino]'` in a checkout; not "
+            "officially supported on AMD CPUs)"
         ) from None
     return openvino
 
@@ -77,7 +87,7 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep for the parser
         raise ModelDirError(f"{path} is corrupt (not valid JSON); export the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise ModelDirError(f"{path} is not a surfaceinspect export manifest; export the model again")
@@ -88,6 +98,22 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
             f"{EXPORT_FORMAT_VERSION}; export the model again with this version (`surfaceinspect export`)"
         )
     return manifest
+
+
+def model_file(export_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The graph file ``export.json`` names: a plain file name inside the export folder, nothing else.
+
+    A manifest naming ``../../etc/passwd``, an absolute path, or a link leading out of the folder is
+    refused: an export folder is self-contained, and the tool reads no file a manifest points it at.
+    """
+    name = manifest.get("model_file", ONNX_FILE)
+    path = export_dir / name if isinstance(name, str) and name not in ("", ".", "..") else None
+    if path is None or Path(name).name != name or path.resolve().parent != export_dir.resolve():
+        raise ModelDirError(
+            f"{export_dir / MANIFEST_FILE} names the model file {name!r}, which is not a file of the export folder; "
+            "export the model again"
+        )
+    return path
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -143,14 +169,14 @@ class ExportedDetector(Detector):
         try:
             cls = get_detector_class(str(manifest["method"]))
             run_config = run_config_from_dict(cls.config_cls, manifest["config"])
-        except (ConfigError, KeyError) as exc:
+        except (ConfigError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
             raise ModelDirError(f"{export_dir / MANIFEST_FILE} has an invalid config ({exc}); export again") from None
         super().__init__(run_config, torch.device("cpu"))
         self.name = cls.name  # type: ignore[misc] - the method the graph computes, for messages and records
         self.config_cls = cls.config_cls  # type: ignore[misc]
         self.export_dir = export_dir
         self.manifest = manifest
-        model_path = export_dir / manifest.get("model_file", ONNX_FILE)
+        model_path = model_file(export_dir, manifest)
         if not model_path.is_file():
             raise ModelDirError(f"{model_path} is missing; the export folder is incomplete, export again")
         data = model_path.read_bytes()

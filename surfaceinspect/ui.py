@@ -28,6 +28,11 @@ def styled(*parts: Part) -> Text:
     return Text.assemble(*parts)
 
 
+def plural(n: int, word: str, plural_form: str | None = None) -> str:
+    """``1 image``, ``2 images`` (``plural_form`` for irregular words)."""
+    return f"{n} {word if n == 1 else plural_form or word + 's'}"
+
+
 class Reporter:
     """Where the engine sends human-readable output. ``quiet=True`` keeps only warnings."""
 

@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 from surfaceinspect.drift import DEFAULT_WINDOW
 from surfaceinspect.errors import ConfigError, OutputError
 from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
-from surfaceinspect.outputs import check_output_file, open_for_writing, prepare_output_dir
+from surfaceinspect.outputs import check_output_file, lock_output, open_for_writing, prepare_output_dir
 from surfaceinspect.records import (
     FIELDS,
     RecordWriter,
@@ -197,7 +198,7 @@ def recorded_paths(path: Path, fmt: str) -> set[str]:
     for number, line in enumerate(text.splitlines(), 1):
         try:
             paths.add(json.loads(line)["path"])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             if line.strip():
                 raise OutputError(
                     f"--output {path}: line {number} is not a record; give a new file or repair this one"
@@ -220,35 +221,30 @@ def open_records_for_append(
         raise OutputError(f"--output {output} holds JSON Lines records; name the file .jsonl")
     if resume and fmt == "jsonl" and output.stat().st_size and _has_csv_header(output):
         raise OutputError(f"--output {output} holds CSV records; name the file .csv")
-    if resume:
-        try:
-            handle = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115 - the writer closes it
-        except OSError as exc:
-            raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
-    else:
-        handle = open_for_writing(output)
-    _lock(handle, output)  # before reading: a second watch on the same file would interleave records
-    done = recorded_paths(output, fmt) if resume else set()
-    handle.seek(0, os.SEEK_END)
+    # Locked before reading: a second watch (or a score) on the same file would interleave records.
+    lock = lock_output(output, "--output")
+    handle = None
+    try:
+        handle = _open_append(output) if resume else open_for_writing(output)
+        done = recorded_paths(output, fmt) if resume else set()
+        handle.seek(0, os.SEEK_END)
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        lock.release()
+        raise
     empty = handle.tell() == 0
     # A CSV file of an earlier version is continued in its own columns: rows must match its header.
     columns = (csv_columns(output) or FIELDS) if fmt == "csv" and not empty else FIELDS
-    writer = RecordWriter(handle, fmt, close=True, target=output, header=empty, columns=columns)
+    writer = RecordWriter(handle, fmt, close=True, target=output, header=empty, columns=columns, lock=lock)
     return writer, done, fmt
 
 
-def _lock(handle: Any, output: Path) -> None:
+def _open_append(output: Path) -> Any:
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock; one watch per output file is the user's job
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise OutputError(
-            f"--output {output} is being written by another watch; give each watch its own file"
-        ) from None
+        return open(output, "a", encoding="utf-8", newline="")  # closed by the RecordWriter
+    except OSError as exc:
+        raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
 
 
 def _has_csv_header(path: Path) -> bool:
@@ -330,13 +326,21 @@ class DefectHook:
 
 
 def copy_defect(image: Path, rel: str, defects_dir: Path) -> Path:
-    """Copy ``image`` to ``defects_dir/rel`` atomically (readers never see a partial copy)."""
+    """Copy ``image`` to ``defects_dir/rel`` atomically (readers never see a partial copy).
+
+    Never through a symbolic link below ``defects_dir`` (OSError ``ELOOP`` instead); the copy keeps
+    the image's permissions and time stamps.
+    """
     from surfaceinspect.atomic import atomic_open
 
     target = defects_dir / rel
-    with open(image, "rb") as source, atomic_open(target, "wb") as handle:
+    with open(image, "rb") as source, atomic_open(target, "wb", below=defects_dir) as handle:
         shutil.copyfileobj(source, handle)
-    shutil.copystat(image, target)
+        handle.flush()
+        st = os.fstat(source.fileno())
+        # on the open copy, not by path: a path could lead through a link made meanwhile
+        os.chmod(handle.fileno(), stat.S_IMODE(st.st_mode))
+        os.utime(handle.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
     return target
 
 
@@ -379,7 +383,7 @@ def check_outputs(
     output_format(output, fmt)
     check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
     if options.defects_dir is not None:
-        prepare_output_dir(options.defects_dir, [folder], option="--defects-dir")
+        prepare_output_dir(options.defects_dir, [folder], option="--defects-dir", refuse_links=True)
     return DefectHook(options.on_defect, reporter or Reporter(quiet=True)) if options.on_defect else None
 
 
@@ -387,9 +391,10 @@ def check_outputs(
 class WatchResult:
     """How a watch ended: the counts of this session, and why it stopped."""
 
-    summary: Any  # engine.ScoreSummary of the images scored in this session
+    summary: Any  # engine.ScoreSummary of the images scored in this session (its seconds: time spent scoring)
     already_recorded: int
-    stopped_by: str  # "stop-after", "idle-timeout", "interrupted" or "stop-event"
+    stopped_by: str  # "stop-after", "idle-timeout", "interrupted" or "stop-event" ("terminated": set by the CLI)
+    watched_s: float = 0.0  # how long the watch ran
     hook_failures: int = 0
     copied: list[Path] = field(default_factory=list)
 
@@ -419,6 +424,7 @@ class _BatchScorer:
     def __call__(self, batch: Sequence[Ready], tracker: SettleTracker) -> None:
         from surfaceinspect.engine import run_inference
 
+        began = time.monotonic()
         by_path = {r.path: r for r in batch}
         for item in run_inference(
             [r.path for r in batch],
@@ -445,6 +451,7 @@ class _BatchScorer:
                 self._defect(item.item.path, record)
             elif record.verdict == "error":
                 self.reporter.warn(f"unreadable {record.path}: {record.error}")
+        self.result.summary.seconds += time.monotonic() - began  # the time spent scoring, for the summary
 
     def _defect(self, image: Path, record: ScoreRecord) -> None:
         self.reporter.info(("defect", "red"), f" score {format_score(record.score)} ", record.path)
@@ -546,6 +553,7 @@ def watch_folder(
     result = WatchResult(ScoreSummary(), len(done), "stop-event")
     score = _BatchScorer(model, root, options, writer, done, result, reporter, hook, on_record)
     started_wall = time.time()
+    started = time.monotonic()
     last_activity = time.monotonic()
     next_rescan = time.monotonic() + options.rescan_s if options.rescan_s > 0 else float("inf")
 
@@ -593,6 +601,7 @@ def watch_folder(
         result.stopped_by = "interrupted"
     finally:
         score.close()
+        result.watched_s = time.monotonic() - started
         with contextlib.suppress(Exception):
             watcher.close()
         writer.close()

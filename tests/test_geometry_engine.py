@@ -154,7 +154,7 @@ def test_method_options_come_from_the_method_config(toy_method, synthetic_datase
     assert "--backbone-weights does not apply to method toy" in result.output
     help_text = run_cli("train", "--help").output
     assert "--anomaly-source" in help_text and "--backbone-weights" in help_text
-    assert "csflow or draem" in " ".join(help_text.replace("│", " ").split())  # --method help: the registry
+    assert "auto, csflow, draem" in " ".join(help_text.replace("│", " ").split())  # --method help: the registry
 
 
 def test_cli_import_does_not_load_torch():
