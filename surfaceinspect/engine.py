@@ -1302,10 +1302,17 @@ def _output_stem(record_path: str, used: set[str]) -> str:
 def _gallery_context(model: LoadedModel, images_dir: Path) -> dict[str, str]:
     """What the operator needs to read index.html: which model, which thresholds, which images."""
     cal = model.calibration
+    selection = model.metadata.get("selection")
+    chosen = (
+        {"chosen by": f"--method auto: {selection['chosen']} ({selection['reason']}; table in metadata.json)"}
+        if isinstance(selection, dict) and "chosen" in selection
+        else {}
+    )
     return {
         "model": str(model.run_dir.resolve()),
         "model id": model.model_id,
         "method": model.detector.name,
+        **chosen,
         "runtime": model.runtime,
         "trained": str(model.metadata.get("created", "unknown")),
         "calibrated": f"{cal.created or 'unknown'} ({cal.mode}, {cal.n_good} good images)",

@@ -170,7 +170,12 @@ def test_auto_picks_the_detector_that_sees_the_anomalies(toy_profiles, tmp_path)
     assert not (run_dir / auto.AUTO_STATE_FILE).exists() and not (run_dir / auto.CANDIDATES_DIR).exists()
     raw = json.loads((run_dir / auto.SELECTION_SCORES_FILE).read_text())
     assert raw["winner"] == "toy-cpu" and len(raw["results"]["toy-cpu"]["synthetic_scores"]) == 18
-    assert engine.load(run_dir).calibration.image_threshold > 0
+    loaded = engine.load(run_dir)
+    assert loaded.calibration.image_threshold > 0
+    # The gallery's header says why this detector (heatmap shows it like the table in metadata.json).
+    engine.heatmap_folder(loaded, data, tmp_path / "gallery", reporter=Reporter(quiet=True))
+    page = (tmp_path / "gallery" / "index.html").read_text()
+    assert "chosen by" in page and "--method auto: toy-cpu (highest AUROC on synthetic anomalies" in page
 
 
 def test_real_defects_folder_outranks_the_synthetic_evidence(toy_profiles, tmp_path):
