@@ -69,9 +69,9 @@ def run_one(args: argparse.Namespace) -> None:
     import torch
 
     from surfaceinspect import engine
-    from surfaceinspect.config import resolve_run_config
     from surfaceinspect.data import iterate_images, stack_images
     from surfaceinspect.datasets import load_mvtec
+    from surfaceinspect.profiles import resolve_run_config
     from surfaceinspect.ui import Reporter
 
     ds = load_mvtec(args.data, check_mask_sizes=False)

@@ -36,11 +36,12 @@ import numpy as np
 from surfaceinspect import engine, modeldir
 from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.calibration import Calibration, conformal_threshold
-from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_option, resolve_run_config
+from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_option
 from surfaceinspect.errors import ConfigError, ModelDirError
 from surfaceinspect.evidence import EvidenceImage, write_evidence
 from surfaceinspect.metrics import image_auroc
 from surfaceinspect.outputs import lock_output
+from surfaceinspect.profiles import resolve_run_config
 from surfaceinspect.ui import Reporter
 
 AUTO_STATE_FILE = modeldir.AUTO_STATE_FILE

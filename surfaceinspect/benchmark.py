@@ -108,7 +108,7 @@ def _train_child(args: dict[str, Any], queue: Any) -> None:
 
 def _train_one(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> Any:
     from surfaceinspect import engine
-    from surfaceinspect.config import resolve_run_config
+    from surfaceinspect.profiles import resolve_run_config
 
     if args["quick"]:
         # The time budget is what every detector honours (DRAEM profiles count steps, not epochs).

@@ -182,7 +182,7 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         "-m",
-        help=f"Detector: auto, {', '.join(available_methods())}. auto measures which detector suits your images "
+        help="Detector: auto, {methods}. auto measures which detector suits your images "
         "(see above). [default: auto, or the --config file's method]",
     ),
 ]
@@ -191,9 +191,8 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         "-p",
-        help="Named profile from sample_configs/ (cpu, paper; texture: textured surfaces, small defects; "
-        "long: DRAEM ensemble of 3 models, 3x the time; `surfaceinspect profiles` lists them) or a YAML path. "
-        "[default: paper with CUDA, cpu without]",
+        help="Named profile (installed: {profiles}; `surfaceinspect profiles` says what each is for) or a YAML "
+        "path. [default: paper with CUDA, cpu without]",
     ),
 ]
 ConfigOpt = Annotated[
@@ -346,7 +345,30 @@ def _method_option_params() -> list[Any]:
     return list(typer.main.get_command(helper).params)
 
 
-class MethodOptionsCommand(TyperCommand):
+def _help_names() -> dict[str, str]:
+    """What ``{methods}`` and ``{profiles}`` stand for in option help: the registered methods and the
+    installed profiles, read when the help is shown (so a method registered later shows up too)."""
+    from surfaceinspect.profiles import profile_names
+
+    return {"methods": ", ".join(available_methods()), "profiles": ", ".join(profile_names())}
+
+
+class LiveHelpCommand(TyperCommand):
+    """A command whose option help may name ``{methods}`` and ``{profiles}``, filled in when shown."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        names: dict[str, str] | None = None
+        for param in params:
+            template = getattr(param, "help_template", None) or getattr(param, "help", None) or ""
+            if "{methods}" in template or "{profiles}" in template:
+                names = names or _help_names()
+                param.help_template = template  # type: ignore[attr-defined]
+                param.help = template.format(**names)  # type: ignore[attr-defined]
+        return params
+
+
+class MethodOptionsCommand(LiveHelpCommand):
     """A command that also takes each method's own options, as its config declares them.
 
     The options come from ``MethodConfig.cli_options`` of every registered method, built when the
@@ -488,7 +510,8 @@ def train(
     --out puts it.
     """
     from surfaceinspect import auto, engine, modeldir
-    from surfaceinspect.config import parse_image_size, resolve_run_config
+    from surfaceinspect.config import parse_image_size
+    from surfaceinspect.profiles import resolve_run_config
 
     reporter = _reporter(quiet)
     method_options: dict[str, str] = ctx.meta.get("method_options", {})
@@ -1075,7 +1098,8 @@ def _print_thresholds(reporter: Any, change: Any) -> None:
         "  surfaceinspect benchmark DATA -m draem --model RUN --set draem.smoothing_kernel=11 --out b/  (re-score)\n\n"
         "  surfaceinspect benchmark DATA -m csflow --seed 0 --seed 1 --seed 2 --out bench/   (mean and spread)\n\n"
         "  surfaceinspect benchmark DATA --method draem --quick --out /tmp/bench   (about a minute)"
-    )
+    ),
+    cls=LiveHelpCommand,
 )
 @handle_errors
 def benchmark(
@@ -1092,7 +1116,7 @@ def benchmark(
             "--method",
             "-m",
             help="Methods to compare (repeatable): auto (the candidate table adds each candidate's test AUROC and "
-            "the rank agreement), draem, csflow. [default: auto]",
+            "the rank agreement), {methods}. [default: auto]",
         ),
     ] = None,
     profile: ProfileOpt = None,
@@ -1204,18 +1228,18 @@ def demo(
 @app.command("profiles")
 @handle_errors
 def profiles() -> None:
-    """List the shipped profiles as the --method/--profile pairs that select them."""
-    from surfaceinspect.config import list_profiles
-    from surfaceinspect.detectors import available_methods
+    """List the installed profiles as the --method/--profile pairs that select them, and what each is for."""
+    from surfaceinspect.profiles import method_profiles, profile_note
 
     table = Table(title="use: surfaceinspect train --method METHOD --profile PROFILE", show_header=True)
-    for column in ("--method", "--profile", "file"):
+    for column in ("--method", "--profile", "for", "file"):
         table.add_column(column)
-    shipped = list_profiles()
+    folders: list[str] = []
     for method in available_methods():
-        for name, path in shipped.items():
-            if name.startswith(method + "-"):
-                table.add_row(Text(method), Text(name[len(method) + 1 :]), Text(str(path)))
+        for name, path in method_profiles(method).items():
+            table.add_row(Text(method), Text(name), Text(profile_note(method, name, path)), Text(path.name))
+            folders += [str(path.parent)] if str(path.parent) not in folders else []
+    table.caption = f"files in {', '.join(folders)}"
     out_console.print(table)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ PROFILE_DIRS = (
     Path(__file__).resolve().parent / "sample_configs",  # installed wheel
     Path(__file__).resolve().parent.parent / "sample_configs",  # source checkout / editable install
 )
+# More folders of profiles, searched first (os.pathsep-separated): a plug-in method's profiles.
+PROFILES_ENV = "SURFACEINSPECT_PROFILES"
 
 
 @dataclass
@@ -190,6 +193,9 @@ class MethodConfig:
     # Method-specific command-line options of ``train``: field name -> help text. ``--field-name
     # VALUE`` sets the field; every other field is set with ``--set <method>.<field>=VALUE``.
     cli_options: ClassVar[dict[str, str]] = {}
+    # What each of the method's shipped profiles is for (profile name -> one line), shown by
+    # ``surfaceinspect profiles``; a profile without a line shows its YAML file's first comment line.
+    profile_notes: ClassVar[dict[str, str]] = {}
     epochs: int = 1
     lr: float = 1e-4
 
@@ -392,7 +398,8 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
 def list_profiles() -> dict[str, Path]:
     """Named profiles shipped with the tool: ``{"draem-cpu": path, ...}``."""
     found: dict[str, Path] = {}
-    for directory in PROFILE_DIRS:
+    extra = [Path(p) for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    for directory in (*extra, *PROFILE_DIRS):
         if directory.is_dir():
             for path in sorted(directory.glob("*.yaml")):
                 found.setdefault(path.stem, path)
@@ -451,50 +458,6 @@ def build_run_config(
     run = RunConfig(method=method, profile=str(Path(profile).stem), common=common, method_config=method_cfg)
     run.validate()
     return run
-
-
-def resolve_run_config(
-    *,
-    method: str | None,
-    profile: str | None = None,
-    config_file: Path | None = None,
-    common_flags: dict[str, Any] | None = None,
-    method_flags: dict[str, Any] | None = None,
-    sets: Sequence[str] = (),
-) -> RunConfig:
-    """Build the effective config: profile < ``--config`` file < named flags < ``--set`` items.
-
-    ``method`` None takes the config file's method (default draem). ``common_flags`` name
-    ``common`` fields (``calibration.fraction`` for nested ones); ``method_flags`` name fields of
-    the method's config (``epochs``, ``lr`` and its ``cli_options``). A flag that the chosen method
-    does not have is an error, not silently ignored; None values are flags not given.
-    """
-    from surfaceinspect.detectors import get_config_class
-
-    file_layer = load_yaml_file(config_file) if config_file else {}
-    method = str(method or file_layer.get("method") or "draem")
-    cls = get_config_class(method)
-    accepted = {"epochs", "lr", *cls.cli_options}
-    flag_layer: dict[str, Any] = {"common": {}, method: {}}
-    for key, value in (common_flags or {}).items():
-        if value is None:
-            continue
-        section, _, sub = key.rpartition(".")
-        target = flag_layer["common"].setdefault(section, {}) if section else flag_layer["common"]
-        target[sub] = value
-    for key, value in (method_flags or {}).items():
-        if value is None:
-            continue
-        if key not in accepted:
-            own = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(cls.cli_options)) or "none"
-            raise ConfigError(
-                f"--{key.replace('_', '-')} does not apply to method {method} (its own options: {own}); "
-                f"set other settings with --set {method}.KEY=VALUE"
-            )
-        flag_layer[method][key] = value
-    for item in sets:
-        flag_layer = deep_merge(flag_layer, parse_set_option(item))
-    return build_run_config(cls, profile, [file_layer, flag_layer])
 
 
 def run_config_from_dict(method_config_cls: type[MethodConfig], data: dict[str, Any]) -> RunConfig:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from surfaceinspect import engine
-from surfaceinspect.config import resolve_run_config
 from surfaceinspect.outputs import prepare_output_dir
+from surfaceinspect.profiles import resolve_run_config
 from surfaceinspect.records import RecordWriter
 from surfaceinspect.synthetic import make_dataset
 from surfaceinspect.ui import Reporter

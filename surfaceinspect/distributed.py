@@ -7,17 +7,11 @@ Building blocks, kept apart from the single-process code paths:
 * :class:`GradientAverager` averages the gradients of every rank before each optimiser step
   (one all-reduce of all gradients flattened together), so N ranks of batch ``B/N`` take the step
   one process takes with batch ``B``.
-* :class:`DistributedDraem` trains DRAEM on N ranks. DRAEM's training samples are a pure function
-  of (seed, global sample index), so rank ``r`` takes the indices ``step*B + r*B/N ...
-  step*B + (r+1)*B/N - 1`` of every global batch (:class:`RankSlice`): each rank synthesises its
-  own anomalies, and together the ranks see exactly the samples, in the same steps, that a single
-  process with batch ``B`` sees. The one difference: BatchNorm normalises with the statistics of
-  the rank's ``B/N`` samples (SyncBatchNorm exists for CUDA only); the running statistics are
-  averaged over the ranks at the end, so every rank holds the same model.
-* :class:`DistributedCSFlow` trains CS-Flow on N ranks: the feature cache is extracted in shards
-  (:func:`shard_bounds`) and gathered on every rank (:func:`gather_feature_store`); the ranks
-  split every global batch and sum their weighted gradients (:func:`sum_gradients`), so the step
-  is the single-process one up to the order of floating-point sums (no BatchNorm in the flow).
+* Each method's package declares its data-parallel detector (``Detector.data_parallel``):
+  ``detectors/draem/distributed.py`` trains DRAEM on N ranks, each taking its slice of every
+  global batch (:class:`RankSlice`); ``detectors/csflow/distributed.py`` trains CS-Flow on N ranks
+  with the feature cache extracted in shards (:func:`shard_bounds`) and summed gradients
+  (:func:`sum_gradients`). :class:`RankTraining` is what they share.
 * :class:`RankConsistentBudget`: with a time budget, rank 0 times the steps and decides the
   schedule for every rank (ranks timing themselves would stop at different steps).
 
@@ -52,20 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import Dataset
 
 from surfaceinspect.detectors.base import TrainContext, TrainSummary
-from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
-from surfaceinspect.detectors.csflow.flow import nll_per_dim
-from surfaceinspect.detectors.draem.detector import DraemDetector
-from surfaceinspect.detectors.draem.sources import AnomalySource
-from surfaceinspect.detectors.draem.synthesis import SynthesisParams
 from surfaceinspect.detectors.schedule import TimeBudget
-from surfaceinspect.errors import ConfigError, SurfaceInspectError
+from surfaceinspect.errors import SurfaceInspectError
 
 # A rank that fails leaves the others waiting in a collective; they give up after this long.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -251,169 +239,13 @@ class RankTraining:
         return summary
 
 
-class DistributedDraem(RankTraining, DraemDetector):
-    """DRAEM trained on all ranks of a process group; see the module docstring.
-
-    ``common.batch_size`` is the global batch (it must divide by the world size); each rank
-    trains on ``batch_size / world``. The schedule (steps, epochs, learning-rate milestones) is the
-    single-process one.
-    """
-
-    def __init__(self, run_config: Any, device: torch.device) -> None:
-        if run_config.method_config.members > 1:
-            raise ConfigError(
-                f"draem.members={run_config.method_config.members}: an ensemble trains its models one after "
-                "another; train it without torchrun, or train one model (draem.members=1) on all processes"
-            )
-        super().__init__(run_config, device)
-        self._join()
-        broadcast_module(self.model)
-        self._per_rank = run_config.common.batch_size // self.world
-
-    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
-        common, cfg = self.run_config.common, self.cfg
-        context = self._rank_context(context)
-        if common.batch_size % self.world:
-            raise ConfigError(
-                f"common.batch_size {common.batch_size} does not divide among {self.world} processes; "
-                f"use a multiple of {self.world}"
-            )
-        batch, steps = common.batch_size, cfg.steps
-        if steps <= 0:  # the plan in global batches, as a single process would count it
-            cfg.steps = cfg.epochs * math.ceil(images.shape[0] / batch)
-        common.batch_size = self._per_rank
-        try:
-            with GradientAverager(self.model):
-                summary = super().fit(images, context)
-            average_buffers(self.model)
-            self._fast = None
-        finally:
-            common.batch_size, cfg.steps = batch, steps
-        summary.epochs = round(summary.steps * batch / images.shape[0], 3)
-        return self._finish(summary, batch_per_rank=self._per_rank)
-
-    def _synthesis_dataset(
-        self, nhwc: np.ndarray, source: AnomalySource, params: SynthesisParams, seed: int
-    ) -> Dataset:
-        return RankSlice(super()._synthesis_dataset(nhwc, source, params, seed), self._per_rank, self.world, self.rank)
-
-
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rank ``rank``'s contiguous share ``[start, stop)`` of ``n`` items (sizes differ by at most one)."""
     return n * rank // world, n * (rank + 1) // world
 
 
-def gather_feature_store(local: FeatureStore, template: FeatureStore, n: int, chunk: int) -> FeatureStore:
-    """Every rank's shard of the feature cache (``local``, the rank's :func:`shard_bounds` of ``n``
-    training images) gathered into ``template``, in training-image order, on every rank.
-
-    ``chunk`` images per rank and per all-gather bound the memory in flight (``world * chunk``
-    images' features per scale); the last round pads the shorter shards with zeros.
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    bounds = [shard_bounds(n, world, q) for q in range(world)]
-    local_n = bounds[rank][1] - bounds[rank][0]
-    largest = max(stop - start for start, stop in bounds)
-    for offset in range(0, largest, chunk):
-        mine = local.get(torch.arange(offset, min(offset + chunk, local_n)))
-        gathered = []
-        for f in mine:
-            padded = torch.zeros((chunk, *f.shape[1:]), dtype=f.dtype)
-            padded[: len(f)] = f
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded)
-            gathered.append(parts)
-        for q, (start, stop) in enumerate(bounds):
-            rows = min(chunk, stop - start - offset)
-            if rows > 0:
-                template.put(start + offset, [parts[q][:rows] for parts in gathered])
-    return template
-
-
-class DistributedCSFlow(RankTraining, CSFlowDetector):
-    """CS-Flow trained on all ranks of a process group.
-
-    * Feature cache (``csflow.feature_cache`` memory or disk): each rank extracts the backbone
-      features of its contiguous share of the training images, then the shares are gathered
-      (all-gather, CPU tensors over gloo) so every rank holds the whole cache in image order.
-      With ``none`` nothing is cached: each rank extracts the features of its own batches.
-    * Flow: every rank draws the same epoch order (the seed's generator) and takes a disjoint
-      slice of each global batch of ``common.batch_size``; each rank's loss is weighted by its
-      share of the batch and the gradients (and the loss) summed in one all-reduce, so the step
-      is the single-process step on the whole batch, gradient clipping included (it acts on the
-      summed gradient). Ranks differ from one process only in floating-point summation order.
-    * The schedule and checkpoints are the single-process ones (positions count global batches),
-      so a run resumes under any number of processes, or none.
-    """
-
-    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
-        self._join()
-        context = self._rank_context(context)
-        if len(images) < self.world:
-            raise ConfigError(
-                f"{len(images)} training images cannot be shared among {self.world} processes; "
-                "use fewer processes or more images"
-            )
-        self._global_batch = 0
-        summary = super().fit(images, context)
-        n, bs = len(images), min(self.run_config.common.batch_size, len(images))
-        return self._finish(summary, batch_per_rank=math.ceil(bs / self.world), feature_shard=math.ceil(n / self.world))
-
-    def _build(self, pretrained: bool) -> None:
-        super()._build(pretrained)
-        if pretrained:  # building for training: start every rank from rank 0's flow
-            assert self.flow is not None
-            broadcast_module(self.flow)
-
-    def _feature_store(self, images: torch.Tensor, bs: int, on_progress: Any) -> FeatureStore:
-        cfg = self.config
-        if cfg.feature_cache == "none":  # features of each rank's own batch slices, extracted as it trains
-            return super()._feature_store(images, bs, on_progress)
-        assert self.extractor is not None
-        start, stop = shard_bounds(len(images), self.world, self.rank)
-        local = FeatureStore(
-            self.extractor, images[start:stop], cfg.feature_cache, bs, self.device, cfg.cache_dir, on_progress
-        )
-        try:
-            shapes = [a.shape[1:] for a in local.arrays]
-            full = FeatureStore.allocated(self.extractor, images, cfg.feature_cache, shapes, self.device, cfg.cache_dir)
-            try:
-                return gather_feature_store(local, full, len(images), bs)
-            except BaseException:
-                full.close()
-                raise
-        finally:
-            local.close()
-
-    def _batch_indices(self, perm: torch.Tensor, batch: int, bs: int) -> torch.Tensor:
-        idx = super()._batch_indices(perm, batch, bs)
-        self._global_batch = len(idx)
-        return idx.tensor_split(self.world)[self.rank]
-
-    def _train_step(self, feats: list[torch.Tensor], optimizer: torch.optim.Optimizer, pos: Any) -> float:
-        assert self.flow is not None
-        optimizer.zero_grad(set_to_none=True)
-        local, weight = len(feats[0]), len(feats[0]) / self._global_batch
-        loss = torch.zeros(())
-        if local:  # the last global batch of an epoch may leave a rank without images
-            zs, logdet = self.flow(self._layout(feats))
-            loss = nll_per_dim(zs, logdet) * weight
-            loss.backward()
-        params = [p for p in self.flow.parameters() if p.requires_grad]
-        loss_value = sum_gradients(params, 1.0, extra=loss)  # the rank's gradient already carries the weight
-        if not math.isfinite(loss_value):  # every rank sees the same sum, so all stop together
-            raise self._loss_error(loss_value, pos)
-        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
-        optimizer.step()
-        return loss_value
-
-
 # ---------------------------------------------------------------------------------------------
 # The train command under torchrun
-
-
-# method -> its data-parallel Detector class in this module
-DATA_PARALLEL = {"draem": "DistributedDraem", "csflow": "DistributedCSFlow"}
 
 
 class TrainedOnOtherRank(BaseException):
@@ -433,7 +265,7 @@ def _train_method(args: Sequence[str]) -> str:
     if params.get("resume"):
         return str(modeldir.load_checkpoint(_resolve_resume(params["resume"])).run_config["method"])
     config = params.get("config")
-    return params.get("method") or (load_yaml_file(config).get("method") if config else None) or "draem"
+    return str(params.get("method") or (load_yaml_file(config).get("method") if config else None) or "auto")
 
 
 def _worker_arguments(args: Sequence[str], scratch: Path) -> list[str]:
@@ -459,29 +291,46 @@ def _resolve_resume(value: str) -> Path:
     return modeldir.find_resumable() if value == "latest" else Path(value)
 
 
+def data_parallel_training() -> bool:
+    """True inside :func:`main`: the train command builds each method's data-parallel detector."""
+    return _leave_after_training
+
+
+def _data_parallel_methods() -> list[str]:
+    from surfaceinspect.detectors import available_methods, get_detector_class
+
+    return [m for m in available_methods() if get_detector_class(m).data_parallel is not None]
+
+
+def _usage_error() -> None:
+    sys.stderr.write(
+        "error: run the train command under torchrun: torchrun --nproc-per-node N -m "
+        f"surfaceinspect.distributed train -m {'|'.join(_data_parallel_methods())} GOOD_DIR [train options]\n"
+    )
+    sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``torchrun ... -m surfaceinspect.distributed train ARGS``: see the module docstring."""
     from surfaceinspect import cli
-    from surfaceinspect.detectors import REGISTRY
 
     global _leave_after_training
     args = list(sys.argv[1:] if argv is None else argv)
     env = DistEnv.from_environ()
     if env is None or not args or args[0] != "train":
-        sys.stderr.write(
-            "error: run the train command under torchrun: torchrun --nproc-per-node N -m "
-            "surfaceinspect.distributed train -m draem|csflow GOOD_DIR [train options]\n"
-        )
-        sys.exit(2)
+        _usage_error()
+    assert env is not None
     try:
         method = _train_method(args[1:])
     except SurfaceInspectError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
-    if method not in DATA_PARALLEL:
-        sys.stderr.write(f"error: {method} training under torchrun is not supported; train it in one process\n")
+    if method not in _data_parallel_methods():
+        sys.stderr.write(
+            f"error: {method} training under torchrun is not supported; train it in one process "
+            f"(data-parallel methods: {', '.join(_data_parallel_methods())})\n"
+        )
         sys.exit(2)
-    REGISTRY[method] = f"{__name__}:{DATA_PARALLEL[method]}"
     _leave_after_training = True
     with process_group(env, env.device()), tempfile.TemporaryDirectory(prefix=f"si-rank{env.rank}-") as scratch:
         if not env.is_main:
@@ -498,4 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run main() of the imported module (not of __main__), whose flag the data-parallel detectors read
+    from surfaceinspect.distributed import main as _main
+
+    _main()

@@ -513,6 +513,13 @@ class TrainingPlan:
         return self.resume_state is not None
 
 
+def _detector_class(method: str) -> type[Detector]:
+    """The method's detector; its data-parallel variant when the train command runs under torchrun."""
+    from surfaceinspect.distributed import data_parallel_training
+
+    return get_detector_class(method, data_parallel=data_parallel_training())
+
+
 def train(
     data_dir: Path,
     run_config: RunConfig,
@@ -690,7 +697,7 @@ def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | Non
     if images.shape[0] < 2:
         raise DatasetError(f"only {images.shape[0]} readable training image(s) in {data_dir}; at least 2 are needed")
 
-    detector = get_detector_class(run_config.method)(run_config, device)
+    detector = _detector_class(run_config.method)(run_config, device)
     rel_train = [relative_name(p, data_dir) for p in plan.train_files]
     rel_calib = [relative_name(p, data_dir) for p in plan.calibration_files]
 

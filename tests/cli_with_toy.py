@@ -6,10 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from surfaceinspect import config
 from surfaceinspect.cli import main
-from surfaceinspect.detectors import REGISTRY
+from surfaceinspect.config import PROFILES_ENV
+from surfaceinspect.detectors import PLUGINS_ENV
 
-REGISTRY["toy"] = "toy_detector:ToyDetector"
-config.PROFILE_DIRS = (Path(os.environ["TOY_PROFILES"]), *config.PROFILE_DIRS)
+os.environ[PLUGINS_ENV] = "toy=toy_detector:ToyDetector"
+os.environ[PROFILES_ENV] = os.environ["TOY_PROFILES"]
 main()

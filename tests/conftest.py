@@ -35,9 +35,9 @@ def single_torch_thread():
 
 @pytest.fixture
 def toy_method(tmp_path_factory, monkeypatch):
-    """Register the toy detector with cpu and paper profiles; returns its method name."""
-    from surfaceinspect import config
-    from surfaceinspect.detectors import REGISTRY
+    """Register the toy detector (a plug-in) with cpu and paper profiles; returns its method name."""
+    from surfaceinspect.config import PROFILES_ENV
+    from surfaceinspect.detectors import PLUGINS_ENV
 
     profiles = tmp_path_factory.mktemp("profiles")
     for name in ("cpu", "paper"):
@@ -45,8 +45,10 @@ def toy_method(tmp_path_factory, monkeypatch):
             "method: toy\ncommon:\n  image_size: 64\n  batch_size: 4\n  workers: 0\n"
             "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n  epochs: 2\n"
         )
-    monkeypatch.setattr(config, "PROFILE_DIRS", (profiles, *config.PROFILE_DIRS))
-    monkeypatch.setitem(REGISTRY, "toy", "toy_detector:ToyDetector")
+    # registered as a plug-in, as a method from outside the package would be (no file of it edited);
+    # the variables reach every process a command starts (benchmark's workers included)
+    monkeypatch.setenv(PROFILES_ENV, str(profiles))
+    monkeypatch.setenv(PLUGINS_ENV, "toy=toy_detector:ToyDetector")
     return "toy"
 
 

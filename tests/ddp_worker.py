@@ -19,7 +19,9 @@ import torch
 from ddp_common import linear_problem, tiny_csflow_run, tiny_draem_run, training_images
 
 from surfaceinspect.detectors.base import TrainContext
-from surfaceinspect.distributed import DistEnv, DistributedCSFlow, DistributedDraem, GradientAverager, process_group
+from surfaceinspect.detectors.csflow.distributed import DistributedCSFlow
+from surfaceinspect.detectors.draem.distributed import DistributedDraem
+from surfaceinspect.distributed import DistEnv, GradientAverager, process_group
 
 out = Path(sys.argv[1])
 env = DistEnv.from_environ()

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from surfaceinspect import auto, engine, modeldir
-from surfaceinspect.config import resolve_run_config
 from surfaceinspect.detectors.base import TrainContext, TrainingPaused, TrainProgress
 from surfaceinspect.errors import ConfigError
+from surfaceinspect.profiles import resolve_run_config
 from surfaceinspect.ui import Reporter
 
 TESTS = Path(__file__).resolve().parent
@@ -26,9 +26,9 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture
 def toy_profiles(toy_method):
     """toy-cpu (a 16x16 map) and toy-blind (scores every image alike: known to be the worst); their folder."""
-    from surfaceinspect import config
+    from surfaceinspect.config import PROFILES_ENV
 
-    folder = config.PROFILE_DIRS[0]  # the toy profiles' folder
+    folder = Path(os.environ[PROFILES_ENV])  # the toy profiles' folder
     (folder / "toy-blind.yaml").write_text(
         "method: toy\ncommon:\n  image_size: 64\n  batch_size: 4\n  workers: 0\n"
         "  calibration:\n    min_images: 4\n    fraction: 0.2\ntoy:\n  epochs: 2\n  blind: true\n"

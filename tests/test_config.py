@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from surfaceinspect.config import list_profiles, parse_set_option, resolve_run_config
+from surfaceinspect.config import list_profiles, parse_set_option
 from surfaceinspect.errors import ConfigError
+from surfaceinspect.profiles import resolve_run_config
 
 
 def test_profile_then_yaml_then_flags_then_set(toy_method, tmp_path):

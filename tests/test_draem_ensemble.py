@@ -94,7 +94,7 @@ def test_members_setting_is_checked() -> None:
 
 
 def test_data_parallel_training_refuses_an_ensemble() -> None:
-    from surfaceinspect.distributed import DistributedDraem
+    from surfaceinspect.detectors.draem.distributed import DistributedDraem
 
     with pytest.raises(ConfigError, match="members=2"):
         DistributedDraem(tiny_run(32, members=2), CPU)

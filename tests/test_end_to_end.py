@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from surfaceinspect.cli import app
+from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_UNREADABLE
 
 TINY = {
@@ -21,7 +22,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("method", ["draem", "csflow"])
+@pytest.mark.parametrize("method", available_methods())
 def test_used_by_commands_work_as_written(method, synthetic_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(synthetic_dataset / "train" / "good", "good_images")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from surfaceinspect import engine, runtimes
 from surfaceinspect.cli import app
+from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import EXIT_OK, EXIT_USAGE, ModelDirError
 from surfaceinspect.export import RTOL, ExportError, export_run
 
@@ -28,7 +29,7 @@ TRAIN = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["draem", "csflow"])
+@pytest.fixture(scope="module", params=available_methods())
 def exported_run(request, synthetic_dataset, tmp_path_factory):
     """A tiny trained run of each method, exported to RUN/export-onnx with the CLI."""
     method = request.param

@@ -13,9 +13,10 @@ import torch
 
 from surfaceinspect import engine, modeldir
 from surfaceinspect.atomic import atomic_open, write_json_atomic
-from surfaceinspect.config import resolve_run_config
+from surfaceinspect.detectors import available_methods
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.errors import ModelDirError
+from surfaceinspect.profiles import resolve_run_config
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("method", ["draem", "csflow"])
+@pytest.mark.parametrize("method", available_methods())
 def test_saved_model_scores_like_the_model_in_memory(method, tmp_path):
     """save_model -> load_model reproduces the trained detector itself (config rebuilt from metadata.json)."""
     from surfaceinspect.config import build_run_config

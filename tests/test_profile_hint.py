@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 
 from surfaceinspect import engine
-from surfaceinspect.config import resolve_run_config
+from surfaceinspect.detectors import available_methods
+from surfaceinspect.profiles import resolve_run_config
 from surfaceinspect.ui import Reporter
 
 
@@ -42,7 +43,7 @@ def hint_for(method: str, profile: str, paths: list[Path], *sets: str) -> tuple[
     return hint, buffer.getvalue()
 
 
-@pytest.mark.parametrize("method", ["draem", "csflow"])
+@pytest.mark.parametrize("method", available_methods())
 def test_cpu_profile_on_large_texture_images_names_texture(tmp_path, method):
     paths = write_images(tmp_path / "good", 6, 512, 640)
     hint, printed = hint_for(method, "cpu", paths)

@@ -21,6 +21,7 @@ import torch
 from ddp_common import linear_problem, tiny_csflow_run, tiny_draem_run, training_images
 from torch.utils.data import default_collate
 
+from surfaceinspect.detectors import available_methods, get_detector_class
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
 from surfaceinspect.detectors.draem.detector import DraemDetector, lr_at
@@ -28,6 +29,7 @@ from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.distributed import DistEnv, RankSlice, shard_bounds
 
 TESTS_DIR = Path(__file__).resolve().parent
+DATA_PARALLEL_METHODS = [m for m in available_methods() if get_detector_class(m).data_parallel is not None]
 
 
 def test_dist_env_reads_torchrun_variables():
@@ -154,7 +156,7 @@ def test_two_process_csflow_equals_single_process(torchrun_outputs, cache):
     assert summary["final_loss"] == pytest.approx(expected.final_loss, rel=1e-4)  # the whole last batch's loss
 
 
-@pytest.mark.parametrize("method", ["csflow", "draem"])
+@pytest.mark.parametrize("method", DATA_PARALLEL_METHODS)
 def test_time_budget_is_decided_by_rank_0_for_all_ranks(torchrun_outputs, method):
     ranks = [torch.load(torchrun_outputs / f"budget_{method}{r}.pt") for r in (0, 1)]
     summaries = [r["summary"] for r in ranks]
@@ -179,7 +181,7 @@ def _torchrun_train(args: list[str], home: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["draem", "csflow"])
+@pytest.mark.parametrize("method", DATA_PARALLEL_METHODS)
 def test_train_command_under_torchrun_writes_one_model_from_rank_0(synthetic_dataset, tmp_path, method):
     home, out = tmp_path / "home", tmp_path / "run"
     sets = [arg for item in (TINY_DRAEM_SETS if method == "draem" else TINY_CSFLOW_SETS) for arg in ("--set", item)]

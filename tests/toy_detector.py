@@ -31,6 +31,7 @@ class ToyConfig(MethodConfig):
     # "brightness": score = mean pixel value, a stand-in for a detector whose scores follow the lighting
     # (drift tests); "zmax": the maximum of the z-score map
     score: str = "zmax"
+    profile_notes: ClassVar[dict[str, str]] = {"cpu": "tests: a per-pixel mean, trained in seconds"}
 
 
 class ToyDetector(Detector):
@@ -85,14 +86,11 @@ class ToyDetector(Detector):
 
     def predict(self, images: torch.Tensor) -> Prediction:
         time.sleep(self.config.predict_delay_s)
-        z = ((self._pooled(images) - self.mean) / self.std).abs().mean(1, keepdim=True)
-        z = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
-        maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        if self.config.blind:
-            maps = torch.zeros_like(maps)
-        if self.config.score == "brightness":
-            return Prediction(scores=images.float().mean(dim=(1, 2, 3)), maps=images.float().mean(1))
-        return Prediction(scores=maps.flatten(1).max(1).values.float(), maps=maps.float())
+        scores, maps = self.inference_module()(images)
+        return Prediction(scores=scores, maps=maps)
+
+    def inference_module(self) -> torch.nn.Module:
+        return ToyModule(self.mean, self.std, self.config)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "std": self.std}
@@ -101,3 +99,23 @@ class ToyDetector(Detector):
         if set(state) != {"mean", "std"} or state["mean"].shape != self.mean.shape:
             raise RuntimeError("toy state does not fit")
         self.mean, self.std = state["mean"].clone(), state["std"].clone()
+
+
+class ToyModule(torch.nn.Module):
+    """The toy's ``predict`` as a module (so the contract test can export it)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, config: ToyConfig) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+        self.pool, self.blind, self.brightness = config.pool, config.blind, config.score == "brightness"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = ((F.avg_pool2d(images.float(), self.pool) - self.mean) / self.std).abs().mean(1, keepdim=True)
+        z = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+        maps = F.interpolate(z, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if self.blind:
+            maps = torch.zeros_like(maps)
+        if self.brightness:
+            return images.float().mean(dim=(1, 2, 3)), images.float().mean(1)
+        return maps.flatten(1).max(1).values.float(), maps.float()

@@ -7,6 +7,7 @@ Importing this package does not import torch (the CLI builds its help from the r
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from surfaceinspect.errors import ConfigError
@@ -17,26 +18,53 @@ if TYPE_CHECKING:
 
 _BASE_NAMES = frozenset({"Detector", "Prediction", "TrainContext", "TrainProgress", "TrainingPaused"})
 
-# Adding a method: create surfaceinspect/detectors/<name>/ with a Detector subclass, add it here,
-# and ship sample_configs/<name>-cpu.yaml and <name>-paper.yaml.
+# Adding a method: create surfaceinspect/detectors/<name>/ with a Detector subclass (its config,
+# its profiles' notes, its data-parallel variant if any: see base.Detector), add it here, and ship
+# sample_configs/<name>-cpu.yaml and <name>-paper.yaml. This is the only line outside its package.
 REGISTRY: dict[str, str] = {
     "draem": "surfaceinspect.detectors.draem:DraemDetector",
     "csflow": "surfaceinspect.detectors.csflow:CSFlowDetector",
 }
 
 
+# Methods from outside this package, without editing it: "name=module:Class,name2=module2:Class2"
+# (the module importable, its profiles in a folder of SURFACEINSPECT_PROFILES). An environment
+# variable, so that every process of a command (benchmark's workers, torchrun's ranks) sees them.
+PLUGINS_ENV = "SURFACEINSPECT_METHODS"
+
+
+def registry() -> dict[str, str]:
+    """Every method: the built-in :data:`REGISTRY` and the plug-ins named in ``$SURFACEINSPECT_METHODS``."""
+    found = dict(REGISTRY)
+    for entry in filter(None, (e.strip() for e in os.environ.get(PLUGINS_ENV, "").split(","))):
+        name, sep, target = entry.partition("=")
+        if not sep or ":" not in target:
+            raise ConfigError(f"${PLUGINS_ENV}: {entry!r} is not NAME=MODULE:CLASS")
+        found.setdefault(name.strip(), target.strip())
+    return found
+
+
 def available_methods() -> list[str]:
     """Names accepted by ``--method``."""
-    return sorted(REGISTRY)
+    return sorted(registry())
 
 
-def get_detector_class(method: str) -> type[Detector]:
-    """The Detector subclass registered under ``method``."""
-    if method not in REGISTRY:
+def get_detector_class(method: str, *, data_parallel: bool = False) -> type[Detector]:
+    """The Detector subclass registered under ``method`` (its ``data_parallel`` variant if asked)."""
+    methods = registry()
+    if method not in methods:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(available_methods())}")
-    module_name, class_name = REGISTRY[method].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, class_name)
+    cls: type[Detector] = _load(methods[method])
+    if data_parallel:
+        if cls.data_parallel is None:
+            raise ConfigError(f"{method} training under torchrun is not supported; train it in one process")
+        cls = _load(cls.data_parallel)
+    return cls
+
+
+def _load(target: str) -> Any:
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def get_config_class(method: str) -> type[MethodConfig]:
@@ -53,6 +81,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "PLUGINS_ENV",
     "REGISTRY",
     "Detector",
     "Prediction",
@@ -62,4 +91,5 @@ __all__ = [
     "available_methods",
     "get_config_class",
     "get_detector_class",
+    "registry",
 ]

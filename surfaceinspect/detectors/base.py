@@ -161,6 +161,9 @@ class Detector(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
+    # "module:Class" of this method's data-parallel detector, trained under torchrun
+    # (``python -m surfaceinspect.distributed``); None: the method trains in one process only
+    data_parallel: ClassVar[str | None] = None
 
     def __init__(self, run_config: RunConfig, device: torch.device) -> None:
         self.run_config = run_config

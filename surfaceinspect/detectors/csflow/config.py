@@ -28,6 +28,11 @@ class CSFlowConfig(MethodConfig):
     cli_options: ClassVar[dict[str, str]] = {
         "backbone_weights": "local file with the backbone's ImageNet weights (offline installs of B5)",
     }
+    profile_notes: ClassVar[dict[str, str]] = {
+        "cpu": "machines without CUDA (the default there): EfficientNet-Lite0 features, offline, within 30 min",
+        "paper": "a CUDA GPU (the default there): CS-Flow as published, EfficientNet-B5 features",
+        "texture": "fine textures and small defects on a CPU: larger backbone at 512 px, score from the map peak",
+    }
 
     epochs: int = 240  # paper: 4 meta-epochs x 60
     lr: float = 2e-4

@@ -319,6 +319,7 @@ class CSFlowDetector(Detector):
     """Fully convolutional cross-scale normalizing flow on frozen EfficientNet features."""
 
     name = "csflow"
+    data_parallel = "surfaceinspect.detectors.csflow.distributed:DistributedCSFlow"
     config_cls = CSFlowConfig
 
     def __init__(self, run_config: RunConfig, device: torch.device) -> None:

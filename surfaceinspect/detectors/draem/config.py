@@ -26,6 +26,12 @@ class DraemConfig(MethodConfig):
         "anomaly_source": "folder of texture images (e.g. DTD), or builtin (= self: transformed crops of the "
         "good images), fractal, structured",
     }
+    profile_notes: ClassVar[dict[str, str]] = {
+        "cpu": "machines without CUDA (the default there): whole objects, training within 30 min on 2 cores",
+        "paper": "a CUDA GPU (the default there): DRAEM as published, 256 px, 700 epochs",
+        "texture": "textured surfaces with small defects (fabric, sheet metal, wood) on a CPU: 128-px tiles",
+        "long": "users who can wait (CPU): an ensemble of 3 cpu models, 3x the time, a little more accurate",
+    }
     epochs: int = 700
     lr: float = 1e-4
     steps: int = 0  # >0: train exactly this many optimiser steps instead of ``epochs`` passes

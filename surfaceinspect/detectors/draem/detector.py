@@ -102,6 +102,7 @@ class DraemDetector(Detector):
     """DRAEM: learn to restore and segment synthetic anomalies; score = max of the smoothed mask."""
 
     name = "draem"
+    data_parallel = "surfaceinspect.detectors.draem.distributed:DistributedDraem"
     config_cls = DraemConfig
 
     def __init__(self, run_config: RunConfig, device: torch.device) -> None:
