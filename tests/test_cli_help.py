@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from surfaceinspect.cli import _reflow_help, app
+from surfaceinspect.cli import app
+from surfaceinspect.cli.common import reflow_help as _reflow_help
 
 
 def test_reflow_joins_paragraph_lines_and_keeps_lists_and_examples():

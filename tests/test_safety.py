@@ -316,7 +316,7 @@ def test_7_unreadable_images_are_listed_and_an_interrupted_heatmap_leaves_a_gall
                 raise KeyboardInterrupt
             yield result
 
-    monkeypatch.setattr(engine, "run_inference", interrupted)
+    monkeypatch.setattr(engine.scoring, "run_inference", interrupted)  # where score_folder looks it up
     result = run("heatmap", good_copy, "--out", tmp_path / "hm2")
     assert result.exit_code == EXIT_INTERRUPTED
     page = (tmp_path / "hm2" / "index.html").read_text(encoding="utf-8")

@@ -372,7 +372,7 @@ def test_stop_signals_set_a_flag_and_an_ignored_sigint_stays_ignored():
     """SIGTERM/Ctrl-C only set the stop flag (no exception mid-batch); a background job's ignored SIGINT is kept."""
     import threading
 
-    from surfaceinspect.cli import _signals_set
+    from surfaceinspect.cli.watch import _signals_set
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

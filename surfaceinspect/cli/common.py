@@ -1,0 +1,462 @@
+"""What every command shares: error handling and exit codes, the shared options, the command classes
+whose help names the installed methods and profiles, the summary tables of score and heatmap."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand
+
+from surfaceinspect import cli
+from surfaceinspect.detectors import available_methods
+from surfaceinspect.errors import EXIT_DRIFT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SurfaceInspectError
+from surfaceinspect.ui import Part, plural, styled
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all images good · 1 at least one defect (0 with --no-fail-on-defect) · 3 some images unreadable "
+    "(no defect) · 2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
+    "5 drift detected (only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
+)
+
+
+run_state: dict[str, bool] = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr; the message is printed as it is (never parsed as markup)."""
+    try:
+        cli.err_console.print(styled(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    except Exception:  # noqa: BLE001 - the exit code must survive a broken terminal
+        sys.stderr.write(f"error: {message}\n")
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    print_error(message)
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """One clear line instead of a traceback (unless --debug), with the documented exit code.
+
+    User mistakes (SurfaceInspectError, click usage errors, paths that cannot be written) exit 2;
+    anything else is a bug and exits 4, never 0, 1 or 3, which a script would read as a verdict.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with _sigterm_interrupts():
+                return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # usage errors (BadParameter ...): Typer prints them itself and exits 2
+        except SurfaceInspectError as exc:
+            if run_state["debug"]:
+                raise
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt as exc:
+            by = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+            raise fail(f"interrupted{by}", EXIT_INTERRUPTED) from None
+        except MemoryError:
+            raise fail("out of memory; lower --batch-size or --image-size", EXIT_USAGE) from None
+        except Exception as exc:
+            if run_state["debug"]:
+                raise
+            raise _internal_or_os_error(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a batch command, raised like Ctrl-C so the same clean-up runs (records, gallery)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM interrupts it as Ctrl-C does (instead of killing it on the spot).
+
+    A killed ``heatmap`` left no ``index.html`` and a killed ``score`` no word about its records;
+    interrupted, they write the gallery and say where the records are, and exit 130. ``watch``
+    overrides this: SIGTERM is how a service is stopped (:func:`_signals_set`). A handler someone
+    else installed (an embedding program) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _internal_or_os_error(exc: Exception) -> typer.Exit:
+    from surfaceinspect.outputs import os_error_message
+
+    message = os_error_message(exc) if isinstance(exc, OSError) else None
+    if message is not None:  # e.g. disk full or permission denied while writing: the user can fix it
+        return fail(message, EXIT_USAGE)
+    return fail(
+        f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+        EXIT_INTERNAL,
+    )
+
+
+def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, *_: Any, **__: Any) -> None:
+    """Python warnings as one ``warning:`` line (with --debug: where they came from)."""
+    where = f" ({category.__name__} at {filename}:{lineno})" if run_state["debug"] else ""
+    try:
+        cli.err_console.print(styled(("warning:", "yellow"), f" {message}{where}"), highlight=False)
+    except Exception:  # noqa: BLE001 - a warning must never end the run
+        sys.stderr.write(f"warning: {message}\n")
+
+
+MethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--method",
+        "-m",
+        help="Detector: auto, {methods}. auto measures which detector suits your images "
+        "(see above). [default: auto, or the --config file's method]",
+    ),
+]
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        "-p",
+        help="Named profile (installed: {profiles}; `surfaceinspect profiles` says what each is for) or a YAML "
+        "path. [default: paper with CUDA, cpu without]",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config; overrides the profile, flags override it.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any setting: --set draem.epochs=20 --set common.seed=1 (repeatable)."),
+]
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Run directory written by train. [default: the latest trained model]")
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N. [default: auto]")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=0, help="Image-reading worker processes (0 = main process).")
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=0, help="CPU threads for torch (0 = all cores).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info, only warnings and errors.")]
+RecordsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Write one record per image to FILE.csv or FILE.jsonl (-o is a file here, a folder in the other "
+        "commands). An existing file is replaced only if it is an earlier records file, or with --force.",
+    ),
+]
+
+RuntimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        metavar="auto|torch|onnx|openvino",
+        help="auto: onnx when scoring on the CPU and the run has an export of its current weights (2-3x faster "
+        "there), else torch; torch: the trained model; onnx: its export (written by `surfaceinspect export`, "
+        "RUN/export-onnx/), run with onnxruntime on the CPU (--device is ignored); openvino: the same graph in "
+        "OpenVINO (optional extra; only if export checked its parity). Same records, scores within the export's "
+        "parity tolerance. --model may also be an export folder (then onnx). (default: auto)",
+    ),
+]
+
+
+class RecordFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+FormatOpt = Annotated[
+    RecordFormat | None,
+    typer.Option("--format", help="Records format; must agree with FILE's extension. [default: from the extension]"),
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Only the images of shard I of N (I = 0 .. N-1), split by a hash of each image's path relative to "
+        "the folder: N runs with I = 0 .. N-1 (a Slurm array, GNU parallel, ...) score every image exactly once, "
+        "and their records concatenate into those of one unsharded run. The exit code covers this shard only.",
+    ),
+]
+
+
+DriftWindowOpt = Annotated[
+    int,
+    typer.Option(
+        "--drift-window",
+        min=5,
+        metavar="N",
+        help="Check for drift every N good verdicts: are their scores still like the calibration's good scores "
+        "(two-sided Mann-Whitney test, false alarm rate at most 0.001 per check)? A drift is a warning, in the "
+        "summary and in the records' warnings.",
+    ),
+]
+FailOnDriftOpt = Annotated[
+    bool,
+    typer.Option("--fail-on-drift", help="Exit 5 when drift was detected (the verdicts themselves are in doubt)."),
+]
+
+
+def verdict_exit_code(summary: Any, fail_on_drift: bool, fail_on_defect: bool = True) -> int:
+    """The verdict's exit code (1 for a defect only with ``fail_on_defect``), or 5 with --fail-on-drift when
+    drift was detected (it overrides 0, 1 and 3)."""
+    if fail_on_drift and summary.drift is not None and summary.drift.detected:
+        return EXIT_DRIFT
+    return int(summary.exit_code(fail_on_defect))
+
+
+def parse_shard(text: str | None) -> Any:
+    from surfaceinspect.sharding import Shard
+
+    return None if text is None else Shard.parse(text)
+
+
+FailOnDefectOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fail-on-defect/--no-fail-on-defect",
+        help="--no-fail-on-defect: exit 0, not 1, when images are defective (the verdicts are in the records and "
+        "the summary), so `set -e` scripts go on to read them; unreadable images still exit 3.",
+    ),
+]
+
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace existing outputs that surfaceinspect did not write (never the input images)."
+    ),
+]
+
+
+METHOD_OPTIONS_PANEL = "Method options (every other setting: --set METHOD.KEY=VALUE)"
+
+
+def _method_option_params() -> list[Any]:
+    """Options for every field a method's config declares in ``cli_options`` (one per field name).
+
+    Built by Typer from a generated signature, so they behave and print like the declared options.
+    """
+    from surfaceinspect.detectors import available_methods, get_config_class
+
+    helps: dict[str, list[str]] = {}
+    for method in available_methods():
+        for name, text in get_config_class(method).cli_options.items():
+            helps.setdefault(name, []).append(f"{method}: {text}")
+    annotations = {
+        name: Annotated[
+            str | None,
+            typer.Option(
+                f"--{name.replace('_', '-')}", help="; ".join(texts) + ".", rich_help_panel=METHOD_OPTIONS_PANEL
+            ),
+        ]
+        for name, texts in sorted(helps.items())
+    }
+
+    def method_options(**_: Any) -> None:
+        """Placeholder whose signature Typer turns into options."""
+
+    method_options.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+            for n, a in annotations.items()
+        ]
+    )
+    method_options.__annotations__ = dict(annotations)
+    helper = typer.Typer(add_completion=False)
+    helper.command()(method_options)
+    return list(typer.main.get_command(helper).params)
+
+
+def _help_names() -> dict[str, str]:
+    """What ``{methods}`` and ``{profiles}`` stand for in option help: the registered methods and the
+    installed profiles, read when the help is shown (so a method registered later shows up too)."""
+    from surfaceinspect.profiles import profile_names
+
+    return {"methods": ", ".join(available_methods()), "profiles": ", ".join(profile_names())}
+
+
+class LiveHelpCommand(TyperCommand):
+    """A command whose option help may name ``{methods}`` and ``{profiles}``, filled in when shown."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        names: dict[str, str] | None = None
+        for param in params:
+            template = getattr(param, "help_template", None) or getattr(param, "help", None) or ""
+            if "{methods}" in template or "{profiles}" in template:
+                names = names or _help_names()
+                param.help_template = template  # type: ignore[attr-defined]
+                param.help = template.format(**names)  # type: ignore[attr-defined]
+        return params
+
+
+class MethodOptionsCommand(LiveHelpCommand):
+    """A command that also takes each method's own options, as its config declares them.
+
+    The options come from ``MethodConfig.cli_options`` of every registered method, built when the
+    command is parsed or its help is shown (so other commands never import the detectors). Their
+    values reach the command as ``ctx.meta["method_options"]`` (field name -> value, given ones only).
+    """
+
+    _method_params: list[Any] | None = None
+
+    def method_params(self) -> list[Any]:
+        if self._method_params is None:
+            self._method_params = _method_option_params()
+        return self._method_params
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        return params[:-1] + self.method_params() + params[-1:]  # --help stays last
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        given = {p.name: ctx.params.pop(p.name, None) for p in self.method_params() if p.name}
+        ctx.meta["method_options"] = {k: v for k, v in given.items() if v is not None}
+        return super().invoke(ctx)
+
+
+def make_reporter(quiet: bool):
+    from surfaceinspect.ui import Reporter
+
+    return Reporter(cli.err_console, quiet=quiet)
+
+
+def _summary_table(summary: Any, title: str) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("verdict")
+    table.add_column("images", justify="right")
+    table.add_row(Text("good", "green"), str(summary.n_good))
+    table.add_row(Text("defect", "red"), str(summary.n_defect))
+    table.add_row(Text("unreadable", "yellow"), str(summary.n_error))
+    return table
+
+
+def _worst_table(summary: Any) -> Table:
+    from surfaceinspect.records import format_score  # the one score format (summary, watch, gallery)
+
+    table = Table(title="highest scores", show_header=True)
+    table.add_column("score", justify="right")
+    table.add_column("verdict")
+    table.add_column("image")
+    for score, path, verdict in summary.worst:
+        table.add_row(format_score(score), verdict, Text(path))  # file names are shown as they are
+    return table
+
+
+def print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part], title: str | None = None) -> None:
+    """The verdict counts, the highest scores, the unreadable files and where the outputs went."""
+    console = cli.err_console if json_out else cli.out_console
+    if quiet:
+        return
+    console.print(_summary_table(summary, title or f"{plural(summary.total, 'image')} in {summary.seconds:.1f} s"))
+    if summary.worst:
+        console.print(_worst_table(summary))
+    if summary.unreadable:
+        shown = len(summary.unreadable)
+        head = f"unreadable images ({'all ' if shown == summary.n_error else f'first {shown} of '}{summary.n_error}):"
+        console.print(styled((head, "yellow")), highlight=False)
+        for path, reason in summary.unreadable:
+            console.print(styled(f"  {path}: {reason}"), highlight=False)
+    if summary.drift is not None:
+        console.print(styled((summary.drift.describe(), "yellow" if summary.drift.detected else "")), highlight=False)
+    for part in outputs:
+        console.print(styled(part), highlight=False)
+
+
+def open_records(output: Path | None, fmt: str | None, inputs: list[Path], force: bool, reporter: Any) -> Any:
+    from surfaceinspect.records import RecordWriter
+
+    writer = RecordWriter.open(output, fmt, inputs=inputs, force=force)
+    if writer is None or writer.part is None:
+        return writer
+    if writer.leftover_part:
+        reporter.info(f"replacing {writer.part}, left by an interrupted run")
+    if writer.replaced:
+        why = "--force" if force else "records of an earlier run"
+        reporter.info(
+            f"replacing {output} ({why}) when this run completes; until then it is kept as it is, and the new "
+            f"records go to {writer.part}"
+        )
+    else:
+        reporter.info(f"records go to {writer.part} and become {output} when the run completes")
+    return writer
+
+
+def close_records(writers: list[Any], complete: bool, reporter: Any) -> None:
+    """Close every records writer; after an incomplete run, say where its records are."""
+    for writer in writers:
+        kept = writer.close(complete)
+        if kept is not None:
+            reporter.warn(
+                f"the run did not complete: its {writer.count} record(s) are in {kept}; {writer.target} "
+                + ("is unchanged" if writer.replaced else "was not written")
+            )
+
+
+def _runtime_note(loaded: Any) -> str:
+    """' [onnx: FOLDER]' or ' [torch on cpu]': the operator sees which runtime scores."""
+    export_dir = getattr(loaded.detector, "export_dir", None)
+    if export_dir is not None:
+        return f" [{loaded.detector.runtime}: {export_dir}]"
+    return f" [torch on {loaded.detector.device}]"
+
+
+def report_model(reporter: Any, loaded: Any, extra: str = "") -> None:
+    """The model line (folder, method, model id, threshold, runtime), then its notes as warnings."""
+    threshold = f", threshold {loaded.calibration.image_threshold:.5g}" if loaded.calibration is not None else ""
+    reporter.info(
+        f"model: {loaded.run_dir} ({loaded.detector.name}, model id {loaded.model_id}{threshold})"
+        + _runtime_note(loaded)
+        + extra
+    )
+    for note in loaded.notes:
+        reporter.warn(note)
+
+
+def reflow_help(doc: str) -> str:
+    """A docstring as help text whose paragraphs rewrap to the terminal.
+
+    Rich keeps a docstring's single line breaks, which splits sentences at the source's line length;
+    paragraphs are joined into one line each, except lists and examples (lines that start with a space,
+    ``- ``, ``* `` or ``$ ``), which keep their lines.
+    """
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines = paragraph.splitlines()
+        if any(line.startswith((" ", "- ", "* ", "$ ")) for line in lines):
+            paragraphs.append(paragraph)
+        else:
+            paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)

@@ -1,0 +1,39 @@
+"""``surfaceinspect demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surfaceinspect import cli
+from surfaceinspect.cli import common
+from surfaceinspect.detectors import available_methods
+from surfaceinspect.ui import styled
+
+
+@cli.app.command()
+@common.handle_errors
+def demo(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FOLDER",
+            help="FOLDER for the generated data, models and outputs (new, or an earlier demo output).",
+        ),
+    ] = Path("demo_output"),
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="Methods to run (repeatable). [default: all]")
+    ] = None,
+    quiet: common.QuietOpt = False,
+) -> None:
+    """End-to-end tour on a generated dataset: train, score, heatmaps (a few minutes on a CPU)."""
+    from surfaceinspect.demo import run_demo
+
+    reporter = common.make_reporter(quiet)
+    lines = run_demo(out, method or available_methods(), reporter)
+    for line in lines:
+        cli.out_console.print(styled(line), highlight=False)
