@@ -80,3 +80,30 @@ def test_throughput_rates(monkeypatch) -> None:
     assert rates["images_per_s"] == 16.0  # 64 images in 4 s
     assert rates["images_per_s_first_epoch"] == 8.0  # 32 images in 2 s + 2 s one-off
     assert rates["images_per_s_later_epochs"] == 16.0
+
+
+def test_training_loop_counts_reports_checkpoints_and_pauses():
+    import pytest
+
+    from surfaceinspect.detectors.base import TrainContext, TrainingPaused
+    from surfaceinspect.detectors.loop import StepOutcome, TrainingLoop
+
+    reports, saved = [], []
+    context = TrainContext(on_progress=reports.append, on_checkpoint=saved.append, checkpoint_every_s=0.0)
+    loop = TrainingLoop(context, TimeBudget(0, 5, context.elapsed_s), Throughput(2), step=1, total=5)
+    losses = iter([0.5, 0.4, 0.3, 0.2])
+    loop.run(lambda: StepOutcome(next(losses), 4), lambda: {"step": loop.step}, lambda: ({"k": 1.0}, False))
+    assert (loop.step, loop.total, loop.loss, loop.meter.images) == (5, 5, 0.2, 16)
+    assert [(r.step, r.total, r.loss) for r in reports] == [(1, 5, None), (2, 5, 0.5), (3, 5, 0.4), (4, 5, 0.3),
+                                                             (5, 5, 0.2)]  # fmt: skip
+    assert reports[-1].info == {"k": 1.0} and [s["step"] for s in saved] == [1, 2, 3, 4, 5]
+
+    paused = TrainContext(on_checkpoint=saved.append, pause_at_step=2)
+    loop = TrainingLoop(paused, TimeBudget(0, 5, paused.elapsed_s), Throughput(2), step=0, total=5)
+    with pytest.raises(TrainingPaused):
+        loop.run(lambda: StepOutcome(1.0, 1), lambda: {"step": loop.step})
+    assert loop.step == 2 and saved[-1] == {"step": 2}
+
+    early = TrainingLoop(TrainContext(), TimeBudget(0, 5, paused.elapsed_s), Throughput(2), step=0, total=5)
+    early.run(lambda: StepOutcome(1.0, 1), dict, lambda: ({}, early.step == 3))
+    assert early.step == 3

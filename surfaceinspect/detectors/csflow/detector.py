@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from surfaceinspect.config import RunConfig
 from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
+from surfaceinspect.detectors.loop import StepOutcome, TrainingLoop
 from surfaceinspect.detectors.schedule import Throughput
 from surfaceinspect.errors import ModelDirError, TrainingError
 
@@ -306,13 +307,17 @@ _NORM_TRANSFORM_KEYS = {"channel": "std", "whiten": "whiten"}
 
 @dataclass
 class _Position:
-    """Where flow training stands: the resumable part of the schedule."""
+    """Where flow training stands in its epochs (the step count and schedule length are the loop's)."""
 
     epoch: int  # epochs completed
     batch: int  # batches done in the current epoch
-    step: int  # optimiser steps done
-    total_epochs: int  # epochs to train (the plan, or fewer to fit a time budget)
     perm: torch.Tensor  # image order of the current epoch
+    steps_per_epoch: int
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps done."""
+        return self.epoch * self.steps_per_epoch + self.batch
 
 
 class CSFlowDetector(Detector):
@@ -434,17 +439,16 @@ class CSFlowDetector(Detector):
         optimizer = torch.optim.Adam(
             flow.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        steps_per_epoch = math.ceil(n / bs)
+        spe = math.ceil(n / bs)  # steps per epoch
         gen = torch.Generator().manual_seed(self.run_config.common.seed)
-        pos = _Position(epoch=0, batch=0, step=0, total_epochs=cfg.epochs, perm=torch.randperm(n, generator=gen))
+        pos, total_epochs = _Position(0, 0, torch.randperm(n, generator=gen), spe), cfg.epochs
         if context.resume_state:
-            pos = self._restore(context.resume_state, optimizer, gen)
+            pos, total_epochs = self._restore(context.resume_state, optimizer, gen, spe)
         start_step = pos.step
-        budget = self.time_budget(
-            context.time_budget_s, cfg.epochs * steps_per_epoch, context.elapsed_s, granularity=steps_per_epoch
-        )
+        budget = self.time_budget(context.time_budget_s, cfg.epochs * spe, context.elapsed_s, granularity=spe)
         # The first epoch of a fresh run pays for the feature extraction.
-        meter = Throughput(steps_per_epoch, one_off_s=feature_s if start_step == 0 else 0.0)
+        meter = Throughput(spe, one_off_s=feature_s if start_step == 0 else 0.0)
+        loop = TrainingLoop(context, budget, meter, step=pos.step, total=total_epochs * spe, granularity=spe)
 
         def state_fn() -> dict[str, Any]:
             return {
@@ -452,61 +456,49 @@ class CSFlowDetector(Detector):
                 "optimizer": optimizer.state_dict(),
                 "epoch": pos.epoch,
                 "batch_in_epoch": pos.batch,
-                "step": pos.step,
-                "total_epochs": pos.total_epochs,
+                "step": loop.step,
+                "total_epochs": loop.total // spe,
                 "perm": pos.perm,
                 "rng": gen.get_state(),
             }
 
-        flow.train()
-        loss_value = float("nan")
-        # A report before the first step: a run resumed at its pause step pauses again at once.
-        context.report(TrainProgress("train", pos.step, pos.total_epochs * steps_per_epoch), state_fn)
-        while pos.epoch < pos.total_epochs:
+        def train_step() -> StepOutcome:
             idx = self._batch_indices(pos.perm, pos.batch, bs)
-            loss_value = self._train_step(store.get(idx), optimizer, pos)
-            meter.step_done(len(idx))
-            pos.step += 1
+            loss = self._train_step(store.get(idx), optimizer, pos)
             pos.batch += 1
-            if pos.batch == steps_per_epoch:
+            if pos.batch == spe:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
                 pos.perm = torch.randperm(n, generator=gen)
-            pos.total_epochs = budget.update(pos.step, pos.total_epochs * steps_per_epoch) // steps_per_epoch
-            context.report(
-                TrainProgress(
-                    phase="train",
-                    step=pos.step,
-                    total=pos.total_epochs * steps_per_epoch,
-                    loss=loss_value,
-                    info={"epoch": min(pos.epoch + 1, pos.total_epochs), "epochs": pos.total_epochs},
-                ),
-                state_fn,
-            )
+            return StepOutcome(loss, len(idx))
+
+        def epoch_info() -> tuple[dict[str, float], bool]:
+            epochs = loop.total // spe
+            return {"epoch": min(pos.epoch + 1, epochs), "epochs": epochs}, False
+
+        flow.train()
+        loop.run(train_step, state_fn, epoch_info)
         flow.eval()
         return TrainSummary(
-            steps=pos.step,
-            planned_steps=cfg.epochs * steps_per_epoch,
+            steps=loop.step,
+            planned_steps=cfg.epochs * spe,
             epochs=pos.epoch,
             seconds=round(context.elapsed_s(), 2),
-            final_loss=loss_value,
+            final_loss=loop.loss if loop.loss is not None else float("nan"),
             resumed_from_step=start_step if context.resume_state else None,
-            schedule_note=budget.note(pos.total_epochs * steps_per_epoch, "epochs", steps_per_epoch),
+            schedule_note=budget.note(loop.total, "epochs", spe),
             **meter.rates(),
         )
 
-    def _restore(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, gen: torch.Generator) -> _Position:
-        """Load a checkpoint's flow and optimiser state; the position it was written at."""
+    def _restore(
+        self, state: dict[str, Any], optimizer: torch.optim.Optimizer, gen: torch.Generator, spe: int
+    ) -> tuple[_Position, int]:
+        """Load a checkpoint's flow and optimiser state; the position it was written at and the epochs to train."""
         assert self.flow is not None
         self.flow.load_state_dict(state["flow"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
-        return _Position(
-            epoch=int(state["epoch"]),
-            batch=int(state["batch_in_epoch"]),
-            step=int(state["step"]),
-            total_epochs=int(state.get("total_epochs", self.config.epochs)),
-            perm=state["perm"],
-        )
+        position = _Position(int(state["epoch"]), int(state["batch_in_epoch"]), state["perm"], spe)
+        return position, int(state.get("total_epochs", self.config.epochs))
 
     def _train_step(self, feats: list[torch.Tensor], optimizer: torch.optim.Optimizer, pos: _Position) -> float:
         """One optimiser step of the flow on a batch of features; returns the loss."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.config import RunConfig
-from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainProgress, TrainSummary
+from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainSummary
 from surfaceinspect.detectors.draem.config import DEFAULT_BUILTIN, DraemConfig
 from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.detectors.draem.networks import DraemEnsemble, DraemModel, fuse_conv_bn, init_weights
@@ -26,6 +26,7 @@ from surfaceinspect.detectors.draem.synthesis import (
     worker_init,
 )
 from surfaceinspect.detectors.draem.validation import EarlyStopping, SyntheticValidationSet, split_validation
+from surfaceinspect.detectors.loop import StepOutcome, TrainingLoop
 from surfaceinspect.detectors.schedule import Throughput
 from surfaceinspect.errors import ConfigError, ModelDirError, TrainingError
 
@@ -215,14 +216,13 @@ class DraemDetector(Detector):
         if cfg.val_every > 0:
             train_idx, val_idx = split_validation(all_nhwc.shape[0], cfg.val_images, seed)
             held_out, nhwc = all_nhwc[val_idx], all_nhwc[train_idx]
-        n = nhwc.shape[0]
         source, params = self._synthesis_recipe(nhwc)
         dataset = self._synthesis_dataset(nhwc, source, params, seed)
         validation = SyntheticValidationSet(held_out, source, params, seed) if held_out is not None else None
         stopper = EarlyStopping(cfg.val_patience)
         if validation is not None and resume_state is not None and "validation" in resume_state:
             stopper.load_state_dict(resume_state["validation"])
-        planned = cfg.steps if cfg.steps > 0 else cfg.epochs * math.ceil(n / batch)
+        planned = cfg.steps if cfg.steps > 0 else cfg.epochs * math.ceil(nhwc.shape[0] / batch)
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         position = self._restore(resume_state, optimizer) or _Position(0, planned, planned)
         start_step = position.step
@@ -232,94 +232,116 @@ class DraemDetector(Detector):
             context.time_budget_s * (index + 1) / cfg.members, position.planned, context.elapsed_s
         )
         phase = "train" if cfg.members == 1 else f"model {index + 1}/{cfg.members}"
+        loop = TrainingLoop(context, budget, meter, step=position.step, total=position.total, phase=phase)
 
         def state_fn() -> dict[str, Any]:
+            scheduler = {"total_steps": loop.total, "planned_steps": position.planned}
+            scheduler |= {"milestones": list(cfg.lr_milestones), "gamma": cfg.lr_gamma}
             return {
                 "version": STATE_VERSION,
                 "member": index,
                 "members_done": members_done,
                 "model": self.model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": {
-                    "total_steps": position.total,
-                    "planned_steps": position.planned,
-                    "milestones": list(cfg.lr_milestones),
-                    "gamma": cfg.lr_gamma,
-                },
-                "step": position.step,
+                "scheduler": scheduler,
+                "step": loop.step,
                 **({"validation": stopper.state_dict()} if validation is not None else {}),
             }
 
-        loader = DataLoader(
-            dataset,
-            batch_size=batch,
-            sampler=GlobalIndexSampler(position.step * batch),
-            num_workers=common.workers,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=worker_init if common.workers > 0 else None,
-            prefetch_factor=4 if common.workers > 0 else None,
-        )
+        loader: DataLoader | None = self._loader(dataset, position.step * batch)
+        batches: Any = iter(loader)
         recent: list[float] = []
-        parts: dict[str, float] = {}
-        self._amp_dtype = training_dtype(cfg.train_precision, self.device)
+        last: dict[str, Any] = {"lr": cfg.lr, "parts": {}}
+
+        def train_step() -> StepOutcome:
+            lr = lr_at(loop.step, loop.total, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
+            loss, last["parts"] = self._train_step(net, next(batches), optimizer, loss_fn, lr, loop.step)
+            last["lr"] = lr
+            recent[:] = [*recent[-49:], loss]
+            return StepOutcome(loss, batch)
+
+        def after_step() -> tuple[dict[str, float], bool]:
+            # The milestones stay at the same fractions of a shortened schedule (lr_at reads loop.total).
+            info = {"lr": last["lr"], **last["parts"]}
+            if validation is not None and (loop.step % cfg.val_every == 0 or loop.step >= loop.total):
+                info["val_pixel_ap"] = self._validate(net, validation, stopper, loop.step)
+            return info, validation is not None and stopper.should_stop
+
+        self._begin_training(net)
+        try:
+            loop.run(train_step, state_fn, after_step)
+        finally:
+            batches = loader = None  # ends the loader's worker processes
+            self.model.eval()
+            self._fast = None
+        held = len(held_out) if held_out is not None else 0
+        note, summary = self._validation_outcome(net, budget.note(loop.total), loop, validation, stopper, held)
+        return _MemberRun(
+            index=index,
+            steps=loop.step,
+            planned=position.planned,
+            start_step=start_step,
+            final_loss=float(np.mean(recent)) if recent else None,
+            parts=last["parts"],
+            note=note,
+            validation=summary,
+            grayscale=params.grayscale,
+        )
+
+    def _validation_outcome(
+        self,
+        net: torch.nn.Module,
+        note: str | None,
+        loop: TrainingLoop,
+        validation: SyntheticValidationSet | None,
+        stopper: EarlyStopping,
+        held_out_images: int,
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """After training with synthetic validation: keep the best weights; the schedule note and the
+        validation summary (None without validation)."""
+        if validation is None:
+            return note, None
+        cfg = self.cfg
+        stopped = stopper.should_stop and loop.step < loop.total
+        if stopper.best_weights is not None and stopper.best_step != loop.step:
+            net.load_state_dict(stopper.best_weights)
+        summary = {
+            "every": cfg.val_every,
+            "images": held_out_images,
+            "samples": len(validation),
+            "best_step": stopper.best_step,
+            "best_pixel_ap": round(stopper.best_score, 5),
+            "stopped_early": stopped,
+            "history": stopper.history,
+        }
+        if stopped:
+            early = (
+                f"stopped early at step {loop.step}: synthetic-validation pixel AP had not improved for "
+                f"{cfg.val_patience} evaluations; kept the weights of step {stopper.best_step}"
+            )
+            note = f"{note}; {early}" if note else early
+        return note, summary
+
+    def _begin_training(self, net: torch.nn.Module) -> None:
+        """Training arithmetic and layout (draem.train_precision; NHWC on CUDA), ``net`` in training mode."""
+        self._amp_dtype = training_dtype(self.cfg.train_precision, self.device)
         if self.device.type == "cuda":
             self._train_layout = torch.channels_last
             self.model.to(memory_format=self._train_layout)
         net.train()
         self._fast = None
-        context.report(TrainProgress(phase, position.step, position.total), state_fn)
-        try:
-            for batch_data in loader:
-                if position.step >= position.total:
-                    break
-                lr = lr_at(position.step, position.total, cfg.lr, tuple(cfg.lr_milestones), cfg.lr_gamma)
-                loss, parts = self._train_step(net, batch_data, optimizer, loss_fn, lr, position.step)
-                position.step += 1
-                meter.step_done(batch)
-                recent = [*recent[-49:], loss]
-                # The milestones stay at the same fractions of a shortened schedule.
-                position.total = budget.update(position.step, position.total)
-                info = {"lr": lr, **parts}
-                if validation is not None and (position.step % cfg.val_every == 0 or position.step >= position.total):
-                    info["val_pixel_ap"] = self._validate(net, validation, stopper, position.step)
-                context.report(TrainProgress(phase, position.step, position.total, loss, info), state_fn)
-                if validation is not None and stopper.should_stop:
-                    break
-        finally:
-            del loader
-            self.model.eval()
-            self._fast = None
-        note = budget.note(position.total)
-        summary = None
-        if validation is not None:
-            stopped = stopper.should_stop and position.step < position.total
-            if stopper.best_weights is not None and stopper.best_step != position.step:
-                net.load_state_dict(stopper.best_weights)
-            summary = {
-                "every": cfg.val_every,
-                "images": len(held_out),
-                "samples": len(validation),
-                "best_step": stopper.best_step,
-                "best_pixel_ap": round(stopper.best_score, 5),
-                "stopped_early": stopped,
-                "history": stopper.history,
-            }
-            if stopped:
-                early = (
-                    f"stopped early at step {position.step}: synthetic-validation pixel AP had not improved for "
-                    f"{cfg.val_patience} evaluations; kept the weights of step {stopper.best_step}"
-                )
-                note = f"{note}; {early}" if note else early
-        return _MemberRun(
-            index=index,
-            steps=position.step,
-            planned=position.planned,
-            start_step=start_step,
-            final_loss=float(np.mean(recent)) if recent else None,
-            parts=parts,
-            note=note,
-            validation=summary,
-            grayscale=params.grayscale,
+
+    def _loader(self, dataset: Any, start: int) -> DataLoader:
+        """The endless loader of synthesised training samples from global sample index ``start`` on."""
+        common = self.run_config.common
+        return DataLoader(
+            dataset,
+            batch_size=common.batch_size,
+            sampler=GlobalIndexSampler(start),
+            num_workers=common.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init if common.workers > 0 else None,
+            prefetch_factor=4 if common.workers > 0 else None,
         )
 
     def _validate(
