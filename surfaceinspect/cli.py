@@ -36,7 +36,7 @@ from surfaceinspect.ui import Part, plural, styled
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect (0 with --no-fail-on-defect) · 3 some images unreadable "
     "(no defect) · 2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
-    "5 drift detected (only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
+    "5 drift detected (score and watch, only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
 )
 
 app = typer.Typer(
@@ -740,7 +740,7 @@ def score(
     One record per image: path (relative to IMAGES_DIR), verdict (good/defect/error), score (the
     raw anomaly score: defect if score >= threshold), regions and their bounding box, image size,
     error, and for traceability model_id, threshold, runtime, time and warnings (what each field
-    means: README, section "Records"). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
+    means: docs/records.md). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
     would run it as a formula). Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine
