@@ -429,7 +429,7 @@ def _score(detector: Any, evidence: _Evidence, reporter: Reporter, name: str) ->
 
 
 def _auroc(good: np.ndarray, anomalous: np.ndarray) -> float | None:
-    """AUROC of good vs anomalous scores; an unscorable image counts as missed (good) or as good's worst."""
+    """AUROC of good vs anomalous scores, over the images that could be scored (None if a side has none)."""
     good, anomalous = good[np.isfinite(good)], anomalous[np.isfinite(anomalous)]
     if good.size == 0 or anomalous.size == 0:
         return None

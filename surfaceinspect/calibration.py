@@ -304,10 +304,12 @@ def calibrate(
     defect_scores: np.ndarray | None = None,
     source: str = "",
     weights_sha256: str | None = None,
+    estimator: str = "conformal",
 ) -> Calibration:
     """Build a Calibration from scores of good (and, for f1/recall, defective) images.
 
     ``weights_sha256`` binds it to the model whose scores these are (see :meth:`Calibration.check_model`).
+    ``estimator``: how quantile mode sets the image threshold from the good scores (:func:`threshold_for`).
     """
     good_scores = np.asarray(good_scores, dtype=np.float64)
     if good_scores.size == 0:
@@ -317,7 +319,10 @@ def calibrate(
     defect_scores = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
     notes: list[str] = []
     image_thr_q, achievable = conformal_threshold(good_scores, false_reject_rate)
-    if achievable > false_reject_rate:
+    fitted = mode == "quantile" and estimator != "conformal"
+    if fitted:  # a fitted tail: an estimate of the target's quantile, no guarantee
+        image_thr_q, achievable = threshold_for(good_scores, false_reject_rate, estimator), None
+    elif achievable > false_reject_rate:
         notes.append(
             f"{good_scores.size} good image{'' if good_scores.size == 1 else 's'} cannot guarantee a false-reject "
             f"rate of {false_reject_rate:g}; "
@@ -326,7 +331,7 @@ def calibrate(
         )
     if mode == "quantile":
         image_threshold = image_thr_q
-        target = {"false_reject_rate": float(false_reject_rate)}
+        target = {"false_reject_rate": float(false_reject_rate), **({"estimator": estimator} if fitted else {})}
     else:
         labels = np.concatenate([np.zeros(good_scores.size, bool), np.ones(defect_scores.size, bool)])
         scores = np.concatenate([good_scores, defect_scores])
@@ -364,7 +369,7 @@ def calibrate(
             "p95": float(np.quantile(good_scores, 0.95)),
             "max": float(good_scores.max()),
         },
-        guaranteed_false_reject_rate=float(achievable) if mode == "quantile" else None,
+        guaranteed_false_reject_rate=float(achievable) if mode == "quantile" and achievable is not None else None,
         notes=notes,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=source,

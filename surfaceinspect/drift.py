@@ -170,7 +170,7 @@ class DriftMonitor:
         if check is not None and check.drifted and before is None:
             reporter.warn(
                 f"drift: {check.describe()}: verdicts may no longer mean what calibration made them mean; check "
-                "lighting, camera and parts, then recalibrate or retrain (README 'Drift monitoring')"
+                "lighting, camera and parts, then recalibrate or retrain (docs/drift.md)"
             )
         elif check is not None and not check.drifted and before is not None:
             reporter.info(f"drift: check {check.index} found none (the good scores look like calibration again)")

@@ -14,7 +14,7 @@ CSV cells are neutralised for spreadsheets (OWASP "CSV injection"): a text cell 
 ``'``, so Excel or LibreOffice show it as text instead of evaluating it. Numbers are written as
 they are; JSON Lines records are never altered.
 
-The fields and their meaning are documented in one place, the README section "Records". New
+The fields and their meaning are documented in one place, docs/records.md. New
 fields are only ever appended (readers that select columns by name keep working); files of the
 earlier field set (:data:`LEGACY_FIELDS`) are still recognised and continued in their own columns.
 """

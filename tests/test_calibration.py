@@ -123,3 +123,14 @@ def test_threshold_estimators_conformal_follows_one_odd_image_fitted_tails_do_no
     )  # not all positive: the normal fit
     with pytest.raises(ConfigError, match="unknown threshold estimator"):
         threshold_for(good, 0.01, "nosuch")
+
+
+def test_quantile_calibration_with_a_fitted_tail_estimator():
+    rng = np.random.default_rng(1)
+    good = np.exp(rng.normal(0.0, 0.2, size=30))
+    maxima = good + 0.1
+    conformal = calibrate("draem", good, maxima, good, false_reject_rate=0.01)
+    fitted = calibrate("draem", good, maxima, good, false_reject_rate=0.01, estimator="lognormal")
+    assert conformal.image_threshold == good.max() and conformal.guaranteed_false_reject_rate == pytest.approx(1 / 31)
+    assert fitted.guaranteed_false_reject_rate is None and fitted.target["estimator"] == "lognormal"
+    assert fitted.image_threshold != conformal.image_threshold and not fitted.notes  # no "cannot guarantee" note

@@ -27,7 +27,7 @@ from surfaceinspect.ui import Part, plural, styled
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect (0 with --no-fail-on-defect) · 3 some images unreadable "
     "(no defect) · 2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
-    "5 drift detected (only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
+    "5 drift detected (score and watch, only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
 )
 
 

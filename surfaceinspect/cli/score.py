@@ -47,7 +47,7 @@ def score(
     One record per image: path (relative to IMAGES_DIR), verdict (good/defect/error), score (the
     raw anomaly score: defect if score >= threshold), regions and their bounding box, image size,
     error, and for traceability model_id, threshold, runtime, time and warnings (what each field
-    means: README, section "Records"). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
+    means: docs/records.md). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
     would run it as a formula). Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine

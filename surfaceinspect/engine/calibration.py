@@ -82,6 +82,7 @@ def calibrate_detector(
         defect_scores=np.array(defect_scores) if defect_scores else None,
         source=source,
         weights_sha256=weights_sha256,
+        estimator=settings.estimator,
     )
     for note in calibration.notes:
         reporter.warn(note)
