@@ -389,25 +389,26 @@ def _probe(
     return result
 
 
-def _score(detector: Any, evidence: _Evidence, reporter: Reporter, name: str) -> dict[str, Any]:
-    """Image scores of the evidence and what they say: AUROC (synthetic, per kind, real), speed."""
+def score_paths(detector: Any, paths: Sequence[Path], reporter: Reporter, label: str) -> list[float]:
+    """Image scores of ``paths`` as ``score`` computes them (nan for an image that cannot be scored)."""
     common = detector.run_config.common
-    paths = evidence.paths()
     scores: list[float] = []
-    started = time.monotonic()
-    with reporter.progress(f"score {name}", len(paths)) as bar:
+    with reporter.progress(label, len(paths)) as bar:
         for result in engine.run_inference(
-            paths,
-            Path("/"),
-            detector,
-            None,
-            batch_size=common.batch_size,
-            workers=common.workers,
+            paths, Path("/"), detector, None, batch_size=common.batch_size, workers=common.workers,
             full_resolution_maps=False,
-        ):
+        ):  # fmt: skip
             bar.update(advance=1)
             ok = result.record.verdict != "error" and result.record.score is not None
             scores.append(float(result.record.score) if ok else math.nan)
+    return scores
+
+
+def _score(detector: Any, evidence: _Evidence, reporter: Reporter, name: str) -> dict[str, Any]:
+    """Image scores of the evidence and what they say: AUROC (synthetic, per kind, real), speed."""
+    paths = evidence.paths()
+    started = time.monotonic()
+    scores = score_paths(detector, paths, reporter, f"score {name}")
     seconds = time.monotonic() - started
     n_good, n_syn = len(evidence.good), len(evidence.synthetic)
     good = np.array(scores[:n_good])

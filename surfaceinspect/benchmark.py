@@ -142,25 +142,10 @@ def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tu
     test = [(Path(p), bool(a)) for p, _, a, _ in args["samples"]]
 
     def test_auroc(name: str, detector: Any) -> dict[str, Any]:
-        from surfaceinspect import engine
         from surfaceinspect.metrics import image_auroc
 
-        common = detector.run_config.common
-        scores = []
-        with reporter.progress(f"test {name}", len(test)) as bar:
-            for r in engine.run_inference(
-                [p for p, _ in test],
-                Path(args["dataset"]),
-                detector,
-                None,
-                batch_size=common.batch_size,
-                workers=common.workers,
-                full_resolution_maps=False,
-            ):
-                bar.update(advance=1)
-                scores.append(float(r.record.score) if r.record.verdict != "error" else float("nan"))
-        labels, values = np.array([a for _, a in test]), np.array(scores)
-        ok = np.isfinite(values)
+        values = np.array(auto.score_paths(detector, [p for p, _ in test], reporter, f"test {name}"))
+        labels, ok = np.array([a for _, a in test]), np.isfinite(values)
         return {"test_image_auroc": round(image_auroc(labels[ok], values[ok]), 4), "test_scores": _rounded(values)}
 
     request = auto.AutoRequest({"device": args["device"]} if args["device"] else {}, sets)
@@ -329,16 +314,11 @@ OPERATING_TARGETS = (0.01, 0.02, 0.05)
 
 def _held_out_scores(model: Any, reporter: Reporter) -> list[float]:
     """Scores of the run's held-out good images (its calibration images); [] if it was calibrated on a folder."""
-    from surfaceinspect import engine
+    from surfaceinspect.auto import score_paths
 
     root = Path(model.metadata["dataset"]["root"])
     paths = [root / name for name in model.metadata.get("calibration_files", [])]
-    common = model.detector.run_config.common
-    results = engine.run_inference(
-        paths, root, model.detector, None, batch_size=common.batch_size, workers=common.workers,
-        full_resolution_maps=False,
-    )  # fmt: skip
-    return [round(float(r.record.score), 6) for r in results if r.record.verdict != "error"]
+    return [round(v, 6) for v in score_paths(model.detector, paths, reporter, "held-out") if np.isfinite(v)]
 
 
 def real_operating_points(held_out: list[float], scores: list[float], labels: list[bool]) -> list[dict[str, Any]]:
