@@ -149,14 +149,9 @@ def train(
     elif _wants_auto(method, config):
         _refuse_for_auto(profile, config, {"epochs": epochs, "lr": lr, **method_options})
         request = auto.AutoRequest({k: v for k, v in common_flags.items() if v is not None}, list(set_ or []))
-        if print_config:
-            sys.stdout.write(auto.describe(request))
-            raise typer.Exit(EXIT_OK)
-        if data_dir is None:
-            raise ConfigError("give the folder of good images: surfaceinspect train ./good_images")
-        engine.require_input(data_dir)
+        good_dir = _config_or_data(print_config, lambda: auto.describe(request), data_dir, "train ./good_images")
         selected = auto.train_auto(
-            data_dir,
+            good_dir,
             request,
             reporter=reporter,
             run_dir=out,
@@ -178,14 +173,9 @@ def train(
             method_flags={"epochs": epochs, "lr": lr, **method_options},
             sets=set_ or [],
         )
-        if print_config:
-            sys.stdout.write(run_config.to_yaml())
-            raise typer.Exit(EXIT_OK)
-        if data_dir is None:
-            raise ConfigError("give the folder of good images: surfaceinspect train --method draem ./good_images")
-        engine.require_input(data_dir)
+        good_dir = _config_or_data(print_config, run_config.to_yaml, data_dir, "train --method draem ./good_images")
         result = engine.train(
-            data_dir,
+            good_dir,
             run_config,
             reporter=reporter,
             run_dir=out,
@@ -194,6 +184,19 @@ def train(
             mark_latest=True,
         )
     _print_trained(result, reporter)
+
+
+def _config_or_data(print_config: bool, config_text: Any, data_dir: Path | None, example: str) -> Path:
+    """``--print-config``: print ``config_text()`` and exit; otherwise the checked folder of good images."""
+    from surfaceinspect import engine
+
+    if print_config:
+        sys.stdout.write(config_text())
+        raise typer.Exit(EXIT_OK)
+    if data_dir is None:
+        raise ConfigError(f"give the folder of good images: surfaceinspect {example}")
+    engine.require_input(data_dir)
+    return data_dir
 
 
 def _print_trained(result: Any, reporter: Any) -> None:
