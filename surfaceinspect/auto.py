@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from surfaceinspect import engine, modeldir
+from surfaceinspect import engine, modeldir, selection
 from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.calibration import Calibration, conformal_threshold
 from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_option
@@ -82,14 +82,18 @@ class AutoSettings:
     """``auto.*`` settings (``--set auto.KEY=VALUE``)."""
 
     probe_steps: int = 300  # optimiser steps of each candidate's probe (the start of its own schedule)
-    evidence_per_image: int = 3  # synthetic anomalies made from each held-out good image
+    synthetic_anomalies: int = 225  # at least this many (ceil(N / held-out good images) from each of them)
     candidates: list[str] = field(default_factory=list)  # restrict to these names ([] = all that apply)
 
     def validate(self) -> None:
         if self.probe_steps < 1:
             raise ConfigError(f"auto.probe_steps={self.probe_steps}: use at least 1 (e.g. 300)")
-        if self.evidence_per_image < 1:
-            raise ConfigError(f"auto.evidence_per_image={self.evidence_per_image}: use at least 1 (e.g. 3)")
+        if self.synthetic_anomalies < 1:
+            raise ConfigError(f"auto.synthetic_anomalies={self.synthetic_anomalies}: use at least 1 (e.g. 225)")
+
+    def per_image(self, n_good: int) -> int:
+        """Synthetic anomalies to make from each of ``n_good`` held-out good images."""
+        return max(1, math.ceil(self.synthetic_anomalies / max(1, n_good)))
 
 
 @dataclass
@@ -314,7 +318,9 @@ def _run(
             state["results"][candidate.name] = result
             _save_state(run_dir, state)
     if state["winner"] is None:
-        state["winner"], state["reason"] = select_winner([state["results"][c.name] for c in candidates])
+        ranking = _ranking([state["results"][c.name] for c in candidates], [e.kind for e in evidence.synthetic])
+        state["winner"], state["reason"] = ranking.winner, ranking.reason
+        state["ranking"] = dataclasses.asdict(ranking)
         _save_state(run_dir, state)
     reporter.info("chosen: ", (state["winner"], "bold"), f" ({state['reason']})")
     result = _finish_winner(run_dir, state, evidence, reporter, mark_latest)
@@ -343,7 +349,7 @@ def _make_evidence(
     seed = shared_config(request, by_section, settings).common.seed
     folder = run_dir / CANDIDATES_DIR / "evidence"
     synthetic = write_evidence(
-        good, folder, seed=seed, per_image=settings.evidence_per_image, reporter_warn=reporter.warn
+        good, folder, seed=seed, per_image=settings.per_image(len(good)), reporter_warn=reporter.warn
     )
     what = f"{len(good)} held-out good images, {len(synthetic)} synthetic anomalies"
     reporter.info(f"evidence: {what}" + (f", {len(real)} real defect images" if real else ""))
@@ -442,29 +448,20 @@ def _rounded(values: np.ndarray) -> list[float | None]:
     return [round(float(v), 6) if math.isfinite(v) else None for v in values]
 
 
-def select_winner(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
-    """The best candidate and why: real-defect AUROC first (where there are real defects), then synthetic.
+def select_winner(results: Sequence[dict[str, Any]], synthetic_kinds: Sequence[str] = ()) -> tuple[str, str]:
+    """The best candidate and why: real-defect AUROC first (where there are real defects), then the
+    synthetic evidence of the kinds some candidate detects (``surfaceinspect.selection``).
 
     ``results`` are in candidate order (cheapest first), which breaks exact ties.
     """
+    ranking = _ranking(results, synthetic_kinds)
+    return ranking.winner, ranking.reason
+
+
+def _ranking(results: Sequence[dict[str, Any]], synthetic_kinds: Sequence[str]) -> selection.Ranking:
     if not results:
         raise ConfigError("--method auto: no candidate to choose from")
-    has_real = any(r.get("auroc_real") is not None for r in results)
-
-    def key(r: dict[str, Any]) -> tuple[float, float]:
-        real = r.get("auroc_real") if has_real else None
-        synthetic = r.get("auroc_synthetic")
-        return (-1.0 if real is None else real, -1.0 if synthetic is None else synthetic)
-
-    best = max(results, key=key)  # max keeps the first of equal keys
-    ranked = sorted(results, key=key, reverse=True)
-    runner_up = ranked[1] if len(ranked) > 1 else None
-    evidence = "real defects, then synthetic anomalies" if has_real else "synthetic anomalies"
-    figure = "auroc_real" if has_real else "auroc_synthetic"
-    reason = f"highest AUROC on {evidence}: {best[figure]}"
-    if runner_up is not None:
-        reason += f" vs {runner_up['name']} {runner_up[figure]}"
-    return str(best["name"]), reason
+    return selection.rank_candidates(results, synthetic_kinds)
 
 
 def _finish_winner(
@@ -493,6 +490,8 @@ def _finish_winner(
         state["selection"] = selection
         # The evidence behind the choice (every candidate's raw scores) stays with the model, in its manifest.
         raw = {k: state[k] for k in ("candidates", "results", "winner")}
+        raw["synthetic"] = [{"kind": e.kind, "area": e.area} for e in evidence.synthetic]
+        raw["ranking"] = state.get("ranking")
         write_json_atomic(run_dir / SELECTION_SCORES_FILE, raw)
         return {"selection": selection}
 
@@ -517,24 +516,30 @@ TABLE_FIELDS = (
 
 def selection_table(state: dict[str, Any]) -> dict[str, Any]:
     """The candidate table as the model's metadata keeps it (no raw scores)."""
+    ranking = state.get("ranking") or {}
+    figures = ranking.get("figures", {})
     rows = []
     for c in state["candidates"]:
         result = state["results"][c["name"]]
         row = {k: result.get(k) for k in TABLE_FIELDS}
+        row["auroc_evidence"] = figures.get(c["name"], result.get("auroc_synthetic"))
         if "test_image_auroc" in result:  # benchmark: the probe's AUROC on the real test images
             row["test_image_auroc"] = result["test_image_auroc"]
         row["chosen"] = c["name"] == state["winner"]
         rows.append(row)
-    n_real = len(next(iter(state["results"].values()), {}).get("real_scores") or [])
+    first = next(iter(state["results"].values()), {})
     return {
         "chosen": state["winner"],
         "reason": state["reason"],
+        "confidence": ranking.get("confidence"),
         "budget_min": state["budget_min"],
         "probe_steps": state["settings"]["probe_steps"],
         "evidence": {
             "good": len(state["calibration_files"]) or None,
-            "synthetic_per_image": state["settings"]["evidence_per_image"],
-            "real_defects": n_real,
+            "synthetic": len(first.get("synthetic_scores") or []),
+            "real_defects": len(first.get("real_scores") or []),
+            "kinds_ranked_by": ranking.get("informative_kinds"),
+            "kinds_not_counted": ranking.get("dropped_kinds"),
         },
         "candidates": rows,
     }
@@ -593,7 +598,7 @@ def selection_rich_table(selection: dict[str, Any]) -> list[Any]:
     has_real = any(r.get("auroc_real") is not None for r in rows)
     has_test = any(r.get("test_image_auroc") is not None for r in rows)
     table = Table(title=f"Candidates (chosen: {selection['chosen']} — {selection['reason']})", show_header=True)
-    for column in ["candidate", "steps", "train min", "AUROC synthetic"]:
+    for column in ["candidate", "steps", "train min", "AUROC evidence"]:
         table.add_column(column, justify="left" if column == "candidate" else "right")
     if has_real:
         table.add_column("AUROC real defects", justify="right")
@@ -605,7 +610,7 @@ def selection_rich_table(selection: dict[str, Any]) -> list[Any]:
             ("✔ " if r["chosen"] else "  ") + r["name"],
             f"{r['steps']}/{r['planned_steps']}",
             f"{r['train_s'] / 60:.1f}",
-            _fmt(r.get("auroc_synthetic")),
+            _fmt(r.get("auroc_evidence", r.get("auroc_synthetic"))),
         ]
         cells += [_fmt(r.get("auroc_real"))] if has_real else []
         cells += [_fmt(r.get("test_image_auroc"))] if has_test else []

@@ -138,7 +138,13 @@ def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tu
     from surfaceinspect import auto
 
     if args["quick"]:
-        sets += ["common.calibration.min_images=4", "auto.probe_steps=2", "draem.steps=4", "csflow.epochs=1"]
+        sets += [
+            "common.calibration.min_images=4",
+            "auto.probe_steps=2",
+            "auto.synthetic_anomalies=20",
+            "draem.steps=4",
+            "csflow.epochs=1",
+        ]
     test = [(Path(p), bool(a)) for p, _, a, _ in args["samples"]]
 
     def test_auroc(name: str, detector: Any) -> dict[str, Any]:
@@ -692,11 +698,12 @@ def report_markdown(report: dict[str, Any], roc_datasets: list[str] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def rank_agreement(rows: list[dict[str, Any]], evidence: str = "auroc_synthetic") -> dict[str, float | None]:
-    """Spearman and Kendall correlation between the candidates' ``evidence`` figure and their real test AUROC."""
+def rank_agreement(rows: list[dict[str, Any]], evidence: str = "auroc_evidence") -> dict[str, float | None]:
+    """Spearman and Kendall correlation between the candidates' ``evidence`` figure (what auto ranked them
+    by; the pooled synthetic AUROC in reports from before it was stored) and their real test AUROC."""
     from scipy.stats import kendalltau, spearmanr
 
-    pairs = [(r.get(evidence), r.get("test_image_auroc")) for r in rows]
+    pairs = [(r.get(evidence, r.get("auroc_synthetic")), r.get("test_image_auroc")) for r in rows]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if len(pairs) < 3:
         return {"spearman": None, "kendall": None, "n": len(pairs)}
@@ -740,14 +747,14 @@ def _selection_markdown(report: dict[str, Any]) -> list[str]:
         "Each candidate after its probe steps: AUROC on the held-out evidence (what auto chooses by) and on the "
         "real test images (what it should predict). Rank agreement: Spearman / Kendall over the candidates.",
         "",
-        "| dataset | seed | candidate | steps | train min | AUROC synthetic | AUROC test (probe) | chosen |",
+        "| dataset | seed | candidate | steps | train min | AUROC evidence | AUROC test (probe) | chosen |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         for r in e["selection"]["candidates"]:
             lines.append(
                 f"| {e['dataset']} | {_fmt(e.get('seed'))} | {r['name']} | {r['steps']}/{r['planned_steps']} | "
-                f"{_fmt(r['train_s'] / 60, 1)} | {_fmt(r.get('auroc_synthetic'))} | "
+                f"{_fmt(r['train_s'] / 60, 1)} | {_fmt(r.get('auroc_evidence', r.get('auroc_synthetic')))} | "
                 f"{_fmt(r.get('test_image_auroc'))} | {'✔' if r['chosen'] else ''} |"
             )
     lines += [
@@ -762,6 +769,7 @@ def _selection_markdown(report: dict[str, Any]) -> list[str]:
             f"{_fmt(e['accuracy']['image_auroc'])} | {_fmt(agreement['spearman'])} | {_fmt(agreement['kendall'])} | "
             f"{agreement['n']} |"
         )
+    lines += [""] + [f"- {e['dataset']} seed {_fmt(e.get('seed'))}: {e['selection']['reason']}" for e in entries]
     points = [(e, p) for e in entries for p in e["selection"].get("operating_points", [])]
     real = {
         (e["dataset"], e.get("seed"), f"{p['false_reject_target']:g}"): p

@@ -51,7 +51,8 @@ def _good_images(folder: Path, n: int = 30, size: tuple[int, int] = (64, 64), se
 
 
 def _request(*sets: str) -> auto.AutoRequest:
-    return auto.AutoRequest({}, ["common.time_budget_min=0", *sets])
+    # 3 synthetic anomalies from each of the toy data's 6 held-out good images keep the tests fast.
+    return auto.AutoRequest({}, ["common.time_budget_min=0", "auto.synthetic_anomalies=18", *sets])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +221,8 @@ def test_auto_resumes_after_kill_9(toy_profiles, tmp_path):
     command = [
         sys.executable, str(TESTS / "cli_with_toy.py"), "train", str(data), "--out", str(run_dir), "-q",
         "--set", "auto.candidates=[toy-blind, toy-cpu]", "--set", "auto.probe_steps=10",
-        "--set", "toy.step_delay_s=0.05", "--set", "common.checkpoint_every_s=0.01", "--time-budget", "0",
+        "--set", "auto.synthetic_anomalies=18", "--set", "toy.step_delay_s=0.05",
+        "--set", "common.checkpoint_every_s=0.01", "--time-budget", "0",
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_file = run_dir / auto.AUTO_STATE_FILE
@@ -257,7 +259,16 @@ def test_train_without_method_is_auto_and_prints_the_table(toy_profiles, tmp_pat
     from surfaceinspect.cli import app
 
     data = _good_images(tmp_path / "good")
-    sets = ["--set", "auto.candidates=[toy-blind, toy-cpu]", "--set", "auto.probe_steps=5", "--time-budget", "0"]
+    sets = [
+        "--set",
+        "auto.candidates=[toy-blind, toy-cpu]",
+        "--set",
+        "auto.probe_steps=5",
+        "--set",
+        "auto.synthetic_anomalies=18",
+        "--time-budget",
+        "0",
+    ]
     result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), *sets])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
