@@ -55,9 +55,7 @@ class CalibrationConfig:
         if self.mode not in ("quantile", "f1", "recall"):
             raise ConfigError(f"common.calibration.mode={self.mode!r}: use quantile, f1 or recall")
         if self.estimator not in ("conformal", "lognormal", "normal"):
-            raise ConfigError(
-                f"common.calibration.estimator={self.estimator!r}: use conformal, lognormal or normal"
-            )
+            raise ConfigError(f"common.calibration.estimator={self.estimator!r}: use conformal, lognormal or normal")
         if not 0.0 < self.target_recall <= 1.0:
             raise ConfigError(f"common.calibration.target_recall={self.target_recall}: use a value in (0, 1]")
 

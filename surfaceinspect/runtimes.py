@@ -6,7 +6,7 @@ An export folder (written by ``surfaceinspect export``, see :mod:`surfaceinspect
     calibration.json   the run's thresholds, copied at export time
     export.json        format version, input contract, output units, thresholds, the run's config
 
-:class:`ExportedDetector` wraps such a graph as a :class:`~surfaceinspect.detectors.base.Detector`,
+:class:`ExportedDetector` wraps such a graph as a :class:`~surfaceinspect.detectors.base.Scorer`,
 so ``score``/``heatmap`` use the same engine path (batching, tiling, records, regions) for every
 runtime; only ``predict`` differs.
 """
@@ -26,7 +26,7 @@ import torch
 
 from surfaceinspect.config import run_config_from_dict
 from surfaceinspect.detectors import get_detector_class
-from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainSummary
+from surfaceinspect.detectors.base import Prediction
 from surfaceinspect.errors import ConfigError, ModelDirError
 
 RUNTIMES = ("torch", "onnx", "openvino")
@@ -157,11 +157,12 @@ def graph_runner(model: bytes, runtime: str = "onnx", threads: int = 0) -> Graph
     raise ConfigError(f"no graph runtime {runtime}; choose one of: {', '.join(GRAPH_RUNTIMES)}")
 
 
-class ExportedDetector(Detector):
-    """A detector that only scores: ``predict`` runs an exported ONNX graph with onnxruntime.
+class ExportedDetector:
+    """A :class:`~surfaceinspect.detectors.base.Scorer` whose ``predict`` runs an exported ONNX graph.
 
     ``name``, ``run_config`` and ``input_size`` are those of the run it was exported from, so the
-    engine batches, tiles, calibrates and writes records exactly as for the torch detector.
+    engine batches, tiles, calibrates and writes records exactly as for the torch detector. It only
+    scores: there is nothing to train and its weights live in the graph.
     """
 
     def __init__(self, export_dir: Path, threads: int = 0, runtime: str = "onnx") -> None:
@@ -171,9 +172,10 @@ class ExportedDetector(Detector):
             run_config = run_config_from_dict(cls.config_cls, manifest["config"])
         except (ConfigError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
             raise ModelDirError(f"{export_dir / MANIFEST_FILE} has an invalid config ({exc}); export again") from None
-        super().__init__(run_config, torch.device("cpu"))
-        self.name = cls.name  # type: ignore[misc] - the method the graph computes, for messages and records
-        self.config_cls = cls.config_cls  # type: ignore[misc]
+        self.run_config = run_config
+        self.device = torch.device("cpu")
+        self.name: str = cls.name  # the method the graph computes, for messages and records
+        self.config_cls = cls.config_cls
         self.export_dir = export_dir
         self.manifest = manifest
         model_path = model_file(export_dir, manifest)
@@ -200,8 +202,10 @@ class ExportedDetector(Detector):
         self.runtime = runtime
         self.run_graph = graph_runner(data, runtime, threads)
 
-    def fit(self, images: torch.Tensor, context: TrainContext) -> TrainSummary:
-        raise ModelDirError(f"{self.export_dir} is an exported model: it scores only; train with the torch runtime")
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The network input ``(H, W)`` of the run it was exported from."""
+        return self.run_config.common.input_hw()
 
     def predict(self, images: torch.Tensor) -> Prediction:
         h, w = self.input_size
@@ -209,12 +213,6 @@ class ExportedDetector(Detector):
             raise ValueError(f"the exported model expects images (B, 3, {h}, {w}), got {tuple(images.shape)}")
         scores, maps = self.run_graph(np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32))
         return Prediction(scores=torch.from_numpy(np.asarray(scores, np.float32)), maps=torch.from_numpy(maps))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        raise ModelDirError(f"{self.export_dir} is an exported model: its weights live in the ONNX graph")
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        raise ModelDirError(f"{self.export_dir} is an exported model: its weights live in the ONNX graph")
 
 
 def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = ()) -> str:

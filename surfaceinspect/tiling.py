@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.config import TilingConfig
-from surfaceinspect.detectors import Detector
+from surfaceinspect.detectors import Scorer
 from surfaceinspect.errors import ImageReadError
 from surfaceinspect.imageio import read_image, resize_image
 
@@ -90,7 +90,7 @@ def _prepare(image: torch.Tensor, tile_hw: tuple[int, int], tiling: TilingConfig
 class TiledPredictor:
     """Scores whole images tile by tile with a detector trained on tiles."""
 
-    def __init__(self, detector: Detector, tiling: TilingConfig, batch_size: int) -> None:
+    def __init__(self, detector: Scorer, tiling: TilingConfig, batch_size: int) -> None:
         self.detector = detector
         self.tiling = tiling
         self.batch_size = max(1, batch_size)

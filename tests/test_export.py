@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from surfaceinspect import engine, runtimes
 from surfaceinspect.cli import app
-from surfaceinspect.detectors import available_methods
+from surfaceinspect.detectors import Scorer, available_methods
 from surfaceinspect.errors import EXIT_OK, EXIT_USAGE, ModelDirError
 from surfaceinspect.export import RTOL, ExportError, export_run
 
@@ -139,8 +139,10 @@ def test_auto_runtime_prefers_a_current_export_on_the_cpu(exported_run, syntheti
     assert runtimes.auto_runtime(run_dir, on_cpu=False) == "torch"  # a GPU keeps torch
     inference_set = "draem.smoothing_kernel=3" if method == "draem" else "csflow.map_sigma=2"
     assert runtimes.auto_runtime(run_dir, on_cpu=True, inference_sets=[inference_set]) == "torch"
-    assert isinstance(engine.load(run_dir, device="cpu").detector, runtimes.ExportedDetector)
-    assert not isinstance(engine.load(run_dir, device="cpu", runtime="torch").detector, runtimes.ExportedDetector)
+    exported, trained = engine.load(run_dir, device="cpu"), engine.load(run_dir, device="cpu", runtime="torch")
+    assert isinstance(exported.detector, runtimes.ExportedDetector) and isinstance(exported.detector, Scorer)
+    assert not isinstance(trained.detector, runtimes.ExportedDetector) and isinstance(trained.detector, Scorer)
+    assert exported.detector.input_size == trained.detector.input_size and exported.detector.name == method
     result = CliRunner().invoke(app, ["score", str(synthetic_dataset / "test" / "good"), "--model", str(run_dir),
                                       "--threads", "1", "--workers", "0"])  # fmt: skip
     assert result.exit_code in (0, 1), result.output

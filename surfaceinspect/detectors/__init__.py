@@ -14,9 +14,9 @@ from surfaceinspect.errors import ConfigError
 
 if TYPE_CHECKING:
     from surfaceinspect.config import MethodConfig
-    from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainingPaused, TrainProgress
+    from surfaceinspect.detectors.base import Detector, Prediction, Scorer, TrainContext, TrainingPaused, TrainProgress
 
-_BASE_NAMES = frozenset({"Detector", "Prediction", "TrainContext", "TrainProgress", "TrainingPaused"})
+_BASE_NAMES = frozenset({"Detector", "Prediction", "Scorer", "TrainContext", "TrainProgress", "TrainingPaused"})
 
 # Adding a method: create surfaceinspect/detectors/<name>/ with a Detector subclass (its config,
 # its profiles' notes, its data-parallel variant if any: see base.Detector), add it here, and ship
@@ -85,6 +85,7 @@ __all__ = [
     "REGISTRY",
     "Detector",
     "Prediction",
+    "Scorer",
     "TrainContext",
     "TrainProgress",
     "TrainingPaused",

@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -156,8 +156,26 @@ class TrainContext:
             self._last_checkpoint = time.monotonic()
 
 
+@runtime_checkable
+class Scorer(Protocol):
+    """What scoring, calibration and heatmaps need of a model: a :class:`Detector` and an exported graph
+    (:class:`~surfaceinspect.runtimes.ExportedDetector`) alike."""
+
+    name: str  # the method, for messages and records
+    run_config: RunConfig  # input geometry, batching, tiling, regions: scored exactly as trained
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The network input ``(H, W)``."""
+        ...
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score a batch ``(B, 3, H, W)`` float in [0, 1]; return CPU float32 scores and ``(B, H, W)`` maps."""
+        ...
+
+
 class Detector(ABC):
-    """An anomaly detector: fit on good images, then score images and localise anomalies."""
+    """An anomaly detector: fit on good images, then score images and localise anomalies (a :class:`Scorer`)."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]

@@ -10,7 +10,7 @@ import numpy as np
 from surfaceinspect.calibration import Calibration, calibrate
 from surfaceinspect.config import RunConfig
 from surfaceinspect.datasets import labelled_folder
-from surfaceinspect.detectors import Detector
+from surfaceinspect.detectors import Scorer
 from surfaceinspect.engine.checks import ColourCheck
 from surfaceinspect.engine.inference import run_inference
 from surfaceinspect.engine.inputs import report_failures
@@ -19,7 +19,7 @@ from surfaceinspect.ui import Reporter
 
 
 def calibrate_detector(
-    detector: Detector,
+    detector: Scorer,
     good_paths: Sequence[Path],
     root: Path,
     run_config: RunConfig,

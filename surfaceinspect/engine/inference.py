@@ -14,7 +14,7 @@ import torch
 from surfaceinspect.calibration import Calibration
 from surfaceinspect.config import RunConfig
 from surfaceinspect.data import LoadedImage, iterate_images, stack_images
-from surfaceinspect.detectors import Detector
+from surfaceinspect.detectors import Scorer
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.engine.checks import ImageCheck
 from surfaceinspect.engine.inputs import relative_name
@@ -39,7 +39,7 @@ class ImageResult:
 
 
 def predict_items(
-    detector: Detector, tiler: TiledPredictor | None, items: list[LoadedImage]
+    detector: Scorer, tiler: TiledPredictor | None, items: list[LoadedImage]
 ) -> list[tuple[float, np.ndarray]]:
     """(score, map) per readable item: one batched forward pass, or tile by tile at the image's resolution."""
     if not items:
@@ -54,7 +54,7 @@ def predict_items(
 def run_inference(
     paths: Sequence[Path],
     root: Path,
-    detector: Detector,
+    detector: Scorer,
     calibration: Calibration | None,
     *,
     batch_size: int,

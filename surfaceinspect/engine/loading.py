@@ -9,7 +9,7 @@ from typing import Any
 
 from surfaceinspect import modeldir, runtimes
 from surfaceinspect.calibration import Calibration
-from surfaceinspect.detectors import Detector
+from surfaceinspect.detectors import Scorer
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.errors import ModelDirError
 
@@ -17,7 +17,7 @@ from surfaceinspect.errors import ModelDirError
 @dataclass
 class LoadedModel:
     run_dir: Path
-    detector: Detector
+    detector: Scorer
     calibration: Calibration  # None only from ``load(..., need_calibration=False)`` (recalibrate)
     metadata: dict[str, Any]
     model_id: str = ""  # first 12 hex of the SHA-256 of the model's manifest (see modeldir.verify_sums)
