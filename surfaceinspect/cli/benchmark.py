@@ -103,7 +103,7 @@ def benchmark(
     )
     report = run_benchmark(options, reporter)
     if not quiet:
-        from surfaceinspect.benchmark import summary_table
+        from surfaceinspect.benchmark_report import summary_table
 
         cli.out_console.print(summary_table(report))
         from surfaceinspect.auto import selection_rich_table
