@@ -51,7 +51,7 @@ def _filtered_scores(prob: np.ndarray, kernels: tuple[int, ...]) -> dict[int, np
 
 
 def _aurocs(labels: np.ndarray, types: list[str], scores: dict[int, np.ndarray]) -> dict[str, Any]:
-    from surfaceinspect import metrics
+    from surfaceinspect.analysis import metrics
 
     result: dict[str, Any] = {}
     good = [i for i, t in enumerate(types) if t == "good"]
@@ -69,8 +69,8 @@ def run_one(args: argparse.Namespace) -> None:
     import torch
 
     from surfaceinspect import engine
-    from surfaceinspect.data import iterate_images, stack_images
-    from surfaceinspect.datasets import load_mvtec
+    from surfaceinspect.data.datasets import load_mvtec
+    from surfaceinspect.data.streaming import iterate_images, stack_images
     from surfaceinspect.profiles import resolve_run_config
     from surfaceinspect.ui import Reporter
 
@@ -115,7 +115,7 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def _ensembles(out: Path, work: Path, plan: dict[str, Any], kernels: tuple[int, ...]) -> None:
-    from surfaceinspect.datasets import load_mvtec
+    from surfaceinspect.data.datasets import load_mvtec
 
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     results = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surfaceinspect.metrics import image_auroc
+from surfaceinspect.analysis.metrics import image_auroc
 
 
 def robust_z(values: np.ndarray, good: np.ndarray) -> np.ndarray:

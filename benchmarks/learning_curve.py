@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surfaceinspect import metrics
-from surfaceinspect.data import iterate_images
-from surfaceinspect.datasets import load_mvtec
+from surfaceinspect.analysis import metrics
+from surfaceinspect.data.datasets import load_mvtec
+from surfaceinspect.data.streaming import iterate_images
+from surfaceinspect.data.tiling import TiledPredictor
 from surfaceinspect.detectors.draem.networks import DraemEnsemble
 from surfaceinspect.engine import predict_items
-from surfaceinspect.modeldir import CHECKPOINT_FILE, METADATA_FILE, load_model
-from surfaceinspect.tiling import TiledPredictor
+from surfaceinspect.storage.modeldir import CHECKPOINT_FILE, METADATA_FILE, load_model
 
 CLI = [sys.executable, "-m", "surfaceinspect"]
 

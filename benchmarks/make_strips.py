@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from surfaceinspect.datasets import load_mvtec
-from surfaceinspect.imageio import read_image_uint8, read_mask
+from surfaceinspect.data.datasets import load_mvtec
+from surfaceinspect.data.imageio import read_image_uint8, read_mask
 
 
 def _row(images: list[np.ndarray], height: int) -> tuple[np.ndarray, list[int]]:

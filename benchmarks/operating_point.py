@@ -8,7 +8,7 @@ test's good images and the recall on its defects.
 
     python benchmarks/operating_point.py BENCH_OUT [BENCH_OUT ...] [--models KEEP_DIR ...] [--json OUT.json]
 
-Estimators (``surfaceinspect.calibration.threshold_for``): ``conformal`` (the split-conformal order
+Estimators (``surfaceinspect.analysis.calibration.threshold_for``): ``conformal`` (the split-conformal order
 statistic: the highest held-out score when there are fewer than 1/target - 1 of them) and
 ``lognormal`` (a normal fit to the log-scores with median and MAD, so one odd image moves it little).
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from surfaceinspect.calibration import ESTIMATORS, threshold_for
+from surfaceinspect.analysis.calibration import ESTIMATORS, threshold_for
 
 TARGETS = (0.01, 0.02, 0.05)
 

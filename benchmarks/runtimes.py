@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import build  # the same detector construction as benchmarks/speed.py
 from timing import measure
 
-from surfaceinspect import runtimes
-from surfaceinspect.benchmark import peak_rss_mb
+from surfaceinspect.deploy import runtimes
+from surfaceinspect.deploy.export import onnx_bytes
 from surfaceinspect.errors import SurfaceInspectError
-from surfaceinspect.export import onnx_bytes
+from surfaceinspect.workflows.benchmark import peak_rss_mb
 
 RUNTIMES = ("torch", "compile", "onnx", "openvino")
 Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]

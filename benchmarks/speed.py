@@ -25,10 +25,10 @@ import torch
 from timing import measure  # benchmarks/timing.py: this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
-from surfaceinspect.benchmark import peak_rss_mb
 from surfaceinspect.config import build_run_config, deep_merge, parse_set_option
 from surfaceinspect.detectors import TrainContext, get_detector_class
 from surfaceinspect.device import configure_threads
+from surfaceinspect.workflows.benchmark import peak_rss_mb
 
 
 def build(args: argparse.Namespace, extra_sets: list[str]):

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from surfaceinspect.imageio import discover_images
+from surfaceinspect.data.imageio import discover_images
 
 
 class RecordClock:

@@ -257,8 +257,9 @@ def _train_method(args: Sequence[str]) -> str:
     """The method a ``train`` command line trains (as ``train`` resolves it), parsed before any work."""
     import typer
 
-    from surfaceinspect import cli, modeldir
+    from surfaceinspect import cli
     from surfaceinspect.config import load_yaml_file
+    from surfaceinspect.storage import modeldir
 
     command = typer.main.get_command(cli.app).get_command(None, "train")  # type: ignore[attr-defined]
     params = command.make_context("train", list(args), resilient_parsing=True).params
@@ -286,7 +287,7 @@ def _worker_arguments(args: Sequence[str], scratch: Path) -> list[str]:
 
 
 def _resolve_resume(value: str) -> Path:
-    from surfaceinspect import modeldir
+    from surfaceinspect.storage import modeldir
 
     return modeldir.find_resumable() if value == "latest" else Path(value)
 

@@ -59,8 +59,8 @@ def resolve_run_config(
     """Build the effective config: profile < ``--config`` file < named flags < ``--set`` items.
 
     ``method`` None takes the config file's method, else :data:`FALLBACK_METHOD` (the command
-    line's default is ``auto``, which trains candidates through :mod:`surfaceinspect.auto`). ``common_flags`` name
-    ``common`` fields (``calibration.fraction`` for nested ones); ``method_flags`` name fields of
+    line's default is ``auto``, which trains candidates through :mod:`surfaceinspect.workflows.auto`).
+    ``common_flags`` name ``common`` fields (``calibration.fraction`` for nested ones); ``method_flags`` name fields of
     the method's config (``epochs``, ``lr`` and its ``cli_options``). A flag that the chosen method
     does not have is an error, not silently ignored; None values are flags not given.
     """

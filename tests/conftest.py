@@ -55,7 +55,7 @@ def toy_method(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
     """A small MVTec-layout dataset with obvious defects (generated once per session)."""
-    from surfaceinspect.synthetic import make_dataset
+    from surfaceinspect.data.synthetic import make_dataset
 
     return make_dataset(
         tmp_path_factory.mktemp("synthetic"), n_train=30, n_test_good=8, n_test_defect_per_type=3, size=96, seed=1

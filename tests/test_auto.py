@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from surfaceinspect import auto, engine, modeldir
+from surfaceinspect import engine
 from surfaceinspect.detectors.base import TrainContext, TrainingPaused, TrainProgress
 from surfaceinspect.errors import ConfigError
 from surfaceinspect.profiles import resolve_run_config
+from surfaceinspect.storage import modeldir
 from surfaceinspect.ui import Reporter
+from surfaceinspect.workflows import auto
 
 TESTS = Path(__file__).resolve().parent
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from surfaceinspect.calibration import Calibration, calibrate, conformal_threshold, recall_threshold
+from surfaceinspect.analysis.calibration import Calibration, calibrate, conformal_threshold, recall_threshold
 from surfaceinspect.errors import ConfigError, ModelDirError
 
 
@@ -107,7 +107,7 @@ def test_version_1_files_still_load(tmp_path):
 
 
 def test_threshold_estimators_conformal_follows_one_odd_image_fitted_tails_do_not():
-    from surfaceinspect.calibration import threshold_for
+    from surfaceinspect.analysis.calibration import threshold_for
 
     rng = np.random.default_rng(0)
     good = np.exp(rng.normal(0.0, 0.2, size=40))

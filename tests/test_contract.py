@@ -15,11 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from surfaceinspect import export, modeldir
 from surfaceinspect.cli import app
 from surfaceinspect.config import build_run_config
+from surfaceinspect.deploy import export
 from surfaceinspect.detectors import TrainContext, TrainingPaused, available_methods, get_detector_class
 from surfaceinspect.errors import EXIT_OK
+from surfaceinspect.storage import modeldir
 
 # The smallest settings of each method that still train a few steps (image side, method section).
 TINY: dict[str, tuple[int, dict]] = {

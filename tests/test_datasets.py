@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surfaceinspect.datasets import MVTecDataset, TestSample, labelled_folder, load_mvtec, validate_masks
+from surfaceinspect.data.datasets import MVTecDataset, TestSample, labelled_folder, load_mvtec, validate_masks
 from surfaceinspect.errors import DatasetError
 
 
@@ -229,7 +229,7 @@ def test_labelled_folder_good_only_ok_missing_good_fails(tmp_path: Path) -> None
 
 @pytest.mark.realdata
 def test_real_mtd(real_dataset) -> None:
-    from surfaceinspect.imageio import read_image, read_mask
+    from surfaceinspect.data.imageio import read_image, read_mask
 
     ds = load_mvtec(real_dataset("mtd"), require_masks=True)
     assert len(ds.train_good) == 762 and ds.n_good == 190 and ds.n_anomalous == 392

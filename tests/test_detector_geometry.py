@@ -14,7 +14,6 @@ from test_csflow import make_detector as make_csflow
 from test_draem import tiny_run
 from typer.testing import CliRunner
 
-from surfaceinspect import modeldir
 from surfaceinspect.cli import app
 from surfaceinspect.detectors.base import Detector, TrainContext
 from surfaceinspect.detectors.csflow import backbones as bb
@@ -23,6 +22,7 @@ from surfaceinspect.detectors.draem.perlin import perlin_mask, perlin_noise
 from surfaceinspect.detectors.draem.sources import crop_to_aspect, make_source
 from surfaceinspect.detectors.draem.synthesis import SynthesisDataset, SynthesisParams, synthesize
 from surfaceinspect.errors import EXIT_OK
+from surfaceinspect.storage import modeldir
 
 
 def strips(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -180,10 +180,30 @@ def test_csflow_map_peaks_where_the_defect_is_on_a_strip() -> None:
 
 
 TINY_CLI = {
-    "draem": ["--set", "draem.steps=3", "--set", "draem.recon_width=8", "--set", "draem.disc_width=4",
-              "--set", "draem.recon_levels=3", "--set", "draem.disc_levels=3"],
-    "csflow": ["--epochs", "1", "--set", "csflow.feature_stage=3", "--set", "csflow.hidden_channels=16",
-               "--set", "csflow.n_blocks=2", "--set", "csflow.kernel_sizes=[3,5]"],
+    "draem": [
+        "--set",
+        "draem.steps=3",
+        "--set",
+        "draem.recon_width=8",
+        "--set",
+        "draem.disc_width=4",
+        "--set",
+        "draem.recon_levels=3",
+        "--set",
+        "draem.disc_levels=3",
+    ],
+    "csflow": [
+        "--epochs",
+        "1",
+        "--set",
+        "csflow.feature_stage=3",
+        "--set",
+        "csflow.hidden_channels=16",
+        "--set",
+        "csflow.n_blocks=2",
+        "--set",
+        "csflow.kernel_sizes=[3,5]",
+    ],
 }
 
 
@@ -213,8 +233,23 @@ def test_cli_train_score_heatmap_on_strips(
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["train", "-m", method, str(strip_dataset / "train"), "--threads", "1", "--workers", "0", "-q", *geometry,
-         "--set", "common.time_budget_min=0", "--set", "common.calibration.min_images=3", *TINY_CLI[method]],
+        [
+            "train",
+            "-m",
+            method,
+            str(strip_dataset / "train"),
+            "--threads",
+            "1",
+            "--workers",
+            "0",
+            "-q",
+            *geometry,
+            "--set",
+            "common.time_budget_min=0",
+            "--set",
+            "common.calibration.min_images=3",
+            *TINY_CLI[method],
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == EXIT_OK, result.output
@@ -229,7 +264,8 @@ def test_cli_train_score_heatmap_on_strips(
     rows = out_csv.read_text().splitlines()[1:]
     assert len(rows) == 3
     result = runner.invoke(
-        app, ["heatmap", str(strip_dataset / "test"), "--out", str(tmp_path / "heat"), "--save-maps", "-q"],
+        app,
+        ["heatmap", str(strip_dataset / "test"), "--out", str(tmp_path / "heat"), "--save-maps", "-q"],
         catch_exceptions=False,
     )
     assert result.exit_code in (0, 1), result.output

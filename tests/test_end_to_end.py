@@ -14,11 +14,32 @@ from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_UNREADABLE
 
 TINY = {
-    "draem": ["--image-size", "64", "--set", "draem.steps=20", "--set", "draem.recon_width=8",
-              "--set", "draem.disc_width=4", "--set", "draem.recon_levels=3", "--set", "draem.disc_levels=3",
-              "--set", "common.time_budget_min=0"],
-    "csflow": ["--image-size", "128", "--epochs", "2", "--set", "csflow.hidden_channels=16",
-               "--set", "common.time_budget_min=0"],
+    "draem": [
+        "--image-size",
+        "64",
+        "--set",
+        "draem.steps=20",
+        "--set",
+        "draem.recon_width=8",
+        "--set",
+        "draem.disc_width=4",
+        "--set",
+        "draem.recon_levels=3",
+        "--set",
+        "draem.disc_levels=3",
+        "--set",
+        "common.time_budget_min=0",
+    ],
+    "csflow": [
+        "--image-size",
+        "128",
+        "--epochs",
+        "2",
+        "--set",
+        "csflow.hidden_channels=16",
+        "--set",
+        "common.time_budget_min=0",
+    ],
 }
 
 
@@ -29,8 +50,11 @@ def test_used_by_commands_work_as_written(method, synthetic_dataset, tmp_path, m
     shutil.copytree(synthetic_dataset / "test", "line_camera_dump")
     (tmp_path / "line_camera_dump" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--method", method, "./good_images", "--threads", "1",
-                                 "--workers", "0", *TINY[method]], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        ["train", "--method", method, "./good_images", "--threads", "1", "--workers", "0", *TINY[method]],
+        catch_exceptions=False,
+    )
     assert result.exit_code == EXIT_OK, result.output
     result = runner.invoke(app, ["score", "./line_camera_dump", "--output", "out.csv"], catch_exceptions=False)
     # broken.png is unreadable: exit 1 if the (barely trained) model flags a defect, else 3

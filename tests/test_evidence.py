@@ -9,14 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from surfaceinspect.evidence import (
+from surfaceinspect.data.evidence import (
     ANOMALY_KINDS,
     AREA_FRACTIONS,
     EvidenceImage,
     synthesize_anomaly,
     write_evidence,
 )
-from surfaceinspect.imageio import read_image_uint8
+from surfaceinspect.data.imageio import read_image_uint8
 
 # Hard-edged kinds change nothing outside their mask; blur and dent fade out over their rim.
 SOFT_KINDS = ("blur", "dent")

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from surfaceinspect import engine, runtimes
+from surfaceinspect import engine
 from surfaceinspect.cli import app
+from surfaceinspect.deploy import runtimes
+from surfaceinspect.deploy.export import RTOL, ExportError, export_run
 from surfaceinspect.detectors import Scorer, available_methods
 from surfaceinspect.errors import EXIT_OK, EXIT_USAGE, ModelDirError
-from surfaceinspect.export import RTOL, ExportError, export_run
 
 pytest.importorskip("onnxruntime")
 
@@ -89,7 +90,7 @@ def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     loaded = engine.load(run_dir, device="cpu", threads=1, runtime="torch")
     paths = sorted((synthetic_dataset / "test").rglob("*.png"))[:5]
-    from surfaceinspect.data import iterate_images, stack_images
+    from surfaceinspect.data.streaming import iterate_images, stack_images
 
     items = next(iter(iterate_images(paths, loaded.detector.input_size, len(paths), 0)))
     batch = stack_images(items)
@@ -333,9 +334,9 @@ def test_parity_tolerates_float_noise_on_the_threshold_image_only():
     """The quantile threshold is one calibration image's score: rounding may flip that image alone."""
     import torch
 
-    from surfaceinspect.calibration import calibrate
+    from surfaceinspect.analysis.calibration import calibrate
+    from surfaceinspect.deploy.export import compare
     from surfaceinspect.detectors.base import Prediction
-    from surfaceinspect.export import compare
 
     good = np.array([0.2, 0.3, 0.4, 0.5])
     calibration = calibrate("draem", good, good, good * 0.5, false_reject_rate=0.01)

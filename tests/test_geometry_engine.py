@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from surfaceinspect import engine, modeldir
+from surfaceinspect import engine
 from surfaceinspect.cli import app
 from surfaceinspect.config import parse_image_size
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_USAGE
+from surfaceinspect.storage import modeldir
 
 
 def run_cli(*args: object):

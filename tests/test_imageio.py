@@ -1,4 +1,4 @@
-"""Tests for surfaceinspect.imageio on generated files of every supported format and failure mode."""
+"""Tests for surfaceinspect.data.imageio on generated files of every supported format and failure mode."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from surfaceinspect.errors import DatasetError, ImageReadError
-from surfaceinspect.imageio import (
+from surfaceinspect.data.imageio import (
     IMAGE_EXTENSIONS,
     apply_orientation,
     discover_images,
@@ -22,6 +21,7 @@ from surfaceinspect.imageio import (
     read_mask,
     resize_image,
 )
+from surfaceinspect.errors import DatasetError, ImageReadError
 
 H, W = 24, 32
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from surfaceinspect import metrics
+from surfaceinspect.analysis import metrics
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]  # sorted desc: 0.8 P, 0.4 N, 0.35 P, 0.1 N
@@ -183,8 +183,8 @@ def test_aupro_nan_without_regions():
 @pytest.mark.realdata
 def test_pixel_metrics_on_real_mtd_masks(real_dataset):
     """Magnetic Tile Defects masks: varying image sizes and 4 defective images with empty masks."""
-    from surfaceinspect.datasets import load_mvtec
-    from surfaceinspect.imageio import image_size, read_mask
+    from surfaceinspect.data.datasets import load_mvtec
+    from surfaceinspect.data.imageio import image_size, read_mask
 
     ds = load_mvtec(real_dataset("mtd"))
     masks = [read_mask(s.mask_path) if s.mask_path else np.zeros(image_size(s.path), bool) for s in ds.test]

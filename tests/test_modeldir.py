@@ -11,12 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from surfaceinspect import engine, modeldir
-from surfaceinspect.atomic import atomic_open, write_json_atomic
+from surfaceinspect import engine
 from surfaceinspect.detectors import available_methods
 from surfaceinspect.detectors.base import TrainContext
 from surfaceinspect.errors import ModelDirError
 from surfaceinspect.profiles import resolve_run_config
+from surfaceinspect.storage import modeldir
+from surfaceinspect.storage.atomic import atomic_open, write_json_atomic
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_atomic_write_survives_hard_kill(tmp_path):
     write_json_atomic(target, {"v": 1})
     code = textwrap.dedent(f"""
         import os
-        from surfaceinspect.atomic import atomic_open
+        from surfaceinspect.storage.atomic import atomic_open
         with atomic_open({str(target)!r}, "w") as h:
             h.write('{{"v": 2, "half')
             h.flush()

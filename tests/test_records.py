@@ -8,7 +8,7 @@ import json
 import pytest
 
 from surfaceinspect.errors import ConfigError
-from surfaceinspect.records import FIELDS, RecordWriter, ScoreRecord, output_format
+from surfaceinspect.storage.records import FIELDS, RecordWriter, ScoreRecord, output_format
 
 
 def _records():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surfaceinspect.regions import Region, find_regions
+from surfaceinspect.analysis.regions import Region, find_regions
 
 
 def _drawn_map() -> np.ndarray:

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from surfaceinspect import rendering
-from surfaceinspect.rendering import colorize, plot_roc, render_overlay, save_png, write_index_html
+from surfaceinspect.analysis import rendering
+from surfaceinspect.analysis.rendering import colorize, plot_roc, render_overlay, save_png, write_index_html
 
 
 def _textured(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -97,14 +97,38 @@ def test_save_png_roundtrip(tmp_path):
 
 def test_index_html_order_escaping_counts(tmp_path):
     entries = [
-        {"image": "overlays/a.png", "source": "good/a.png", "score": 0.2, "score_normalized": 0.3,
-         "verdict": "good", "n_regions": 0},
-        {"image": "overlays/b <x>&#1.png", "source": 'defect/<script>alert("x")</script>&.png', "score": 1.7,
-         "score_normalized": 0.9, "verdict": "defect", "n_regions": 2},
-        {"image": "overlays/c.png", "source": "defect/c.png", "score": 0.9, "score_normalized": 0.6,
-         "verdict": "defect", "n_regions": 1},
-        {"image": "overlays/d.png", "source": "odd/d.png", "score": float("nan"), "score_normalized": float("nan"),
-         "verdict": "good", "n_regions": 0},
+        {
+            "image": "overlays/a.png",
+            "source": "good/a.png",
+            "score": 0.2,
+            "score_normalized": 0.3,
+            "verdict": "good",
+            "n_regions": 0,
+        },
+        {
+            "image": "overlays/b <x>&#1.png",
+            "source": 'defect/<script>alert("x")</script>&.png',
+            "score": 1.7,
+            "score_normalized": 0.9,
+            "verdict": "defect",
+            "n_regions": 2,
+        },
+        {
+            "image": "overlays/c.png",
+            "source": "defect/c.png",
+            "score": 0.9,
+            "score_normalized": 0.6,
+            "verdict": "defect",
+            "n_regions": 1,
+        },
+        {
+            "image": "overlays/d.png",
+            "source": "odd/d.png",
+            "score": float("nan"),
+            "score_normalized": float("nan"),
+            "verdict": "good",
+            "n_regions": 0,
+        },
     ]
     path = write_index_html(tmp_path, entries)
     assert path == tmp_path / "index.html"
@@ -129,8 +153,9 @@ def test_plot_roc_draws_curves(tmp_path):
     fpr = np.array([0.0, 0.0, 0.5, 1.0])
     tpr = np.array([0.0, 0.6, 0.9, 1.0])
     path = tmp_path / "roc.png"
-    plot_roc({"draem": (fpr, tpr, 0.9), "empty": (np.zeros(0), np.zeros(0), float("nan"))}, path, "ROC test",
-             size=(640, 560))
+    plot_roc(
+        {"draem": (fpr, tpr, 0.9), "empty": (np.zeros(0), np.zeros(0), float("nan"))}, path, "ROC test", size=(640, 560)
+    )
     img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     assert img.shape == (560, 640, 3)
     blue = np.all(np.abs(img.astype(int) - rendering._PALETTE[0]) < 30, axis=2)

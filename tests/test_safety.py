@@ -25,8 +25,10 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from surfaceinspect import cli, engine, modeldir
+from surfaceinspect import cli, engine
+from surfaceinspect.analysis.rendering import NO_REGION_REASON, render_overlay, write_index_html
 from surfaceinspect.cli import app
+from surfaceinspect.data.imageio import read_image
 from surfaceinspect.errors import (
     EXIT_DEFECT,
     EXIT_INTERNAL,
@@ -35,9 +37,8 @@ from surfaceinspect.errors import (
     EXIT_UNREADABLE,
     EXIT_USAGE,
 )
-from surfaceinspect.imageio import read_image
 from surfaceinspect.profiles import resolve_run_config
-from surfaceinspect.rendering import NO_REGION_REASON, render_overlay, write_index_html
+from surfaceinspect.storage import modeldir
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pytest
 from typer.testing import CliRunner
 
-from surfaceinspect import modeldir
 from surfaceinspect.cli import app
+from surfaceinspect.data.sharding import Shard, shard_of
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE, ConfigError
-from surfaceinspect.sharding import Shard, shard_of
+from surfaceinspect.storage import modeldir
 
 NAMES = [f"line{i % 7}/cam_{i:05d}.png" for i in range(2000)] + ["ünïcode/名前.png", "a b/c,d.jpg", "=x.png"]
 
@@ -54,7 +54,7 @@ def test_split_is_stable_across_processes_versions_and_separators():
     assert shard_of(PureWindowsPath("sub\\dir\\x.png"), 7) == shard_of("sub/dir/x.png", 7)
     # NFC and NFD spellings of a name (Linux vs macOS) land in the same shard
     assert shard_of("caf\u00e9.png", 5) == shard_of("cafe\u0301.png", 5)
-    code = "from surfaceinspect.sharding import shard_of; print([shard_of(f'n{i}.png', 9) for i in range(50)])"
+    code = "from surfaceinspect.data.sharding import shard_of; print([shard_of(f'n{i}.png', 9) for i in range(50)])"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from surfaceinspect import engine, modeldir
+from surfaceinspect import engine
 from surfaceinspect.cli import app
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OutputError
-from surfaceinspect.watch import SettleTracker, WatchOptions, open_records_for_append, watch_folder
+from surfaceinspect.storage import modeldir
+from surfaceinspect.workflows.watch import SettleTracker, WatchOptions, open_records_for_append, watch_folder
 
 TESTS_DIR = Path(__file__).resolve().parent
 JOIN_TIMEOUT_S = 120.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surfaceinspect import selection
+from surfaceinspect.workflows import selection
 
 
 def _result(name: str, good: np.ndarray, by_kind: dict[str, np.ndarray], real: np.ndarray | None = None) -> dict:

@@ -17,8 +17,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
     [("infer", ["--seconds", "0.05", "--batch", "2"]), ("train", ["--steps", "3", "--images", "8"])],
 )
 def test_speed_script_reports_rates(mode: str, extra: list[str]) -> None:
-    sets = ["common.image_size=64", "common.batch_size=2", "common.workers=0", "draem.recon_width=8",
-            "draem.disc_width=4"]
+    sets = [
+        "common.image_size=64",
+        "common.batch_size=2",
+        "common.workers=0",
+        "draem.recon_width=8",
+        "draem.disc_width=4",
+    ]
     cmd = [sys.executable, str(SCRIPT), "--method", "draem", "--profile", "cpu", "--threads", "1"]
     for item in sets:
         cmd += ["--set", item]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from surfaceinspect.config import CommonConfig, MethodConfig, RunConfig, TilingConfig
+from surfaceinspect.data.tiling import TiledPredictor, blend_window, load_training_tiles, tile_origins
 from surfaceinspect.detectors.base import Detector, Prediction
-from surfaceinspect.tiling import TiledPredictor, blend_window, load_training_tiles, tile_origins
 
 
 class MeanDeviation(Detector):
@@ -100,7 +100,7 @@ def test_very_long_strip_is_scored_tile_by_tile():
 
 
 def test_training_tiles_are_bounded_and_reproducible(tmp_path):
-    from surfaceinspect.synthetic import make_dataset
+    from surfaceinspect.data.synthetic import make_dataset
 
     data = make_dataset(tmp_path / "d", n_train=6, n_test_good=1, n_test_defect_per_type=1, size=160, seed=0)
     paths = sorted((data / "train" / "good").glob("*.png"))

@@ -21,9 +21,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from surfaceinspect import cli, modeldir
+from surfaceinspect import cli
 from surfaceinspect.cli import app
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
+from surfaceinspect.storage import modeldir
 
 TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT_S = 120
@@ -145,7 +146,7 @@ def test_item4_training_skips_a_fifo_and_a_device_and_says_so(synthetic_dataset,
 
 
 def test_item4_reads_are_bounded_and_a_symlink_loop_is_named(tmp_path, monkeypatch):
-    from surfaceinspect import imageio
+    from surfaceinspect.data import imageio
     from surfaceinspect.errors import ImageReadError
 
     big = tmp_path / "big.png"
@@ -224,7 +225,7 @@ def test_item1_resume_of_a_run_another_process_writes_is_refused(toy_method, tmp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(  # another process holds the run directory's lock, as a running train does
-        [sys.executable, "-c", "import sys, time; from surfaceinspect.outputs import lock_output; "
+        [sys.executable, "-c", "import sys, time; from surfaceinspect.storage.outputs import lock_output; "
          f"lock = lock_output({str(run_dir)!r}, '--out'); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -303,7 +304,7 @@ def test_item3_heatmap_refuses_symlink_below_out_and_never_writes_through_it(tra
     assert (victim / "000.png").read_bytes() == b"someone else's file" and sorted(os.listdir(victim)) == ["000.png"]
 
     # a link made after the check (while the run is going on) fails the write, never redirects it
-    from surfaceinspect.atomic import write_bytes_atomic
+    from surfaceinspect.storage.atomic import write_bytes_atomic
 
     with pytest.raises(OSError, match="symbolic link below an output folder") as caught:
         write_bytes_atomic(out / "dent" / "000.png", b"overlay", below=out)
@@ -315,7 +316,7 @@ def test_item3_heatmap_refuses_symlink_below_out_and_never_writes_through_it(tra
 
 
 def test_item3_watch_defects_dir_refuses_symlink_below_it(trained, synthetic_dataset, tmp_path):
-    from surfaceinspect.watch import copy_defect
+    from surfaceinspect.workflows.watch import copy_defect
 
     folder = tmp_path / "camera"
     (folder / "sub").mkdir(parents=True)
@@ -415,7 +416,7 @@ def test_item13_watch_summary_has_real_durations_and_names_the_runtime(trained, 
 
 
 def test_item13_files_that_are_not_images_are_named_and_every_suffix_listed(trained, good_copy, tmp_path):
-    from surfaceinspect.imageio import IMAGE_EXTENSIONS
+    from surfaceinspect.data.imageio import IMAGE_EXTENSIONS
 
     (good_copy / "inspection.pdf").write_bytes(b"%PDF-1.4")
     (good_copy / "earlier.csv").write_text("path,verdict\n")  # records are not pictures: not named
@@ -464,7 +465,7 @@ def test_item13_symlink_loop_is_named_as_a_loop(trained, good_copy, tmp_path):
 
 
 def test_item13_openvino_and_onnx_hints_name_the_running_python(monkeypatch):
-    from surfaceinspect import runtimes
+    from surfaceinspect.deploy import runtimes
     from surfaceinspect.errors import ModelDirError
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

@@ -23,13 +23,14 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from surfaceinspect import cli, engine, modeldir
+from surfaceinspect import cli, engine
+from surfaceinspect.analysis.drift import ALPHA, DriftMonitor, u_distribution
 from surfaceinspect.cli import app
-from surfaceinspect.drift import ALPHA, DriftMonitor, u_distribution
+from surfaceinspect.data.synthetic import make_dataset
 from surfaceinspect.engine import AspectCheck
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_DRIFT, EXIT_OK, EXIT_USAGE, ModelDirError
-from surfaceinspect.records import FIELDS, LEGACY_FIELDS, format_score
-from surfaceinspect.synthetic import make_dataset
+from surfaceinspect.storage import modeldir
+from surfaceinspect.storage.records import FIELDS, LEGACY_FIELDS, format_score
 
 SCORED = (EXIT_OK, EXIT_DEFECT)
 
@@ -315,7 +316,7 @@ def test_item9_records_carry_model_id_threshold_runtime_time_and_warnings(traine
 
 
 def test_item10_gallery_agrees_with_records_and_keeps_aspect(trained, synthetic_dataset, tmp_path, monkeypatch):
-    from surfaceinspect import rendering
+    from surfaceinspect.analysis import rendering
 
     folder = tmp_path / "dump"
     shutil.copytree(synthetic_dataset / "test" / "good", folder)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from surfaceinspect import modeldir
 from surfaceinspect.cli import app
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
+from surfaceinspect.storage import modeldir
 
 TESTS_DIR = Path(__file__).resolve().parent
 

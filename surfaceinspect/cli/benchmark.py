@@ -81,8 +81,8 @@ def benchmark(
     (where masks exist), per defect type and overall. Cost: training time and images/s,
     inference images/s at batch 1 and batched, latency p50/p95, peak memory, device, threads.
     """
-    from surfaceinspect.benchmark import BenchmarkOptions, run_benchmark
-    from surfaceinspect.outputs import prepare_output_dir
+    from surfaceinspect.storage.outputs import prepare_output_dir
+    from surfaceinspect.workflows.benchmark import BenchmarkOptions, run_benchmark
 
     reporter = common.make_reporter(quiet)
     prepare_output_dir(out, datasets, force=force)
@@ -103,10 +103,10 @@ def benchmark(
     )
     report = run_benchmark(options, reporter)
     if not quiet:
-        from surfaceinspect.benchmark_report import summary_table
+        from surfaceinspect.workflows.benchmark_report import summary_table
 
         cli.out_console.print(summary_table(report))
-        from surfaceinspect.auto import selection_rich_table
+        from surfaceinspect.workflows.auto import selection_rich_table
 
         for entry in report["entries"]:
             if entry.get("selection"):

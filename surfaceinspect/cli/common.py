@@ -111,7 +111,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _internal_or_os_error(exc: Exception) -> typer.Exit:
-    from surfaceinspect.outputs import os_error_message
+    from surfaceinspect.storage.outputs import os_error_message
 
     message = os_error_message(exc) if isinstance(exc, OSError) else None
     if message is not None:  # e.g. disk full or permission denied while writing: the user can fix it
@@ -238,7 +238,7 @@ def verdict_exit_code(summary: Any, fail_on_drift: bool, fail_on_defect: bool = 
 
 
 def parse_shard(text: str | None) -> Any:
-    from surfaceinspect.sharding import Shard
+    from surfaceinspect.data.sharding import Shard
 
     return None if text is None else Shard.parse(text)
 
@@ -364,7 +364,7 @@ def _summary_table(summary: Any, title: str) -> Table:
 
 
 def _worst_table(summary: Any) -> Table:
-    from surfaceinspect.records import format_score  # the one score format (summary, watch, gallery)
+    from surfaceinspect.storage.records import format_score  # the one score format (summary, watch, gallery)
 
     table = Table(title="highest scores", show_header=True)
     table.add_column("score", justify="right")
@@ -396,7 +396,7 @@ def print_summary(summary: Any, quiet: bool, json_out: bool, outputs: list[Part]
 
 
 def open_records(output: Path | None, fmt: str | None, inputs: list[Path], force: bool, reporter: Any) -> Any:
-    from surfaceinspect.records import RecordWriter
+    from surfaceinspect.storage.records import RecordWriter
 
     writer = RecordWriter.open(output, fmt, inputs=inputs, force=force)
     if writer is None or writer.part is None:

@@ -31,7 +31,7 @@ def demo(
     quiet: common.QuietOpt = False,
 ) -> None:
     """End-to-end tour on a generated dataset: train, score, heatmaps (a few minutes on a CPU)."""
-    from surfaceinspect.demo import run_demo
+    from surfaceinspect.workflows.demo import run_demo
 
     reporter = common.make_reporter(quiet)
     lines = run_demo(out, method or available_methods(), reporter)

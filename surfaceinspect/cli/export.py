@@ -60,7 +60,7 @@ def export(
     the per-tile graph; cutting tiles and blending their maps happen outside it (export.json says how).
     """
     from surfaceinspect import engine
-    from surfaceinspect.export import export_run
+    from surfaceinspect.deploy.export import export_run
 
     reporter = common.make_reporter(quiet)
     loaded = engine.load(model, device="cpu", threads=threads or 0, runtime="torch")

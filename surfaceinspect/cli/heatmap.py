@@ -70,7 +70,7 @@ def heatmap(
     glows, and outlines mark the regions above the pixel threshold.
     """
     from surfaceinspect import engine
-    from surfaceinspect.outputs import lock_output, prepare_output_dir
+    from surfaceinspect.storage.outputs import lock_output, prepare_output_dir
 
     reporter = common.make_reporter(quiet)
     selected = common.parse_shard(shard)

@@ -51,7 +51,7 @@ def score(
     would run it as a formula). Unreadable images are reported and skipped; they never stop the run.
     """
     from surfaceinspect import engine
-    from surfaceinspect.records import RecordWriter
+    from surfaceinspect.storage.records import RecordWriter
 
     reporter = common.make_reporter(quiet)
     selected = common.parse_shard(shard)

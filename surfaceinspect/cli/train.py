@@ -121,9 +121,11 @@ def train(
     metadata.json, calibration.json) becomes the default model of `score` and `heatmap`, wherever
     --out puts it.
     """
-    from surfaceinspect import auto, engine, modeldir
+    from surfaceinspect import engine
     from surfaceinspect.config import parse_image_size
     from surfaceinspect.profiles import resolve_run_config
+    from surfaceinspect.storage import modeldir
+    from surfaceinspect.workflows import auto
 
     reporter = common.make_reporter(quiet)
     method_options: dict[str, str] = ctx.meta.get("method_options", {})
@@ -236,7 +238,7 @@ def _refuse_for_auto(profile: str | None, config: Path | None, method_flags: dic
 
 def _print_selection(selected: Any, quiet: bool) -> None:
     """The candidate table, the operating points and the usual closing line of train."""
-    from surfaceinspect.auto import selection_rich_table
+    from surfaceinspect.workflows.auto import selection_rich_table
 
     if not quiet:
         console = Console()  # sys.stdout as it is now (a test runner may have replaced it)

@@ -117,7 +117,7 @@ def watch(
     Ctrl-C (exit 130), --stop-after or --idle-timeout; the summary covers the images of this session.
     """
     from surfaceinspect import engine
-    from surfaceinspect.watch import WatchOptions, check_outputs, watch_folder
+    from surfaceinspect.workflows.watch import WatchOptions, check_outputs, watch_folder
 
     reporter = common.make_reporter(quiet)
     engine.require_input(folder)

@@ -159,7 +159,7 @@ class TrainContext:
 @runtime_checkable
 class Scorer(Protocol):
     """What scoring, calibration and heatmaps need of a model: a :class:`Detector` and an exported graph
-    (:class:`~surfaceinspect.runtimes.ExportedDetector`) alike."""
+    (:class:`~surfaceinspect.deploy.runtimes.ExportedDetector`) alike."""
 
     name: str  # the method, for messages and records
     run_config: RunConfig  # input geometry, batching, tiling, regions: scored exactly as trained

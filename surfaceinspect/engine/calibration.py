@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from surfaceinspect.calibration import Calibration, calibrate
+from surfaceinspect.analysis.calibration import Calibration, calibrate
 from surfaceinspect.config import RunConfig
-from surfaceinspect.datasets import labelled_folder
+from surfaceinspect.data.datasets import labelled_folder
 from surfaceinspect.detectors import Scorer
 from surfaceinspect.engine.checks import ColourCheck
 from surfaceinspect.engine.inference import run_inference

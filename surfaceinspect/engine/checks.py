@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from surfaceinspect.config import RunConfig
-from surfaceinspect.data import LoadedImage
+from surfaceinspect.data.streaming import LoadedImage
 from surfaceinspect.engine.geometry import ASPECT_RANGE_MARGIN, ASPECT_TOLERANCE
 from surfaceinspect.engine.inputs import MAX_LISTED_FAILURES
 from surfaceinspect.ui import Reporter

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from surfaceinspect.config import CommonConfig, RunConfig, list_profiles, resolve_keep_aspect
+from surfaceinspect.data.imageio import image_size, read_image, resize_image
 from surfaceinspect.errors import DatasetError
-from surfaceinspect.imageio import image_size, read_image, resize_image
 from surfaceinspect.ui import Reporter
 
 # Aspect ratios (width / height) are estimated from this many images' headers, spread over the set.

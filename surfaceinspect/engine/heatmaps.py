@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from surfaceinspect.data.sharding import Shard
 from surfaceinspect.engine.inference import ImageResult
 from surfaceinspect.engine.loading import LoadedModel
 from surfaceinspect.engine.scoring import ScoreSummary, score_folder
-from surfaceinspect.outputs import lock_output, prepare_output_dir
-from surfaceinspect.records import format_score, utc_now
-from surfaceinspect.sharding import Shard
+from surfaceinspect.storage.outputs import lock_output, prepare_output_dir
+from surfaceinspect.storage.records import format_score, utc_now
 from surfaceinspect.ui import Reporter
 
 
@@ -92,13 +92,13 @@ def heatmap_folder(
 ) -> tuple[ScoreSummary, Path]:
     """Write an overlay PNG per image (and optionally the raw map as .npy) plus ``index.html``.
 
-    ``out_dir`` follows the output rules (:mod:`surfaceinspect.outputs`): never the input folder,
+    ``out_dir`` follows the output rules (:mod:`surfaceinspect.storage.outputs`): never the input folder,
     a dedicated subfolder of it at most. ``index.html`` lists unreadable files too, shows the
     model, thresholds and source folder (and the shard, with ``shard``), and is written even
     when the run is interrupted. ``out_dir`` is locked while it is written (:func:`lock_output`).
     """
-    from surfaceinspect.atomic import atomic_open
-    from surfaceinspect.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
+    from surfaceinspect.analysis.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
+    from surfaceinspect.storage.atomic import atomic_open
 
     reporter = reporter or Reporter(quiet=True)
     if prepare_output_dir(out_dir, [images_dir], force=force, refuse_links=True).reused:

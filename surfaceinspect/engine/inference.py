@@ -11,16 +11,16 @@ import cv2
 import numpy as np
 import torch
 
-from surfaceinspect.calibration import Calibration
+from surfaceinspect.analysis.calibration import Calibration
+from surfaceinspect.analysis.regions import find_regions
 from surfaceinspect.config import RunConfig
-from surfaceinspect.data import LoadedImage, iterate_images, stack_images
+from surfaceinspect.data.streaming import LoadedImage, iterate_images, stack_images
+from surfaceinspect.data.tiling import TiledPredictor
 from surfaceinspect.detectors import Scorer
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.engine.checks import ImageCheck
 from surfaceinspect.engine.inputs import relative_name
-from surfaceinspect.records import ScoreRecord, utc_now
-from surfaceinspect.regions import find_regions
-from surfaceinspect.tiling import TiledPredictor
+from surfaceinspect.storage.records import ScoreRecord, utc_now
 
 
 def prepare_device(run_config: RunConfig) -> torch.device:

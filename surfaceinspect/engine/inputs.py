@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from surfaceinspect.config import RunConfig
-from surfaceinspect.datasets import find_labelled_layout
+from surfaceinspect.data.datasets import find_labelled_layout
+from surfaceinspect.data.imageio import discover_images, supported_suffixes
 from surfaceinspect.errors import DatasetError
-from surfaceinspect.imageio import discover_images, supported_suffixes
 from surfaceinspect.ui import Reporter, plural
 
 MAX_LISTED_FAILURES = 10

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surfaceinspect import modeldir, runtimes
-from surfaceinspect.calibration import Calibration
+from surfaceinspect.analysis.calibration import Calibration
+from surfaceinspect.deploy import runtimes
 from surfaceinspect.detectors import Scorer
 from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.errors import ModelDirError
+from surfaceinspect.storage import modeldir
 
 
 @dataclass
@@ -39,8 +40,8 @@ def load(
     ``inference_sets`` override inference settings (see ``config.with_inference_overrides``); the
     stored calibration then no longer matches the scores, so callers recalibrate. ``runtime``
     ``onnx`` (or ``model_dir`` being an export folder) scores with the run's exported graph
-    instead of torch (see :mod:`surfaceinspect.runtimes`); every later step is the same. ``None``
-    or ``auto``: see :func:`surfaceinspect.runtimes.auto_runtime`.
+    instead of torch (see :mod:`surfaceinspect.deploy.runtimes`); every later step is the same. ``None``
+    or ``auto``: see :func:`surfaceinspect.deploy.runtimes.auto_runtime`.
 
     The calibration must be the model's own (:meth:`Calibration.check_model`), and every file that
     affects a verdict must match the folder's manifest (:func:`modeldir.verify_sums`); both are read

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surfaceinspect import modeldir, runtimes
-from surfaceinspect.calibration import Calibration
+from surfaceinspect.analysis.calibration import Calibration
+from surfaceinspect.deploy import runtimes
 from surfaceinspect.engine.calibration import calibrate_detector, labelled_split
 from surfaceinspect.engine.inputs import find_images, refuse_labelled_folder
 from surfaceinspect.engine.loading import LoadedModel
 from surfaceinspect.errors import ConfigError, DatasetError, ModelDirError
+from surfaceinspect.storage import modeldir
 from surfaceinspect.ui import Reporter
 
 

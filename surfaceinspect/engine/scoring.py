@@ -9,15 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surfaceinspect.drift import DEFAULT_WINDOW, DriftMonitor
+from surfaceinspect.analysis.drift import DEFAULT_WINDOW, DriftMonitor
+from surfaceinspect.data.imageio import supported_suffixes
+from surfaceinspect.data.sharding import Shard
 from surfaceinspect.engine.checks import reliability_checks
 from surfaceinspect.engine.inference import ImageResult, run_inference
 from surfaceinspect.engine.inputs import MAX_LISTED_FAILURES, find_images
 from surfaceinspect.engine.loading import LoadedModel
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_OK, EXIT_UNREADABLE, DatasetError
-from surfaceinspect.imageio import supported_suffixes
-from surfaceinspect.records import ScoreRecord
-from surfaceinspect.sharding import Shard
+from surfaceinspect.storage.records import ScoreRecord
 from surfaceinspect.ui import Reporter
 
 
@@ -79,8 +79,8 @@ def score_folder(
     Memory stays flat: nothing per image is kept beyond the ``n_worst`` highest scores and the
     first unreadable files. Images unlike the training images (another colour mode, an aspect
     outside theirs) get a note in their record's ``warnings`` and are named in one warning at the
-    end. Each ``drift_window`` good verdicts are checked for drift (:mod:`surfaceinspect.drift`).
-    With ``shard`` only the images of that shard are scored (see :mod:`surfaceinspect.sharding`);
+    end. Each ``drift_window`` good verdicts are checked for drift (:mod:`surfaceinspect.analysis.drift`).
+    With ``shard`` only the images of that shard are scored (see :mod:`surfaceinspect.data.sharding`);
     a shard may be empty.
     """
     reporter = reporter or Reporter(quiet=True)

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from surfaceinspect import modeldir
-from surfaceinspect.atomic import write_json_atomic
-from surfaceinspect.calibration import Calibration
+from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.config import RunConfig, run_config_from_dict
-from surfaceinspect.data import load_training_images
+from surfaceinspect.data.imageio import greyscale, supported_suffixes
+from surfaceinspect.data.streaming import load_training_images
+from surfaceinspect.data.tiling import load_training_tiles
 from surfaceinspect.detectors import Detector, TrainContext, TrainingPaused, get_detector_class
 from surfaceinspect.engine.calibration import calibrate_detector, labelled_split
 from surfaceinspect.engine.geometry import aspect_summary, geometry_text, resolve_geometry, suggest_profile
@@ -28,9 +28,9 @@ from surfaceinspect.engine.inputs import (
     split_calibration,
 )
 from surfaceinspect.errors import ConfigError, DatasetError
-from surfaceinspect.imageio import greyscale, supported_suffixes
-from surfaceinspect.outputs import OutputLock, lock_output, prepare_output_dir
-from surfaceinspect.tiling import load_training_tiles
+from surfaceinspect.storage import modeldir
+from surfaceinspect.storage.atomic import write_json_atomic
+from surfaceinspect.storage.outputs import OutputLock, lock_output, prepare_output_dir
 from surfaceinspect.ui import Reporter, TrainProgressView, plural
 
 
@@ -94,7 +94,7 @@ def train(
     ``calibration_dir`` (good/ + defect subfolders) replaces the held-out split as the
     calibration set; it is required for calibration modes f1 and recall. ``files`` restricts
     training to these images of ``data_dir`` (default: every image found in it; a labelled folder
-    is then refused). ``run_dir`` follows the output rules (:mod:`surfaceinspect.outputs`); a
+    is then refused). ``run_dir`` follows the output rules (:mod:`surfaceinspect.storage.outputs`); a
     folder holding a model is replaced only with ``force``. ``mark_latest`` makes the run the
     default model of ``score`` and ``heatmap``.
     """

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from surfaceinspect.config import CommonConfig, MethodConfig
+from surfaceinspect.data.imageio import IMAGE_EXTENSIONS, discover_images
 from surfaceinspect.errors import ConfigError
-from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images
 
 # Names accepted by ``anomaly_source`` besides a folder path. Which one "builtin" means was decided
 # by measurement (BENCHMARKS.md, section 3); the others stay selectable.

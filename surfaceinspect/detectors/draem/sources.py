@@ -21,10 +21,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from surfaceinspect.data.imageio import discover_images, read_image_uint8
 from surfaceinspect.detectors.draem.config import BUILTIN_SOURCES, DEFAULT_BUILTIN
 from surfaceinspect.detectors.draem.perlin import as_hw, fractal_noise, perlin_noise
 from surfaceinspect.errors import ConfigError, DatasetError, ImageReadError
-from surfaceinspect.imageio import discover_images, read_image_uint8
 
 
 class AnomalySource:

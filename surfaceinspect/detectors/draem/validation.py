@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from surfaceinspect.analysis.metrics import average_precision
 from surfaceinspect.detectors.draem.sources import AnomalySource
 from surfaceinspect.detectors.draem.synthesis import SynthesisParams, synthesize
-from surfaceinspect.metrics import average_precision
 
 
 def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Runtimes that score with an exported model instead of the torch detector.
 
-An export folder (written by ``surfaceinspect export``, see :mod:`surfaceinspect.export`) holds::
+An export folder (written by ``surfaceinspect export``, see :mod:`surfaceinspect.deploy.export`) holds::
 
     model.onnx         the whole inference graph: image (B, 3, H, W) -> score (B,), map (B, H, W)
     calibration.json   the run's thresholds, copied at export time
@@ -228,7 +228,7 @@ def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = 
     export_dir = model_dir / DEFAULT_EXPORT_SUBDIR
     if inference_sets or not on_cpu or not is_export_dir(export_dir):
         return "torch"
-    from surfaceinspect import modeldir
+    from surfaceinspect.storage import modeldir
 
     try:
         manifest = read_manifest(export_dir)
@@ -251,7 +251,7 @@ def load_exported(
     ``calibration.json`` applies, and its export must come from the run's current weights; an export
     folder uses the calibration copied into it, made for the weights it was exported from.
     """
-    from surfaceinspect import modeldir  # modeldir imports torch-heavy detector code; runtimes stays light
+    from surfaceinspect.storage import modeldir  # modeldir imports torch-heavy detector code; runtimes stays light
 
     if runtime not in (None, *RUNTIMES):
         raise ConfigError(f"--runtime {runtime} is unknown; choose one of: auto, {', '.join(RUNTIMES)}")

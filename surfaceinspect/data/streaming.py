@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from surfaceinspect.data.imageio import greyscale, read_image, resize_image
 from surfaceinspect.errors import ImageReadError
-from surfaceinspect.imageio import greyscale, read_image, resize_image
 
 # An image is refused when the network would have to enlarge it more than this along an axis (a
 # 1x1 or 8x8 "image" upscaled to 256 px gives the detector nothing to look at; its score means nothing).

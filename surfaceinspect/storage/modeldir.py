@@ -41,10 +41,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import surfaceinspect
-from surfaceinspect.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from surfaceinspect.config import run_config_from_dict, with_inference_overrides
 from surfaceinspect.detectors import Detector, get_detector_class
 from surfaceinspect.errors import ConfigError, ModelDirError
+from surfaceinspect.storage.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +52,7 @@ METADATA_FILE = "metadata.json"
 CALIBRATION_FILE = "calibration.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 LATEST_FILE = "LATEST"
-AUTO_STATE_FILE = "auto.json"  # an unfinished `train --method auto` (see surfaceinspect.auto)
+AUTO_STATE_FILE = "auto.json"  # an unfinished `train --method auto` (see surfaceinspect.workflows.auto)
 CANDIDATES_DIR = "candidates"  # its candidates' probe checkpoints and evidence
 SELECTION_SCORES_FILE = "selection_scores.json"  # a finished auto run: every candidate's raw evidence scores
 # The manifest: one "<sha256>  <path>" line per file that affects a verdict, sorted by path.

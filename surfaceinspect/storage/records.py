@@ -7,7 +7,7 @@ A records file is never emptied before its replacement is complete: ``score``/``
 ``FILE.part`` beside ``FILE`` and rename it over ``FILE`` (atomically) only when the run completes.
 A run that fails or is interrupted leaves ``FILE`` as it was (an earlier run's records stay) and
 keeps what it computed in ``FILE.part`` (and says so); a kill leaves the same two files. Only one
-process writes a records file at a time (:func:`~surfaceinspect.outputs.lock_output`).
+process writes a records file at a time (:func:`~surfaceinspect.storage.outputs.lock_output`).
 
 CSV cells are neutralised for spreadsheets (OWASP "CSV injection"): a text cell starting with
 ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a file named ``=1+2.png``) gets a leading
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-from surfaceinspect.atomic import fsync_dir
 from surfaceinspect.errors import ConfigError
-from surfaceinspect.outputs import OutputLock, check_output_file, lock_output, open_for_writing, write_error
+from surfaceinspect.storage.atomic import fsync_dir
+from surfaceinspect.storage.outputs import OutputLock, check_output_file, lock_output, open_for_writing, write_error
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("csv", "jsonl")
@@ -156,7 +156,7 @@ class RecordWriter:
     ) -> RecordWriter | None:
         """A writer for ``target`` (format from ``fmt`` or the extension) or for stdout; None if neither.
 
-        ``target`` follows the output rules of :mod:`surfaceinspect.outputs`: never one of
+        ``target`` follows the output rules of :mod:`surfaceinspect.storage.outputs`: never one of
         ``inputs``, and an existing file is replaced only if it is a records file written by
         surfaceinspect (or with ``force``). A regular file is locked and written through
         :func:`part_path` (see the module docstring); a device or pipe is written as it is.

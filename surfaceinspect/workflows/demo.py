@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from surfaceinspect import engine
-from surfaceinspect.outputs import prepare_output_dir
+from surfaceinspect.data.synthetic import make_dataset
 from surfaceinspect.profiles import resolve_run_config
-from surfaceinspect.records import RecordWriter
-from surfaceinspect.synthetic import make_dataset
+from surfaceinspect.storage.outputs import prepare_output_dir
+from surfaceinspect.storage.records import RecordWriter
 from surfaceinspect.ui import Reporter
 
 DEMO_TIME_BUDGET_MIN = 1.5  # per method: training is fitted into this budget

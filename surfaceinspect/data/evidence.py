@@ -24,9 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from surfaceinspect.atomic import atomic_open
+from surfaceinspect.data.imageio import read_image_uint8
 from surfaceinspect.errors import ImageReadError
-from surfaceinspect.imageio import read_image_uint8
+from surfaceinspect.storage.atomic import atomic_open
 
 ANOMALY_KINDS: tuple[str, ...] = ("cutpaste", "scar", "scratch", "blur", "dent")
 AREA_FRACTIONS: tuple[float, ...] = (0.01, 0.03, 0.08)  # share of the image area an anomaly covers

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surfaceinspect.drift import DEFAULT_WINDOW
+from surfaceinspect.analysis.drift import DEFAULT_WINDOW
+from surfaceinspect.data.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
 from surfaceinspect.errors import ConfigError, OutputError
-from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
-from surfaceinspect.outputs import check_output_file, lock_output, open_for_writing, prepare_output_dir
-from surfaceinspect.records import (
+from surfaceinspect.storage.outputs import check_output_file, lock_output, open_for_writing, prepare_output_dir
+from surfaceinspect.storage.records import (
     FIELDS,
     RecordWriter,
     ScoreRecord,
@@ -146,7 +146,7 @@ def _signature(path: Path) -> tuple[int, int] | None:
 
 
 class ImageFilter:
-    """Image files under ``root`` as :func:`~surfaceinspect.imageio.discover_images` sees them.
+    """Image files under ``root`` as :func:`~surfaceinspect.data.imageio.discover_images` sees them.
 
     Hidden names (temporary files such as ``.img.png.tmp``), other suffixes (``img.png.part``)
     and anything inside an output folder of surfaceinspect are not images of the folder.
@@ -212,7 +212,7 @@ def open_records_for_append(
     """Open ``output`` to append records; returns (writer, paths already recorded, format).
 
     An existing records file of surfaceinspect is continued; any other existing file is refused
-    (with ``force``: replaced). Follows :mod:`surfaceinspect.outputs` (never an input image).
+    (with ``force``: replaced). Follows :mod:`surfaceinspect.storage.outputs` (never an input image).
     """
     fmt = output_format(output, fmt)
     exists = check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
@@ -331,7 +331,7 @@ def copy_defect(image: Path, rel: str, defects_dir: Path) -> Path:
     Never through a symbolic link below ``defects_dir`` (OSError ``ELOOP`` instead); the copy keeps
     the image's permissions and time stamps.
     """
-    from surfaceinspect.atomic import atomic_open
+    from surfaceinspect.storage.atomic import atomic_open
 
     target = defects_dir / rel
     with open(image, "rb") as source, atomic_open(target, "wb", below=defects_dir) as handle:
@@ -362,7 +362,7 @@ class WatchOptions:
     batch_size: int = 8
     on_defect: str | None = None
     defects_dir: Path | None = None
-    drift_window: int = DEFAULT_WINDOW  # good verdicts per drift check (surfaceinspect.drift)
+    drift_window: int = DEFAULT_WINDOW  # good verdicts per drift check (surfaceinspect.analysis.drift)
 
 
 def check_outputs(

@@ -28,17 +28,17 @@ import numpy as np
 import torch
 
 import surfaceinspect
-from surfaceinspect.atomic import write_json_atomic, write_text_atomic
-from surfaceinspect.benchmark_report import aggregate_seeds, report_markdown
-from surfaceinspect.datasets import MVTecDataset, TestSample, load_mvtec
+from surfaceinspect.data.datasets import MVTecDataset, TestSample, load_mvtec
 from surfaceinspect.errors import ConfigError, SurfaceInspectError
+from surfaceinspect.storage.atomic import write_json_atomic, write_text_atomic
 from surfaceinspect.ui import Reporter
+from surfaceinspect.workflows.benchmark_report import aggregate_seeds, report_markdown
 
 QUICK_TRAIN_IMAGES = 16
 QUICK_TEST_PER_CLASS = 6
 TIMING_IMAGES = 24  # batch-1 latency samples (after warm-up)
 QUICK_TIMING_IMAGES = 4
-AUTO = "auto"  # --method auto: the detector chosen by measurement (surfaceinspect.auto)
+AUTO = "auto"  # --method auto: the detector chosen by measurement (surfaceinspect.workflows.auto)
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _rounded(values: np.ndarray) -> list[float | None]:
 
 def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tuple[Any, dict[str, Any]]:
     """``--method auto``; each candidate's probe is also scored on the real test images (rank agreement)."""
-    from surfaceinspect import auto
+    from surfaceinspect.workflows import auto
 
     if args["quick"]:
         sets += [
@@ -147,7 +147,7 @@ def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tu
     test = [(Path(p), bool(a)) for p, _, a, _ in args["samples"]]
 
     def test_auroc(name: str, detector: Any) -> dict[str, Any]:
-        from surfaceinspect.metrics import image_auroc
+        from surfaceinspect.analysis.metrics import image_auroc
 
         values = np.array(auto.score_paths(detector, [p for p, _ in test], reporter, f"test {name}"))
         labels, ok = np.array([a for _, a in test]), np.isfinite(values)
@@ -198,8 +198,8 @@ def _time_inference(detector: Any, images: torch.Tensor, n_single: int) -> dict[
 def _evaluate(
     samples: list[TestSample], scores: list[float], maps: list[np.ndarray | None], threshold: float, has_masks: bool
 ) -> dict[str, Any]:
-    from surfaceinspect import metrics
-    from surfaceinspect.imageio import read_mask
+    from surfaceinspect.analysis import metrics
+    from surfaceinspect.data.imageio import read_mask
 
     labels = np.array([s.is_anomalous for s in samples], dtype=bool)
     score_arr = np.array(scores, dtype=np.float64)
@@ -254,7 +254,7 @@ def _evaluate(
 def _eval_child(args: dict[str, Any], queue: Any) -> None:
     try:
         from surfaceinspect import engine
-        from surfaceinspect.data import iterate_images, stack_images
+        from surfaceinspect.data.streaming import iterate_images, stack_images
 
         reporter = Reporter(quiet=args["quiet"])
         model = engine.load(
@@ -319,7 +319,7 @@ OPERATING_TARGETS = (0.01, 0.02, 0.05)
 
 def _held_out_scores(model: Any, reporter: Reporter) -> list[float]:
     """Scores of the run's held-out good images (its calibration images); [] if it was calibrated on a folder."""
-    from surfaceinspect.auto import score_paths
+    from surfaceinspect.workflows.auto import score_paths
 
     root = Path(model.metadata["dataset"]["root"])
     paths = [root / name for name in model.metadata.get("calibration_files", [])]
@@ -329,7 +329,7 @@ def _held_out_scores(model: Any, reporter: Reporter) -> list[float]:
 def real_operating_points(held_out: list[float], scores: list[float], labels: list[bool]) -> list[dict[str, Any]]:
     """Real false-reject rate and recall on the test set at thresholds set for each false-reject target
     from the held-out good scores (split-conformal, as calibration does)."""
-    from surfaceinspect.calibration import conformal_threshold
+    from surfaceinspect.analysis.calibration import conformal_threshold
 
     if not held_out:
         return []
@@ -554,7 +554,7 @@ def _training_entry(trained: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_outputs(report: dict[str, Any], rocs: dict[str, Any], out_dir: Path) -> None:
-    from surfaceinspect.rendering import plot_roc
+    from surfaceinspect.analysis.rendering import plot_roc
 
     for dataset, curves in rocs.items():
         plot_roc(

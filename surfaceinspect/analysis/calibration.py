@@ -21,7 +21,7 @@ Binding: a calibration names the model it was made for (``method`` and the SHA-2
 model's units. Its thresholds must be finite and within the range of the calibration scores they
 were chosen from (widened by that range on each side): a hand-edited ``image_threshold: 1e9`` is
 refused, not obeyed. The good calibration scores themselves are kept (``good_scores``): they are
-the reference of drift monitoring (:mod:`surfaceinspect.drift`).
+the reference of drift monitoring (:mod:`surfaceinspect.analysis.drift`).
 
 Normalised score: ``1 / (1 + exp(-(s - t) / w))`` with ``t`` the threshold and ``w`` chosen so
 the median good score maps to 0.1. The threshold always sits at 0.5; maps are normalised the same
@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from surfaceinspect.atomic import write_json_atomic
 from surfaceinspect.errors import ConfigError, ModelDirError
+from surfaceinspect.storage.atomic import write_json_atomic
 
 CALIBRATION_VERSION = 3  # 3: weights_sha256, good_scores and the score ranges (v1 and v2 files still load)
 # Fields renamed since version 1 (v1 files still load).
@@ -336,7 +336,7 @@ def calibrate(
         labels = np.concatenate([np.zeros(good_scores.size, bool), np.ones(defect_scores.size, bool)])
         scores = np.concatenate([good_scores, defect_scores])
         if mode == "f1":
-            from surfaceinspect.metrics import best_f1  # scikit-learn: imported only when needed
+            from surfaceinspect.analysis.metrics import best_f1  # scikit-learn: imported only when needed
 
             _require_both_classes(labels)
             f1, image_threshold = best_f1(labels, scores)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from surfaceinspect.records import ScoreRecord
+from surfaceinspect.storage.records import ScoreRecord
 from surfaceinspect.ui import Reporter
 
 ALPHA = 1e-3  # false alarm rate per check (at most; the exact rate is computed)

@@ -7,7 +7,7 @@ one suits its images. So ``train --method auto``:
    variants for images far from square) for the first ``auto.probe_steps`` optimiser steps of its
    own schedule (a probe: exactly the start of the full run, checkpointed there);
 2. scores each probe on the held-out good images and on synthetic anomalies made from them of
-   families no candidate trains on (:mod:`surfaceinspect.evidence`), or on real defect images
+   families no candidate trains on (:mod:`surfaceinspect.data.evidence`), or on real defect images
    when the user has some (``--defects DIR`` or a labelled ``--calibration-dir``), which outrank
    the synthetic ones;
 3. continues the best candidate from its probe checkpoint to the end of its schedule, within what
@@ -33,16 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from surfaceinspect import engine, modeldir, selection
-from surfaceinspect.atomic import write_json_atomic
-from surfaceinspect.calibration import Calibration, conformal_threshold
+from surfaceinspect import engine
+from surfaceinspect.analysis.calibration import Calibration, conformal_threshold
+from surfaceinspect.analysis.metrics import image_auroc
 from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_option
+from surfaceinspect.data.evidence import EvidenceImage, write_evidence
 from surfaceinspect.errors import ConfigError, ModelDirError
-from surfaceinspect.evidence import EvidenceImage, write_evidence
-from surfaceinspect.metrics import image_auroc
-from surfaceinspect.outputs import lock_output
 from surfaceinspect.profiles import resolve_run_config
+from surfaceinspect.storage import modeldir
+from surfaceinspect.storage.atomic import write_json_atomic
+from surfaceinspect.storage.outputs import lock_output
 from surfaceinspect.ui import Reporter
+from surfaceinspect.workflows import selection
 
 AUTO_STATE_FILE = modeldir.AUTO_STATE_FILE
 CANDIDATES_DIR = modeldir.CANDIDATES_DIR
@@ -450,7 +452,7 @@ def _rounded(values: np.ndarray) -> list[float | None]:
 
 def select_winner(results: Sequence[dict[str, Any]], synthetic_kinds: Sequence[str] = ()) -> tuple[str, str]:
     """The best candidate and why: real-defect AUROC first (where there are real defects), then the
-    synthetic evidence of the kinds some candidate detects (``surfaceinspect.selection``).
+    synthetic evidence of the kinds some candidate detects (``surfaceinspect.workflows.selection``).
 
     ``results`` are in candidate order (cheapest first), which breaks exact ties.
     """

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.config import TilingConfig
+from surfaceinspect.data.imageio import read_image, resize_image
 from surfaceinspect.detectors import Scorer
 from surfaceinspect.errors import ImageReadError
-from surfaceinspect.imageio import read_image, resize_image
 
 # Weight of a tile's outermost pixels in the blend: small but never zero, so that pixels covered
 # by one tile only (image borders) keep exactly that tile's value.

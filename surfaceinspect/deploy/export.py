@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 import surfaceinspect
-from surfaceinspect import modeldir, runtimes
-from surfaceinspect.atomic import write_bytes_atomic, write_json_atomic
-from surfaceinspect.calibration import Calibration
+from surfaceinspect.analysis.calibration import Calibration
+from surfaceinspect.data.imageio import discover_images
+from surfaceinspect.deploy import runtimes
 from surfaceinspect.detectors.base import Detector, Prediction
 from surfaceinspect.errors import SurfaceInspectError
-from surfaceinspect.imageio import discover_images
-from surfaceinspect.outputs import prepare_output_dir
+from surfaceinspect.storage import modeldir
+from surfaceinspect.storage.atomic import write_bytes_atomic, write_json_atomic
+from surfaceinspect.storage.outputs import prepare_output_dir
 
 FORMATS = ("onnx",)
 OPSET = 18
@@ -182,7 +183,7 @@ def parity_paths(run_dir: Path, metadata: dict[str, Any], images: Path | None, l
 
 def read_parity_batch(paths: Sequence[Path], size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
     """The images as the engine feeds them to ``predict``: RGB in [0, 1], resized to ``size``."""
-    from surfaceinspect.data import iterate_images, stack_images
+    from surfaceinspect.data.streaming import iterate_images, stack_images
 
     items = [item for batch in iterate_images(paths, size, len(paths), 0) for item in batch if item.image is not None]
     if not items:
@@ -252,7 +253,7 @@ def manifest(
                 **dataclasses.asdict(tiling),
                 "tile": [h, w],
                 "note": "the graph scores one tile; cut the image (resized by scale) into overlapping tiles, blend "
-                "the tile maps with surfaceinspect.tiling's window; the image score is the highest tile score",
+                "the tile maps with surfaceinspect.data.tiling's window; the image score is the highest tile score",
             }
             if tiling.enabled
             else None

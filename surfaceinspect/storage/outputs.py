@@ -4,10 +4,10 @@ No command writes over its inputs or over a file it did not create:
 
 * Nothing is written through a symbolic link below an output folder (the folder itself may be
   one): a reused folder holding a link is refused, and writes open each folder without following
-  links (:func:`~surfaceinspect.atomic.atomic_open` ``below``), so a link made meanwhile fails too.
+  links (:func:`~surfaceinspect.storage.atomic.atomic_open` ``below``), so a link made meanwhile fails too.
 * An output **folder** may not be an input folder, nor contain one. It may lie inside an input
   folder only as a dedicated subfolder (new, empty, or an earlier output of the tool); every
-  output folder is marked with :data:`~surfaceinspect.imageio.OUTPUT_MARKER`, and image discovery
+  output folder is marked with :data:`~surfaceinspect.data.imageio.OUTPUT_MARKER`, and image discovery
   skips marked folders, so outputs are never read back as inputs.
 * An existing, non-empty folder that the tool did not mark is refused unless ``--force``.
 * An output **file** may never be an input image (not even with ``--force``). An existing file is
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import IO
 
 import surfaceinspect
-from surfaceinspect.atomic import write_text_atomic
+from surfaceinspect.data.imageio import IMAGE_EXTENSIONS, OUTPUT_MARKER, is_output_dir
 from surfaceinspect.errors import OutputError
-from surfaceinspect.imageio import IMAGE_EXTENSIONS, OUTPUT_MARKER, is_output_dir
+from surfaceinspect.storage.atomic import write_text_atomic
 
 _OS_ERROR_FIXES = {
     errno.EACCES: "permission denied; choose a writable location or fix the permissions",

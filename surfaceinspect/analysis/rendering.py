@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from surfaceinspect.atomic import write_bytes_atomic, write_text_atomic
+from surfaceinspect.storage.atomic import write_bytes_atomic, write_text_atomic
 
 __all__ = ["colorize", "plot_roc", "render_overlay", "save_png", "write_index_html"]
 
@@ -279,7 +279,7 @@ def _draw_label(img: np.ndarray, layout: dict[str, Any], top: int, verdict: str)
 
 
 def save_png(path: str | Path, image_rgb: np.ndarray, *, below: str | Path | None = None) -> None:
-    """Write an RGB uint8 image as PNG atomically (``below``: see :func:`surfaceinspect.atomic.atomic_open`)."""
+    """Write an RGB uint8 image as PNG atomically (``below``: see :func:`surfaceinspect.storage.atomic.atomic_open`)."""
     img = _as_rgb(image_rgb)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:

@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surfaceinspect.data.imageio import IMAGE_EXTENSIONS, discover_images, image_size, is_output_dir
 from surfaceinspect.errors import DatasetError, ImageReadError
-from surfaceinspect.imageio import IMAGE_EXTENSIONS, discover_images, image_size, is_output_dir
 
 GOOD = "good"
 GROUND_TRUTH = "ground_truth"

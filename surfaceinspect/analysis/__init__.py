@@ -1,0 +1,1 @@
+"""What scores mean: metrics, threshold calibration, defect regions, drift, overlays and plots."""

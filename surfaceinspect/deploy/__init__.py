@@ -1,0 +1,1 @@
+"""Running a trained model elsewhere: the ONNX export, graph runtimes, the HTTP service."""

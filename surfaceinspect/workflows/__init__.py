@@ -1,0 +1,1 @@
+"""Multi-step workflows over the engine: --method auto, benchmark, watch, demo."""
