@@ -106,7 +106,7 @@ def benchmark(
         from surfaceinspect.workflows.benchmark_report import summary_table
 
         cli.out_console.print(summary_table(report))
-        from surfaceinspect.workflows.auto import selection_rich_table
+        from surfaceinspect.workflows.selection import selection_rich_table
 
         for entry in report["entries"]:
             if entry.get("selection"):

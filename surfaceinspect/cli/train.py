@@ -238,7 +238,7 @@ def _refuse_for_auto(profile: str | None, config: Path | None, method_flags: dic
 
 def _print_selection(selected: Any, quiet: bool) -> None:
     """The candidate table, the operating points and the usual closing line of train."""
-    from surfaceinspect.workflows.auto import selection_rich_table
+    from surfaceinspect.workflows.selection import selection_rich_table
 
     if not quiet:
         console = Console()  # sys.stdout as it is now (a test runner may have replaced it)

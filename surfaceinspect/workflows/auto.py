@@ -487,64 +487,18 @@ def _finish_winner(
     reporter.info(f"training {winner} to the end of its schedule")
 
     def selection_metadata(detector: Any, calibration: Calibration) -> dict[str, Any]:
-        selection = selection_table(state)
-        selection["operating_points"] = operating_points(detector, calibration, evidence, reporter)
-        state["selection"] = selection
+        table = selection.selection_table(state)
+        table["operating_points"] = operating_points(detector, calibration, evidence, reporter)
+        state["selection"] = table
         # The evidence behind the choice (every candidate's raw scores) stays with the model, in its manifest.
         raw = {k: state[k] for k in ("candidates", "results", "winner")}
         raw["synthetic"] = [{"kind": e.kind, "area": e.area} for e in evidence.synthetic]
         raw["ranking"] = state.get("ranking")
         write_json_atomic(run_dir / SELECTION_SCORES_FILE, raw)
-        return {"selection": selection}
+        return {"selection": table}
 
     trained = engine.execute_training(plan, reporter=reporter, mark_latest=mark_latest, metadata_fn=selection_metadata)
     return AutoResult(trained, state["selection"])
-
-
-TABLE_FIELDS = (
-    "name",
-    "method",
-    "profile",
-    "sets",
-    "steps",
-    "planned_steps",
-    "train_s",
-    "auroc_synthetic",
-    "auroc_by_kind",
-    "auroc_real",
-    "images_per_s",
-)
-
-
-def selection_table(state: dict[str, Any]) -> dict[str, Any]:
-    """The candidate table as the model's metadata keeps it (no raw scores)."""
-    ranking = state.get("ranking") or {}
-    figures = ranking.get("figures", {})
-    rows = []
-    for c in state["candidates"]:
-        result = state["results"][c["name"]]
-        row = {k: result.get(k) for k in TABLE_FIELDS}
-        row["auroc_evidence"] = figures.get(c["name"], result.get("auroc_synthetic"))
-        if "test_image_auroc" in result:  # benchmark: the probe's AUROC on the real test images
-            row["test_image_auroc"] = result["test_image_auroc"]
-        row["chosen"] = c["name"] == state["winner"]
-        rows.append(row)
-    first = next(iter(state["results"].values()), {})
-    return {
-        "chosen": state["winner"],
-        "reason": state["reason"],
-        "confidence": ranking.get("confidence"),
-        "budget_min": state["budget_min"],
-        "probe_steps": state["settings"]["probe_steps"],
-        "evidence": {
-            "good": len(state["calibration_files"]) or None,
-            "synthetic": len(first.get("synthetic_scores") or []),
-            "real_defects": len(first.get("real_scores") or []),
-            "kinds_ranked_by": ranking.get("informative_kinds"),
-            "kinds_not_counted": ranking.get("dropped_kinds"),
-        },
-        "candidates": rows,
-    }
 
 
 def operating_points(
@@ -590,46 +544,3 @@ def describe(request: AutoRequest) -> str:
         config = candidate_config(candidate, request, by_section)
         lines += ["---", f"# candidate {candidate.name}", config.to_yaml().rstrip()]
     return "\n".join(lines) + "\n"
-
-
-def selection_rich_table(selection: dict[str, Any]) -> list[Any]:
-    """The candidate table and the operating points as rich renderables (train and benchmark print them)."""
-    from rich.table import Table
-
-    rows = selection["candidates"]
-    has_real = any(r.get("auroc_real") is not None for r in rows)
-    has_test = any(r.get("test_image_auroc") is not None for r in rows)
-    table = Table(title=f"Candidates (chosen: {selection['chosen']} — {selection['reason']})", show_header=True)
-    for column in ["candidate", "steps", "train min", "AUROC evidence"]:
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    if has_real:
-        table.add_column("AUROC real defects", justify="right")
-    if has_test:
-        table.add_column("AUROC test (benchmark)", justify="right")
-    table.add_column("img/s", justify="right")
-    for r in rows:
-        cells = [
-            ("✔ " if r["chosen"] else "  ") + r["name"],
-            f"{r['steps']}/{r['planned_steps']}",
-            f"{r['train_s'] / 60:.1f}",
-            _fmt(r.get("auroc_evidence", r.get("auroc_synthetic"))),
-        ]
-        cells += [_fmt(r.get("auroc_real"))] if has_real else []
-        cells += [_fmt(r.get("test_image_auroc"))] if has_test else []
-        cells.append(_fmt(r.get("images_per_s"), 1))
-        table.add_row(*cells)
-    points = Table(title="Operating points (estimated on held-out good images and synthetic anomalies)")
-    for column in ["false-reject target", "threshold", "false rejects (held-out)", "catch rate (synthetic)"]:
-        points.add_column(column, justify="right")
-    has_real_points = any("catch_real" in p for p in selection.get("operating_points", []))
-    if has_real_points:
-        points.add_column("catch rate (real defects)", justify="right")
-    for p in selection.get("operating_points", []):
-        cells = [p["false_reject_target"], f"{p['threshold']:.5g}", _fmt(p["false_reject_held_out"])]
-        cells += [_fmt(p["catch_synthetic"])] + ([_fmt(p.get("catch_real"))] if has_real_points else [])
-        points.add_row(*cells)
-    return [table, points]
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
