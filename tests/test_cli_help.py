@@ -189,3 +189,10 @@ def test_export_takes_the_old_format_spelling(monkeypatch):
     assert loads[-1] == {"device": "cpu", "threads": 3, "runtime": "torch"}
     assert "--format" not in _help("export")
 
+
+def test_profiles_says_what_each_profile_is_for_and_what_auto_does():
+    listed = CliRunner().invoke(app, ["profiles"], env={"COLUMNS": "2000"})
+    assert listed.exit_code == 0
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in listed.output.splitlines() if "│" in line]
+    assert len(rows) >= 4 and all(len(row) == 4 and row[2] for row in rows), rows  # method, profile, for, file
+    assert "without --method (= auto)" in listed.output
