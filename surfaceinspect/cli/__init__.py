@@ -18,7 +18,15 @@ import typer
 from rich.console import Console
 
 import surfaceinspect
-from surfaceinspect.cli.common import EXIT_CODES_HELP, print_error, reflow_help, run_state, show_warning
+from surfaceinspect.cli.common import (
+    EXIT_CODES_HELP,
+    Group,
+    LiveHelpCommand,
+    print_error,
+    reflow_help,
+    run_state,
+    show_warning,
+)
 from surfaceinspect.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
 app = typer.Typer(
@@ -29,10 +37,11 @@ app = typer.Typer(
         "  surfaceinspect train --method draem ./good_images\n\n"
         "  surfaceinspect score ./line_camera_dump --output results.csv\n\n"
         "  surfaceinspect heatmap ./line_camera_dump --out heatmaps/\n\n"
-        "-o is a FILE in score (--output) and a FOLDER elsewhere (--out).\n\n" + EXIT_CODES_HELP
+        "-o is a FILE in score (--output) and a DIR elsewhere (--out).\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
     add_completion=False,
+    cls=Group,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -80,6 +89,8 @@ for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}")
 
 for _command in app.registered_commands:
+    if _command.cls is None or not issubclass(_command.cls, LiveHelpCommand):
+        _command.cls = LiveHelpCommand  # flags without a type, {methods}/{profiles} filled in
     if _command.help is None and _command.callback is not None and _command.callback.__doc__:
         _command.help = reflow_help(_command.callback.__doc__)
 

@@ -25,35 +25,37 @@ from surfaceinspect.ui import styled
 )
 @common.handle_errors
 def benchmark(
-    datasets: Annotated[list[Path], typer.Argument(help="MVTec-layout dataset roots (train/good, test/...).")],
+    datasets: Annotated[
+        list[Path], typer.Argument(metavar="DATASET", help="MVTec-layout dataset roots (train/good, test/...).")
+    ],
     out: Annotated[
         Path,
-        typer.Option(
-            "--out", "-o", metavar="FOLDER", help="FOLDER for report.json, report.md and ROC plots (new or empty)."
-        ),
+        common.out_option("DIR for report.json, report.md and ROC plots (new or empty)."),
     ],
     method: Annotated[
         list[str] | None,
         typer.Option(
             "--method",
             "-m",
+            metavar="METHOD",
             help="Methods to compare (repeatable): auto (the candidate table adds each candidate's test AUROC and "
-            "the rank agreement), {methods}. [default: auto]",
+            "the rank agreement), {methods}.",
+            show_default="auto",
         ),
     ] = None,
     profile: common.ProfileOpt = None,
     config: common.ConfigOpt = None,
     set_: common.SetOpt = None,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Evaluate this trained run instead of training (one dataset).")
+        Path | None,
+        typer.Option("--model", metavar="RUN", help="Evaluate this trained run instead of training (one dataset)."),
     ] = None,
     keep_models: Annotated[
         Path | None,
         typer.Option(
             "--keep-models",
-            metavar="FOLDER",
-            help="Keep the trained runs in FOLDER/<dataset>-<method> (new or empty; usable with score, heatmap, "
-            "--model).",
+            metavar="DIR",
+            help="Keep the trained runs in DIR/<dataset>-<method> (new or empty; usable with score, heatmap, --model).",
         ),
     ] = None,
     quick: Annotated[
@@ -63,8 +65,10 @@ def benchmark(
         list[int] | None,
         typer.Option(
             "--seed",
+            metavar="N",
             help="Train once per seed (repeatable: --seed 0 --seed 1 --seed 2); the report adds mean, std, "
-            "min and max over the seeds. [default: the config's common.seed, once]",
+            "min and max over the seeds.",
+            show_default="the config's common.seed, once",
         ),
     ] = None,
     force: common.ForceOpt = False,

@@ -10,18 +10,31 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
+
+try:  # Typer >= 0.2x carries its own click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older Typer uses click itself
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[no-redef]
 
 from surfaceinspect import cli
 from surfaceinspect.detectors import available_methods
-from surfaceinspect.errors import EXIT_DRIFT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SurfaceInspectError
+from surfaceinspect.errors import (
+    EXIT_DRIFT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    ConfigError,
+    SurfaceInspectError,
+)
 from surfaceinspect.ui import Part, plural, styled
 
 EXIT_CODES_HELP = (
@@ -80,6 +93,44 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class Group(TyperGroup):
+    """The ``surfaceinspect`` command group: argument errors in one line, like the tool's own errors.
+
+    Typer draws click's usage errors (unknown option, missing argument, bad value) as a boxed panel
+    under the usage; a script's log and an operator read one ``error:`` line plus where to get help.
+    The exit code stays click's (2).
+    """
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as exc:
+            raise _usage_error(exc) from None
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise _usage_error(exc) from None
+
+
+def _usage_error(exc: UsageError) -> Exception:
+    if isinstance(exc, NoArgsIsHelpError):
+        return exc  # no arguments at all: the help itself, as before
+    message = exc.format_message()
+    print_error(message[:1].lower() + message[1:] if message[1:2].islower() else message)
+    command = exc.ctx.command_path if exc.ctx is not None else "surfaceinspect"
+    hint = f"Try '{command} -h' for help."
+    try:
+        cli.err_console.print(hint, markup=False, highlight=False, soft_wrap=True)
+    except Exception:  # noqa: BLE001 - the exit code must survive a broken terminal
+        sys.stderr.write(hint + "\n")
+    return typer.Exit(exc.exit_code)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during a batch command, raised like Ctrl-C so the same clean-up runs (records, gallery)."""
 
@@ -131,13 +182,38 @@ def show_warning(message: Any, category: type[Warning], filename: str, lineno: i
         sys.stderr.write(f"warning: {message}\n")
 
 
+# One name per concept in every command: the good images are GOOD_DIR (train, recalibrate), the images
+# to judge are IMAGES (score, heatmap), a folder written is --out DIR, a trained model --model RUN.
+ImagesArg = Annotated[
+    Path, typer.Argument(metavar="IMAGES", help="Image file or folder (searched recursively).", show_default=False)
+]
+
+
+def out_option(help_text: str, **extra: Any) -> Any:
+    """``--out``/``-o``: the folder a command writes (``-o`` is a FILE only in score, ``--output``)."""
+    return typer.Option("--out", "-o", metavar="DIR", help=help_text, **extra)
+
+
+def old_spelling(value: Any, name: str, old_value: Any, old_name: str, default: Any = None) -> Any:
+    """The value of an option given by its name or by its old one (hidden, kept so that scripts keep working)."""
+    if old_value is None:
+        return value
+    if value != default and value != old_value:
+        raise ConfigError(f"{old_name} is the old spelling of {name}: give one of them")
+    return old_value
+
+
+# Option types in words: every option names its value (N, DIR, FILE, RATE ...) and flags name none.
+# Options whose default comes from elsewhere (the profile, the model) stay None ("not given", so they
+# do not override a --config file or the model's setting); their help shows where the default comes from.
 MethodOpt = Annotated[
     str | None,
     typer.Option(
         "--method",
         "-m",
-        help="Detector: auto, {methods}. auto measures which detector suits your images "
-        "(see above). [default: auto, or the --config file's method]",
+        metavar="METHOD",
+        help="Detector: auto, {methods}. auto measures which detector suits your images (see above).",
+        show_default="auto, or the --config file's method",
     ),
 ]
 ProfileOpt = Annotated[
@@ -145,26 +221,77 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         "-p",
-        help="Named profile (installed: {profiles}; `surfaceinspect profiles` says what each is for) or a YAML "
-        "path. [default: paper with CUDA, cpu without]",
+        metavar="PROFILE",
+        help="Named profile (installed: {profiles}; `surfaceinspect profiles` says what each is for) or a YAML FILE.",
+        show_default="paper with CUDA, cpu without",
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config; overrides the profile, flags override it.")
+    Path | None,
+    typer.Option("--config", "-c", metavar="FILE", help="YAML config; overrides the profile, flags override it."),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override any setting: --set draem.epochs=20 --set common.seed=1 (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override any setting: --set draem.epochs=20 --set common.seed=1 (repeatable).",
+    ),
 ]
 ModelOpt = Annotated[
-    Path | None, typer.Option("--model", help="Run directory written by train. [default: the latest trained model]")
+    Path | None,
+    typer.Option(
+        "--model", metavar="RUN", help="Run directory written by train.", show_default="the latest trained model"
+    ),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N. [default: auto]")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
-WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", min=0, help="Image-reading worker processes (0 = main process).")
-]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=0, help="CPU threads for torch (0 = all cores).")]
+DEVICE_METAVAR = "auto|cpu|cuda[:N]"
+
+
+def _batch_option(default: str) -> Any:
+    return typer.Option("--batch-size", "-b", min=1, metavar="N", help="Images per batch.", show_default=default)
+
+
+def _workers_option(default: str) -> Any:
+    return typer.Option(
+        "--workers", min=0, metavar="N", help="Image-reading worker processes (0 = main process).", show_default=default
+    )
+
+
+def _threads_option(default: str | bool) -> Any:
+    return typer.Option(
+        "--threads", min=0, metavar="N", help="CPU threads for torch (0 = all cores).", show_default=default
+    )
+
+
+def _device_option(default: str | bool) -> Any:
+    return typer.Option("--device", metavar=DEVICE_METAVAR, help="Where to run the network.", show_default=default)
+
+
+def calibration_mode_option(labels: str, default: str) -> Any:
+    """``--calibration-mode`` (train, recalibrate); ``labels``: the option giving the labelled images f1/recall need."""
+    return typer.Option(
+        "--calibration-mode",
+        metavar="quantile|f1|recall",
+        help=f"How to set the threshold (f1/recall need {labels}).",
+        show_default=default,
+    )
+
+
+def false_reject_rate_option(default: str) -> Any:
+    """``--false-reject-rate`` (train, recalibrate): the quantile mode's target."""
+    return typer.Option(
+        "--false-reject-rate",
+        metavar="RATE",
+        help="Target share of good images flagged defective (quantile mode).",
+        show_default=default,
+    )
+
+
+# As train and benchmark take them: None leaves the profile's (or the --config file's) setting.
+BatchOpt = Annotated[int | None, _batch_option("the profile's")]
+WorkersOpt = Annotated[int | None, _workers_option("2, or the --config file's")]
+ThreadsOpt = Annotated[int | None, _threads_option("0, or the --config file's")]
+DeviceOpt = Annotated[str | None, _device_option("auto, or the --config file's")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info, only warnings and errors.")]
 RecordsOpt = Annotated[
     Path | None,
@@ -178,7 +305,7 @@ RecordsOpt = Annotated[
 ]
 
 RuntimeOpt = Annotated[
-    str | None,
+    str,
     typer.Option(
         "--runtime",
         metavar="auto|torch|onnx|openvino",
@@ -186,7 +313,7 @@ RuntimeOpt = Annotated[
         "there), else torch; torch: the trained model; onnx: its export (written by `surfaceinspect export`, "
         "RUN/export-onnx/), run with onnxruntime on the CPU (--device is ignored); openvino: the same graph in "
         "OpenVINO (optional extra; only if export checked its parity). Same records, scores within the export's "
-        "parity tolerance. --model may also be an export folder (then onnx). (default: auto)",
+        "parity tolerance. --model may also be an export folder (then onnx).",
     ),
 ]
 
@@ -198,7 +325,12 @@ class RecordFormat(str, Enum):
 
 FormatOpt = Annotated[
     RecordFormat | None,
-    typer.Option("--format", help="Records format; must agree with FILE's extension. [default: from the extension]"),
+    typer.Option(
+        "--format",
+        metavar="csv|jsonl",
+        help="Records format; must agree with FILE's extension.",
+        show_default="from the extension",
+    ),
 ]
 ShardOpt = Annotated[
     str | None,
@@ -260,6 +392,70 @@ ForceOpt = Annotated[
 ]
 
 
+@dataclass
+class RunOptions:
+    """How a command that loads a trained model runs it: the options :func:`run_options` adds."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    threads: int = 0
+    device: str = "auto"
+    quiet: bool = False
+
+    def reporter(self) -> Any:
+        return make_reporter(self.quiet)
+
+    def load(self, model: Path | None, reporter: Any, note: str = "", **load_args: Any) -> Any:
+        """The model (``None``: the latest) on ``--device`` with ``--threads``, reported in one line;
+        ``load_args`` go to :func:`surfaceinspect.engine.load` (``runtime``, or a fixed ``device``)."""
+        from surfaceinspect import engine
+
+        loaded = engine.load(model, **{"device": self.device, "threads": self.threads, **load_args})
+        report_model(reporter, loaded, note)
+        return loaded
+
+
+# The model's own batch size and workers apply unless given; its device and threads are where it runs now.
+_RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "batch_size": (Annotated[int | None, _batch_option("the model's")], None),
+    "workers": (Annotated[int | None, _workers_option("the model's")], None),
+    "threads": (Annotated[int, _threads_option(True)], 0),
+    "device": (Annotated[str, _device_option(True)], "auto"),
+    "quiet": (QuietOpt, False),
+}
+
+
+def run_options(*names: str) -> Callable[[F], F]:
+    """Add the options ``names`` (fields of :class:`RunOptions`) after a command's own; it gets them as ``run``.
+
+    One definition for the options every model-loading command repeats (Typer reads the signature).
+    """
+
+    def decorate(func: F) -> F:
+        hints = get_type_hints(func, include_extras=True)
+        own = [
+            param.replace(annotation=hints.get(param.name, param.annotation))
+            for param in inspect.signature(func).parameters.values()
+            if param.name != "run"
+        ]
+        added = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=_RUN_OPTIONS[name][1], annotation=_RUN_OPTIONS[name][0]
+            )
+            for name in names
+        ]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return func(*args, run=RunOptions(**{name: kwargs.pop(name) for name in names}), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {param.name: param.annotation for param in own + added}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 METHOD_OPTIONS_PANEL = "Method options (every other setting: --set METHOD.KEY=VALUE)"
 
 
@@ -278,7 +474,10 @@ def _method_option_params() -> list[Any]:
         name: Annotated[
             str | None,
             typer.Option(
-                f"--{name.replace('_', '-')}", help="; ".join(texts) + ".", rich_help_panel=METHOD_OPTIONS_PANEL
+                f"--{name.replace('_', '-')}",
+                metavar="VALUE",
+                help="; ".join(texts) + ".",
+                rich_help_panel=METHOD_OPTIONS_PANEL,
             ),
         ]
         for name, texts in sorted(helps.items())
@@ -307,11 +506,27 @@ def _help_names() -> dict[str, str]:
     return {"methods": ", ".join(available_methods()), "profiles": ", ".join(profile_names())}
 
 
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """Flags take no value, so their help names none (Typer would show ``<bool>``); an argument's name
+    (IMAGES, GOOD_DIR) says what it is, so it shows no ``<path>`` either."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is not None:
+            param.display_type_rich = _no_type  # Typer's own method shows the Python type for arguments
+    return params
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
 class LiveHelpCommand(TyperCommand):
-    """A command whose option help may name ``{methods}`` and ``{profiles}``, filled in when shown."""
+    """Every command's class: flags show no type, and option help may name ``{methods}`` and ``{profiles}``,
+    filled in when shown."""
 
     def get_params(self, ctx: typer.Context) -> list[Any]:
-        params = super().get_params(ctx)
+        params = _flags_without_type(super().get_params(ctx))
         names: dict[str, str] | None = None
         for param in params:
             template = getattr(param, "help_template", None) or getattr(param, "help", None) or ""

@@ -17,16 +17,13 @@ from surfaceinspect.ui import styled
 @common.handle_errors
 def demo(
     out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="FOLDER",
-            help="FOLDER for the generated data, models and outputs (new, or an earlier demo output).",
-        ),
+        Path, common.out_option("DIR for the generated data, models and outputs (new, or an earlier demo output).")
     ] = Path("demo_output"),
     method: Annotated[
-        list[str] | None, typer.Option("--method", "-m", help="Methods to run (repeatable). [default: all]")
+        list[str] | None,
+        typer.Option(
+            "--method", "-m", metavar="METHOD", help="Methods to run (repeatable).", show_default="all of them"
+        ),
     ] = None,
     quiet: common.QuietOpt = False,
 ) -> None:

@@ -25,16 +25,18 @@ from surfaceinspect.cli import common
     ),
 )
 @common.handle_errors
+@common.run_options("threads", "quiet")
 def export(
     model: common.ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", metavar="onnx", help="Artefact format (onnx).")] = "onnx",
+    fmt: Annotated[str, typer.Option("--export-format", metavar="onnx", help="Artefact format (onnx).")] = "onnx",
+    fmt_alias: Annotated[
+        str | None, typer.Option("--format", hidden=True, help="Old spelling of --export-format.")
+    ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="FOLDER",
-            help="New or empty FOLDER, or an earlier export (default: RUN/export-onnx, which --runtime onnx uses).",
+        common.out_option(
+            "New or empty DIR, or an earlier export (RUN/export-onnx is the one --runtime onnx uses).",
+            show_default="RUN/export-onnx",
         ),
     ] = None,
     images: Annotated[
@@ -42,13 +44,16 @@ def export(
         typer.Option(
             "--images",
             metavar="DIR",
-            help="Images for the parity check (default: the run's held-out calibration images).",
+            help="Images for the parity check.",
+            show_default="the run's held-out calibration images",
         ),
     ] = None,
-    n_images: Annotated[int, typer.Option("--parity-images", min=1, help="How many parity images (at most).")] = 8,
+    n_images: Annotated[
+        int, typer.Option("--parity-images", min=1, metavar="N", help="How many parity images (at most).")
+    ] = 8,
     force: common.ForceOpt = False,
-    threads: common.ThreadsOpt = None,
-    quiet: common.QuietOpt = False,
+    *,
+    run: common.RunOptions,
 ) -> None:
     """Export a trained model to ONNX, after checking that the export scores like it.
 
@@ -59,19 +64,17 @@ def export(
     installed, its parity is checked too and recorded for --runtime openvino. Tiled models export
     the per-tile graph; cutting tiles and blending their maps happen outside it (export.json says how).
     """
-    from surfaceinspect import engine
     from surfaceinspect.deploy.export import export_run
 
-    reporter = common.make_reporter(quiet)
-    loaded = engine.load(model, device="cpu", threads=threads or 0, runtime="torch")
-    common.report_model(reporter, loaded, "; exporting, then checking parity...")
+    reporter = run.reporter()
+    loaded = run.load(model, reporter, "; exporting, then checking parity...", device="cpu", runtime="torch")
     result = export_run(
         loaded.run_dir,
         loaded.detector,
         loaded.calibration,
         loaded.metadata,
         out,
-        fmt=fmt,
+        fmt=common.old_spelling(fmt, "--export-format", fmt_alias, "--format", default="onnx"),
         images=images,
         n_images=n_images,
         force=force,

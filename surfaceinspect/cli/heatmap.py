@@ -24,16 +24,14 @@ from surfaceinspect.ui import Part
     )
 )
 @common.handle_errors
+@common.run_options("batch_size", "workers", "threads", "device", "quiet")
 def heatmap(
-    images_dir: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
+    images_dir: common.ImagesArg,
     out: Annotated[
         Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="FOLDER",
-            help="FOLDER for overlays, maps and index.html: new, empty, or an earlier heatmap output. Never the "
-            "input folder; a subfolder of it is marked so that later runs skip it.",
+        common.out_option(
+            "DIR for overlays, maps and index.html: new, empty, or an earlier heatmap output. Never the input "
+            "folder; a subfolder of it is marked so that later runs skip it."
         ),
     ],
     model: common.ModelOpt = None,
@@ -46,8 +44,10 @@ def heatmap(
             "--opacity",
             min=0.0,
             max=1.0,
+            metavar="ALPHA",
             help="Heat opacity at the threshold (0 = outlines only; it rises to 1.4x this on the hottest pixels, "
-            "so the defect stays visible). [default: 0.4]",
+            "so the defect stays visible).",
+            show_default="0.4",
         ),
     ] = None,
     output: Annotated[
@@ -57,12 +57,9 @@ def heatmap(
     force: common.ForceOpt = False,
     fail_on_defect: common.FailOnDefectOpt = True,
     shard: common.ShardOpt = None,
-    runtime: common.RuntimeOpt = None,
-    batch_size: common.BatchOpt = None,
-    workers: common.WorkersOpt = None,
-    threads: common.ThreadsOpt = None,
-    device: common.DeviceOpt = None,
-    quiet: common.QuietOpt = False,
+    runtime: common.RuntimeOpt = "auto",
+    *,
+    run: common.RunOptions,
 ) -> None:
     """Render each image with its anomaly map, defect outlines and verdict; write index.html.
 
@@ -72,7 +69,7 @@ def heatmap(
     from surfaceinspect import engine
     from surfaceinspect.storage.outputs import lock_output, prepare_output_dir
 
-    reporter = common.make_reporter(quiet)
+    reporter = run.reporter()
     selected = common.parse_shard(shard)
     engine.require_input(images_dir)
     # Fail before the model loads, on a refused or locked --out (the engine checks and locks it again).
@@ -81,16 +78,15 @@ def heatmap(
     writer = common.open_records(output, None, [images_dir], force, reporter)
     complete = False
     try:
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        common.report_model(reporter, loaded)
+        loaded = run.load(model, reporter, runtime=runtime)
         summary, index = engine.heatmap_folder(
             loaded,
             images_dir,
             out,
             save_maps=save_maps,
             on_result=(lambda r: writer.write(r.record)) if writer else None,
-            batch_size=batch_size,
-            workers=workers,
+            batch_size=run.batch_size,
+            workers=run.workers,
             reporter=reporter,
             force=force,
             opacity=opacity,
@@ -100,5 +96,5 @@ def heatmap(
     finally:
         common.close_records([writer] if writer else [], complete, reporter)
     outputs: list[Part] = [f"overlays: {out}   index: {index}"]
-    common.print_summary(summary, quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
+    common.print_summary(summary, run.quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
     raise typer.Exit(summary.exit_code(fail_on_defect))

@@ -24,5 +24,8 @@ def profiles() -> None:
         for name, path in method_profiles(method).items():
             table.add_row(Text(method), Text(name), Text(profile_note(method, name, path)), Text(path.name))
             folders += [str(path.parent)] if str(path.parent) not in folders else []
-    table.caption = f"files in {', '.join(folders)}"
+    table.caption = (
+        "without --method (= auto), train measures which method's cpu or texture profile suits your images; "
+        f"--method without --profile: paper with CUDA, cpu without\nfiles in {', '.join(folders)}"
+    )
     cli.out_console.print(table)

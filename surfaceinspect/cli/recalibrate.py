@@ -17,7 +17,7 @@ from surfaceinspect.ui import plural
     epilog=(
         "Examples:\n\n"
         "  surfaceinspect recalibrate ./good_after_relamp             (good images only)\n\n"
-        "  surfaceinspect recalibrate ./labelled --labelled --mode f1   (good/ + defect subfolders)\n\n"
+        "  surfaceinspect recalibrate ./labelled --labelled --calibration-mode f1   (good/ + defect subfolders)\n\n"
         "  surfaceinspect recalibrate --undo                          (restore the previous calibration)\n\n"
         "Refused (exit 2, nothing changed): fewer good images than training uses for calibration "
         "(common.calibration.min_images), a labelled folder without --labelled, and good images whose median "
@@ -26,18 +26,32 @@ from surfaceinspect.ui import plural
     )
 )
 @common.handle_errors
+@common.run_options("batch_size", "workers", "threads", "device", "quiet")
 def recalibrate(
     folder: Annotated[
         Path | None,
-        typer.Argument(help="Folder of good images (or, with --labelled, good/ + defect dirs).", show_default=False),
+        typer.Argument(
+            metavar="GOOD_DIR",
+            help="Folder of good images (or, with --labelled, good/ + defect subfolders).",
+            show_default=False,
+        ),
     ] = None,
     model: common.ModelOpt = None,
-    labelled: Annotated[bool, typer.Option("--labelled", help="FOLDER has good/ and defect subfolders.")] = False,
-    mode: Annotated[str | None, typer.Option("--mode", help="quantile | f1 | recall.")] = None,
-    false_reject_rate: Annotated[
-        float | None, typer.Option("--false-reject-rate", help="Quantile mode target.")
+    labelled: Annotated[bool, typer.Option("--labelled", help="GOOD_DIR has good/ and defect subfolders.")] = False,
+    mode: Annotated[str | None, common.calibration_mode_option("--labelled", "the model's")] = None,
+    mode_alias: Annotated[
+        str | None, typer.Option("--mode", hidden=True, help="Old spelling of --calibration-mode.")
     ] = None,
-    target_recall: Annotated[float | None, typer.Option("--target-recall", help="Recall mode target.")] = None,
+    false_reject_rate: Annotated[float | None, common.false_reject_rate_option("the model's")] = None,
+    target_recall: Annotated[
+        float | None,
+        typer.Option(
+            "--target-recall",
+            metavar="RATE",
+            help="Recall mode: share of the defects to catch.",
+            show_default="the model's",
+        ),
+    ] = None,
     undo: Annotated[
         bool, typer.Option("--undo", help="Restore the calibration that the last recalibrate replaced.")
     ] = False,
@@ -49,19 +63,16 @@ def recalibrate(
             "(refused without it: such images look like defects; with it, only a warning).",
         ),
     ] = False,
-    batch_size: common.BatchOpt = None,
-    workers: common.WorkersOpt = None,
-    threads: common.ThreadsOpt = None,
-    device: common.DeviceOpt = None,
-    quiet: common.QuietOpt = False,
+    *,
+    run: common.RunOptions,
 ) -> None:
     """Recompute a model's thresholds from new images without retraining (e.g. after a lighting change)."""
     from surfaceinspect import engine
 
-    reporter = common.make_reporter(quiet)
+    reporter = run.reporter()
     if undo:
         if folder is not None:
-            raise ConfigError("--undo takes no FOLDER: surfaceinspect recalibrate --undo [--model RUN]")
+            raise ConfigError("--undo takes no GOOD_DIR: surfaceinspect recalibrate --undo [--model RUN]")
         change = engine.undo_recalibration(model)
         reporter.info(("restored", "green"), f" {change.backup.name if change.backup else '?'}: ")
         _print_thresholds(reporter, change)
@@ -70,17 +81,16 @@ def recalibrate(
         raise ConfigError("give a folder of good images: surfaceinspect recalibrate ./good_images")
     engine.require_input(folder)
     # need_calibration=False: a missing, damaged or foreign calibration is what recalibrate replaces
-    loaded = engine.load(model, device=device or "auto", threads=threads or 0, need_calibration=False)
-    common.report_model(reporter, loaded)
+    loaded = run.load(model, reporter, need_calibration=False)
     change = engine.recalibrate(
         loaded,
         folder,
         labelled=labelled,
-        mode=mode,
+        mode=common.old_spelling(mode, "--calibration-mode", mode_alias, "--mode"),
         false_reject_rate=false_reject_rate,
         target_recall=target_recall,
-        batch_size=batch_size,
-        workers=workers,
+        batch_size=run.batch_size,
+        workers=run.workers,
         reporter=reporter,
         force=force,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,8 +21,9 @@ from surfaceinspect.cli import common
     )
 )
 @common.handle_errors
+@common.run_options("batch_size", "workers", "threads", "device", "quiet")
 def score(
-    images_dir: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
+    images_dir: common.ImagesArg,
     model: common.ModelOpt = None,
     output: common.RecordsOpt = None,
     fmt: common.FormatOpt = None,
@@ -33,18 +33,15 @@ def score(
     force: common.ForceOpt = False,
     fail_on_defect: common.FailOnDefectOpt = True,
     shard: common.ShardOpt = None,
-    runtime: common.RuntimeOpt = None,
+    runtime: common.RuntimeOpt = "auto",
     drift_window: common.DriftWindowOpt = 50,
     fail_on_drift: common.FailOnDriftOpt = False,
-    batch_size: common.BatchOpt = None,
-    workers: common.WorkersOpt = None,
-    threads: common.ThreadsOpt = None,
-    device: common.DeviceOpt = None,
-    quiet: common.QuietOpt = False,
+    *,
+    run: common.RunOptions,
 ) -> None:
     """Score images with a trained model: a verdict per image, defect regions, a summary.
 
-    One record per image: path (relative to IMAGES_DIR), verdict (good/defect/error), score (the
+    One record per image: path (relative to IMAGES), verdict (good/defect/error), score (the
     raw anomaly score: defect if score >= threshold), regions and their bounding box, image size,
     error, and for traceability model_id, threshold, runtime, time and warnings (what each field
     means: docs/records.md). In CSV, text starting with = + - @ gets a leading ' (spreadsheets
@@ -53,7 +50,7 @@ def score(
     from surfaceinspect import engine
     from surfaceinspect.storage.records import RecordWriter
 
-    reporter = common.make_reporter(quiet)
+    reporter = run.reporter()
     selected = common.parse_shard(shard)
     engine.require_input(images_dir)
     # Outputs are checked (and opened) before the model loads: a refused path fails in a second.
@@ -64,14 +61,13 @@ def score(
     active = [w for w in writers if w is not None]
     complete = False
     try:
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        common.report_model(reporter, loaded)
+        loaded = run.load(model, reporter, runtime=runtime)
         summary = engine.score_folder(
             loaded,
             images_dir,
             on_result=lambda r: [w.write(r.record) for w in active],
-            batch_size=batch_size,
-            workers=workers,
+            batch_size=run.batch_size,
+            workers=run.workers,
             reporter=reporter,
             shard=selected,
             drift_window=drift_window,
@@ -79,5 +75,5 @@ def score(
         complete = True
     finally:
         common.close_records(active, complete, reporter)
-    common.print_summary(summary, quiet, json_out, [f"records: {output}"] if output is not None else [])
+    common.print_summary(summary, run.quiet, json_out, [f"records: {output}"] if output is not None else [])
     raise typer.Exit(common.verdict_exit_code(summary, fail_on_drift, fail_on_defect))

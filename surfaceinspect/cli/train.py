@@ -36,7 +36,10 @@ from surfaceinspect.ui import plural
 def train(
     ctx: typer.Context,
     data_dir: Annotated[
-        Path | None, typer.Argument(help="Folder of defect-free images (searched recursively).", show_default=False)
+        Path | None,
+        typer.Argument(
+            metavar="GOOD_DIR", help="Folder of defect-free images (searched recursively).", show_default=False
+        ),
     ] = None,
     method: common.MethodOpt = None,
     profile: common.ProfileOpt = None,
@@ -52,57 +55,66 @@ def train(
         ),
     ] = None,
     batch_size: common.BatchOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", metavar="N", help="Training epochs.", show_default="the profile's")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", metavar="RATE", help="Learning rate.", show_default="the profile's")
+    ] = None,
     time_budget: Annotated[
         float | None,
         typer.Option(
             "--time-budget",
-            help="Minutes: shorten the schedule to finish within this (with --method auto: the whole selection, "
+            metavar="MINUTES",
+            help="Shorten the schedule to finish within this (with --method auto: the whole selection, "
             "default 30; 0 = no limit).",
+            show_default="the profile's",
         ),
     ] = None,
     device: common.DeviceOpt = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", metavar="N", help="Random seed.", show_default="0")] = None,
     workers: common.WorkersOpt = None,
     threads: common.ThreadsOpt = None,
     calibration_fraction: Annotated[
-        float | None, typer.Option("--calibration-fraction", help="Share of good images kept for calibration.")
+        float | None,
+        typer.Option(
+            "--calibration-fraction",
+            metavar="FRACTION",
+            help="Share of good images kept for calibration.",
+            show_default="0.1",
+        ),
     ] = None,
-    false_reject_rate: Annotated[
-        float | None, typer.Option("--false-reject-rate", help="Target share of good images flagged defective.")
-    ] = None,
+    false_reject_rate: Annotated[float | None, common.false_reject_rate_option("0.01")] = None,
     calibration_dir: Annotated[
         Path | None,
-        typer.Option("--calibration-dir", help="Labelled folder (good/ + defect subfolders) to calibrate on instead."),
+        typer.Option(
+            "--calibration-dir",
+            metavar="DIR",
+            help="Labelled folder (good/ + defect subfolders) to calibrate on instead.",
+        ),
     ] = None,
-    calibration_mode: Annotated[
-        str | None,
-        typer.Option("--calibration-mode", help="quantile | f1 | recall (f1/recall need --calibration-dir)."),
-    ] = None,
+    calibration_mode: Annotated[str | None, common.calibration_mode_option("--calibration-dir", "quantile")] = None,
     defects: Annotated[
         Path | None,
         typer.Option(
             "--defects",
-            metavar="FOLDER",
-            help="With --method auto: a FOLDER of a few real defect images; the candidates are ranked on them "
+            metavar="DIR",
+            help="With --method auto: a DIR of a few real defect images; the candidates are ranked on them "
             "first (then on the synthetic anomalies). Never used for training.",
         ),
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="FOLDER",
-            help="Run directory (a FOLDER) to write: new or empty. [default: a new one under the runs folder]",
+        common.out_option(
+            "Run directory (a DIR) to write: new or empty.", show_default="a new one under the runs folder"
         ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace the model in --out, or write into a non-empty --out.")
     ] = False,
     resume: Annotated[
-        str | None, typer.Option("--resume", help="Continue an interrupted run: its directory, or 'latest'.")
+        str | None,
+        typer.Option("--resume", metavar="RUN|latest", help="Continue an interrupted run: its directory, or 'latest'."),
     ] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective config and exit.")] = False,
     quiet: common.QuietOpt = False,

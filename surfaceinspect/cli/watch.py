@@ -34,8 +34,14 @@ from surfaceinspect.ui import Part, plural
     )
 )
 @common.handle_errors
+@common.run_options("batch_size", "threads", "device", "quiet")
 def watch(
-    folder: Annotated[Path, typer.Argument(help="Folder the images are written into (watched recursively).")],
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            metavar="WATCH_DIR", help="Folder the images are written into (watched recursively).", show_default=False
+        ),
+    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -62,8 +68,8 @@ def watch(
         Path | None,
         typer.Option(
             "--defects-dir",
-            metavar="FOLDER",
-            help="Copy each defective image to FOLDER/<relative path>. May be a subfolder of the watched folder "
+            metavar="DIR",
+            help="Copy each defective image to DIR/<relative path>. May be a subfolder of the watched folder "
             "(marked as an output, so it is not watched); never the folder itself.",
         ),
     ] = None,
@@ -104,12 +110,10 @@ def watch(
     drift_window: common.DriftWindowOpt = 50,
     fail_on_drift: common.FailOnDriftOpt = False,
     fail_on_defect: common.FailOnDefectOpt = True,
-    batch_size: common.BatchOpt = None,
-    threads: common.ThreadsOpt = None,
-    device: common.DeviceOpt = None,
-    quiet: common.QuietOpt = False,
+    *,
+    run: common.RunOptions,
 ) -> None:
-    """Score each new image written into FOLDER, as soon as it is complete; append its record to --output.
+    """Score each new image written into WATCH_DIR, as soon as it is complete; append its record to --output.
 
     Files are judged complete when their size and time stamp stop changing (--settle), or when
     they are renamed into place (write .name.png.tmp or name.png.part, then rename). Unreadable
@@ -119,7 +123,7 @@ def watch(
     from surfaceinspect import engine
     from surfaceinspect.workflows.watch import WatchOptions, check_outputs, watch_folder
 
-    reporter = common.make_reporter(quiet)
+    reporter = run.reporter()
     engine.require_input(folder)
     fmt_name = fmt.value if fmt is not None else None
     options = WatchOptions(
@@ -135,9 +139,8 @@ def watch(
     check_outputs(folder, output, options, fmt=fmt_name, force=force)  # refused outputs fail before the model loads
     stop = threading.Event()
     with _signals_set(stop) as received:  # from here on SIGTERM stops the watch: how a service is stopped
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0)
-        options.batch_size = batch_size or loaded.detector.run_config.common.batch_size
-        common.report_model(reporter, loaded)
+        loaded = run.load(model, reporter)
+        options.batch_size = run.batch_size or loaded.detector.run_config.common.batch_size
         result = watch_folder(
             loaded, folder, output, options, fmt=fmt_name, force=force, reporter=reporter, stop_event=stop
         )
@@ -152,7 +155,7 @@ def watch(
     if result.stopped_by == "terminated":
         extra.append("stopped by SIGTERM")
     title = f"{plural(summary.total, 'image')} in {result.watched_s:.1f} s of watching, {summary.seconds:.1f} s scoring"
-    common.print_summary(summary, quiet, False, extra, title)
+    common.print_summary(summary, run.quiet, False, extra, title)
     if result.stopped_by == "interrupted":
         raise common.fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
     if result.stopped_by == "terminated":
