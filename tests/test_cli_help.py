@@ -182,7 +182,7 @@ def test_export_takes_the_old_format_spelling(monkeypatch):
     def export_run(*args, fmt, **_):
         raise _stop_with(fmt=fmt)
 
-    monkeypatch.setattr("surfaceinspect.export.export_run", export_run)
+    monkeypatch.setattr("surfaceinspect.deploy.export.export_run", export_run)
     for args in (["--format", "onnx"], ["--export-format", "onnx"], []):
         result = CliRunner().invoke(app, ["export", *args, "--threads", "3"])
         assert result.exit_code == EXIT_USAGE and "error: fmt=onnx" in result.output, (args, result.output)
