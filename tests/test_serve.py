@@ -330,6 +330,9 @@ def test_cli_defaults_and_refusals(toy_method, toy_run, tmp_path, monkeypatch):
     options = ServeOptions()
     assert (options.max_batch, options.max_wait_ms) == (serve_cli.DEFAULT_MAX_BATCH, serve_cli.DEFAULT_MAX_WAIT_MS)
 
+    result = run_cli("serve", "--help")
+    assert result.exit_code == EXIT_OK and "--max-batch" in result.output and "--token-file" in result.output
+
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
