@@ -278,13 +278,18 @@ def _draw_label(img: np.ndarray, layout: dict[str, Any], top: int, verdict: str)
     return np.asarray(pil).copy()
 
 
-def save_png(path: str | Path, image_rgb: np.ndarray, *, below: str | Path | None = None) -> None:
-    """Write an RGB uint8 image as PNG atomically (``below``: see :func:`surfaceinspect.storage.atomic.atomic_open`)."""
+def encode_png(image_rgb: np.ndarray) -> bytes:
+    """An RGB uint8 image as the bytes of a PNG file."""
     img = _as_rgb(image_rgb)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise OSError(f"could not encode PNG for {path}")
-    write_bytes_atomic(path, buf.tobytes(), below=below)
+        raise OSError(f"could not encode a {img.shape[1]}x{img.shape[0]} image as PNG")
+    return buf.tobytes()
+
+
+def save_png(path: str | Path, image_rgb: np.ndarray, *, below: str | Path | None = None) -> None:
+    """Write an RGB uint8 image as PNG atomically (``below``: see :func:`surfaceinspect.storage.atomic.atomic_open`)."""
+    write_bytes_atomic(path, encode_png(image_rgb), below=below)
 
 
 # ------------------------------------------------------------------------------------------ index.html

@@ -1,7 +1,7 @@
 """The ``surfaceinspect`` command line: thin wrappers over :mod:`surfaceinspect.engine`.
 
 One module per command (:mod:`.train`, :mod:`.score`, :mod:`.heatmap`, :mod:`.export`,
-:mod:`.recalibrate`, :mod:`.benchmark`, :mod:`.demo`, :mod:`.profiles`, :mod:`.watch`), the
+:mod:`.recalibrate`, :mod:`.benchmark`, :mod:`.demo`, :mod:`.profiles`, :mod:`.watch`, :mod:`.serve`), the
 options and error handling they share in :mod:`.common`. The Typer ``app``, :func:`main` (the
 console script) and the two consoles live here, and the commands look them up here when they run,
 so that an embedding program (or a test) can replace ``cli.out_console``/``cli.err_console``.
@@ -84,7 +84,7 @@ def main() -> None:
 
 
 # One module per command; each registers its command on ``app`` when imported, in the help's order.
-COMMANDS = ("train", "score", "heatmap", "export", "recalibrate", "benchmark", "demo", "profiles", "watch")
+COMMANDS = ("train", "score", "heatmap", "export", "recalibrate", "benchmark", "demo", "profiles", "watch", "serve")
 for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}")
 

@@ -219,18 +219,23 @@ def _decode_cv2_high_depth(path: Path, data: bytes, orientation: int) -> np.ndar
     return _to_rgb(apply_orientation(arr, orientation))
 
 
-def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode to an ``(H, W, 3)`` RGB array: uint8, uint16, or float32 in [0, 1]."""
+def _decode(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> np.ndarray:
+    """Decode to an ``(H, W, 3)`` RGB array: uint8, uint16, or float32 in [0, 1].
+
+    ``data``: the file's bytes, already in memory (``path`` then only names it in errors).
+    """
     # Pillow warns about harmless file details (palette transparency, odd EXIF blocks) while it
     # decodes correctly; such warnings would reach the operator's terminal as raw Python warnings,
     # from worker processes too. Real problems raise and become ImageReadError.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _decode_quietly(Path(path), max_pixels)
+        path = Path(path)
+        return _decode_quietly(path, _read_bytes(path) if data is None else data, max_pixels)
 
 
-def _decode_quietly(path: Path, max_pixels: int) -> np.ndarray:
-    data = _read_bytes(path)
+def _decode_quietly(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
+    if not data:
+        raise _fail(path, "file is empty (0 bytes)")
     im = _open_checked(path, data, max_pixels)
     rawmode = _rawmode(im)
     try:
@@ -272,7 +277,18 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> to
     Raises :class:`ImageReadError` (with the path and a short reason) for missing, empty,
     truncated, corrupt, non-image or absurdly large files.
     """
-    arr = _decode(path, max_pixels)
+    return _to_tensor(_decode(path, max_pixels))
+
+
+def read_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """:func:`read_image` of an image already in memory (an HTTP request's body); ``name`` names it in errors."""
+    if len(data) > MAX_FILE_BYTES:
+        raise _fail(Path(name), f"image is {_size_text(len(data))}, more than the {_size_text(MAX_FILE_BYTES)} limit")
+    return _to_tensor(_decode(name, max_pixels, data=data))
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A decoded ``(H, W, 3)`` array as a contiguous float32 tensor ``(3, H, W)`` in [0, 1]."""
     chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
     if not chw.flags.writeable:  # e.g. a 1-pixel-wide image: the transpose is a read-only view
         chw = chw.copy()

@@ -7,7 +7,7 @@ instead of the image, and the engine reports it and moves on.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,25 +62,38 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> LoadedImage:
         path = self.paths[index]
-        try:
-            image = read_image(path)
-        except ImageReadError as exc:
-            return LoadedImage(index, path, None, (0, 0), error=exc.reason)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
-            return LoadedImage(index, path, None, (0, 0), error=f"{type(exc).__name__}: {exc}")
-        height, width = int(image.shape[1]), int(image.shape[2])
-        min_h, min_w = min_image_size(self.size)
-        if height < min_h or width < min_w:
-            reason = (
-                f"image is {width}x{height} pixels, too small to inspect: this model needs at least "
-                f"{min_w}x{min_h} (its input is {self.size[1]}x{self.size[0]})"
-            )
-            return LoadedImage(index, path, None, (0, 0), error=reason)
-        original = None
-        if self.keep_original:
-            original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-        resized = (resize_image(image, self.size) if self.resize else image).clamp_(0.0, 1.0)
-        return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
+        return load_item(index, path, lambda: read_image(path), self.size, self.keep_original, self.resize)
+
+
+def load_item(
+    index: int,
+    path: Path,
+    read: Callable[[], torch.Tensor],
+    size: tuple[int, int],
+    keep_original: bool = False,
+    resize: bool = True,
+) -> LoadedImage:
+    """One image as the loader delivers it: ``read()`` decodes it (a file, or bytes in memory), then the
+    size check and the resize to the network input ``size`` (see :class:`ImageFileDataset`)."""
+    try:
+        image = read()
+    except ImageReadError as exc:
+        return LoadedImage(index, path, None, (0, 0), error=exc.reason)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
+        return LoadedImage(index, path, None, (0, 0), error=f"{type(exc).__name__}: {exc}")
+    height, width = int(image.shape[1]), int(image.shape[2])
+    min_h, min_w = min_image_size(size)
+    if height < min_h or width < min_w:
+        reason = (
+            f"image is {width}x{height} pixels, too small to inspect: this model needs at least "
+            f"{min_w}x{min_h} (its input is {size[1]}x{size[0]})"
+        )
+        return LoadedImage(index, path, None, (0, 0), error=reason)
+    original = None
+    if keep_original:
+        original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    resized = (resize_image(image, size) if resize else image).clamp_(0.0, 1.0)
+    return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
 
 
 def _keep_list(batch: list[LoadedImage]) -> list[LoadedImage]:

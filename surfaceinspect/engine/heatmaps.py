@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.data.sharding import Shard
 from surfaceinspect.engine.inference import ImageResult
 from surfaceinspect.engine.loading import LoadedModel
@@ -76,6 +77,28 @@ def _gallery_entry(result: ImageResult, stem: str, out_dir: Path) -> dict[str, A
     }
 
 
+def overlay_image(result: ImageResult, calibration: Calibration, opacity: float | None = None) -> np.ndarray:
+    """The overlay of one scored image (uint8 RGB at its own resolution), as ``heatmap`` writes it.
+
+    ``result`` must be readable and scored with ``keep_original`` (its ``item.original`` is the picture).
+    """
+    from surfaceinspect.analysis.rendering import DEFAULT_OPACITY, render_overlay
+
+    record = result.record
+    if result.anomaly_map is None or result.item.original is None or record.verdict not in ("good", "defect"):
+        raise ValueError(f"{record.path}: no overlay for an image without a verdict ({record.error or 'unread'})")
+    # Outlined: exactly the regions the record counts (those of a defect, at the pixel threshold).
+    regions = result.anomaly_map >= calibration.pixel_threshold
+    return render_overlay(
+        result.item.original,
+        calibration.normalize_map(result.anomaly_map),
+        label=f"score {format_score(record.score)}  threshold {format_score(record.threshold)}",
+        verdict=record.verdict,
+        alpha=DEFAULT_OPACITY if opacity is None else opacity,
+        outline=regions if record.verdict == "defect" else np.zeros_like(regions),
+    )
+
+
 def heatmap_folder(
     model: LoadedModel,
     images_dir: Path,
@@ -97,7 +120,7 @@ def heatmap_folder(
     model, thresholds and source folder (and the shard, with ``shard``), and is written even
     when the run is interrupted. ``out_dir`` is locked while it is written (:func:`lock_output`).
     """
-    from surfaceinspect.analysis.rendering import DEFAULT_OPACITY, render_overlay, save_png, write_index_html
+    from surfaceinspect.analysis.rendering import save_png, write_index_html
     from surfaceinspect.storage.atomic import atomic_open
 
     reporter = reporter or Reporter(quiet=True)
@@ -122,16 +145,7 @@ def heatmap_folder(
             )
             return
         stem = _output_stem(record.path, used)
-        # Outlined: exactly the regions the record counts (those of a defect, at the pixel threshold).
-        regions = result.anomaly_map >= calibration.pixel_threshold
-        overlay = render_overlay(
-            result.item.original,
-            calibration.normalize_map(result.anomaly_map),
-            label=f"score {format_score(record.score)}  threshold {format_score(record.threshold)}",
-            verdict=record.verdict,
-            alpha=DEFAULT_OPACITY if opacity is None else opacity,
-            outline=regions if record.verdict == "defect" else np.zeros_like(regions),
-        )
+        overlay = overlay_image(result, calibration, opacity)
         save_png(out_dir / f"{stem}.png", overlay, below=out_dir)  # never through a link below out_dir
         if save_maps:
             with atomic_open(out_dir / f"{stem}.npy", "wb", below=out_dir) as handle:

@@ -79,36 +79,64 @@ def run_inference(
         paths, detector.input_size, 1 if tiled else batch_size, workers, keep_original, resize=not tiled
     )
     tiler = TiledPredictor(detector, detector.run_config.common.tiling, batch_size) if tiled else None
-    threshold = calibration.image_threshold if calibration is not None else None
     for batch in batches:
-        readable = [item for item in batch if item.image is not None]
-        predictions = predict_items(detector, tiler, readable)
-        position = 0
-        for item in batch:
-            record = ScoreRecord(
-                path=relative_name(item.path, root), verdict="error", model_id=model_id, threshold=threshold,
-                runtime=runtime, time=utc_now(),
-            )  # fmt: skip
-            if item.image is None:
-                record.error = item.error
-                yield ImageResult(item, record, None)
-                continue
-            score, small_map = predictions[position]
-            position += 1
-            height, width = item.original_size
-            full_map = (
-                cv2.resize(small_map, (width, height), interpolation=cv2.INTER_LINEAR)
-                if full_resolution_maps and (height, width) != small_map.shape
-                else small_map
-            )
-            record.verdict, record.score, record.width, record.height = "good", score, width, height
-            record.warnings = [note for check in checks if (note := check.see(item, record.path)) is not None]
-            if not math.isfinite(score):
-                record.verdict = "error"
-                record.error = "the model produced a non-finite score for this image"
-            elif calibration is not None:
-                _judge(record, full_map, calibration)
-            yield ImageResult(item, record, full_map)
+        yield from score_batch(
+            batch,
+            [relative_name(item.path, root) for item in batch],
+            detector,
+            tiler,
+            calibration,
+            full_resolution_maps=full_resolution_maps,
+            model_id=model_id,
+            runtime=runtime,
+            checks=checks,
+        )
+
+
+def score_batch(
+    batch: Sequence[LoadedImage],
+    names: Sequence[str],
+    detector: Scorer,
+    tiler: TiledPredictor | None,
+    calibration: Calibration | None,
+    *,
+    full_resolution_maps: bool = True,
+    model_id: str | None = None,
+    runtime: str | None = None,
+    checks: Sequence[ImageCheck] = (),
+) -> Iterator[ImageResult]:
+    """The records of one batch of loaded images (``names``: their record paths), one forward pass.
+
+    What :func:`run_inference` does per batch; ``serve`` calls it with the images of its requests.
+    """
+    threshold = calibration.image_threshold if calibration is not None else None
+    readable = [item for item in batch if item.image is not None]
+    predictions = predict_items(detector, tiler, readable)
+    position = 0
+    for item, name in zip(batch, names, strict=True):
+        record = ScoreRecord(
+            path=name, verdict="error", model_id=model_id, threshold=threshold, runtime=runtime, time=utc_now()
+        )
+        if item.image is None:
+            record.error = item.error
+            yield ImageResult(item, record, None)
+            continue
+        score, small_map = predictions[position]
+        position += 1
+        height, width = item.original_size
+        full_map = (
+            cv2.resize(small_map, (width, height), interpolation=cv2.INTER_LINEAR)
+            if full_resolution_maps and (height, width) != small_map.shape
+            else small_map
+        )
+        record.verdict, record.score, record.width, record.height = "good", score, width, height
+        record.warnings = [note for check in checks if (note := check.see(item, record.path)) is not None]
+        if not math.isfinite(score):
+            record.verdict = "error"
+            record.error = "the model produced a non-finite score for this image"
+        elif calibration is not None:
+            _judge(record, full_map, calibration)
+        yield ImageResult(item, record, full_map)
 
 
 def _judge(record: ScoreRecord, full_map: np.ndarray, calibration: Calibration) -> None:
