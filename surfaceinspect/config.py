@@ -39,9 +39,11 @@ class CalibrationConfig:
     false_reject_rate: float = 0.01  # target share of good images flagged as defective
     mode: str = "quantile"  # quantile (good images only) | f1 | recall (labelled folder needed)
     target_recall: float = 0.95  # with mode=recall
-    # quantile mode: conformal (the order statistic: guaranteed, the highest good score below 1/rate - 1
-    # images) | lognormal | normal (a fitted tail: one odd image moves it little; calibration.threshold_for)
-    estimator: str = "conformal"
+    # quantile mode: auto (conformal with at least 1/rate - 1 good images, else lognormal; measured on all
+    # three development sets, docs/calibration.md) | conformal (the order statistic: guaranteed, but the
+    # highest good score below 1/rate - 1 images) | lognormal | normal (a fitted tail: one odd image moves
+    # it little; calibration.threshold_for)
+    estimator: str = "auto"
 
     def validate(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -54,8 +56,10 @@ class CalibrationConfig:
             )
         if self.mode not in ("quantile", "f1", "recall"):
             raise ConfigError(f"common.calibration.mode={self.mode!r}: use quantile, f1 or recall")
-        if self.estimator not in ("conformal", "lognormal", "normal"):
-            raise ConfigError(f"common.calibration.estimator={self.estimator!r}: use conformal, lognormal or normal")
+        if self.estimator not in ("auto", "conformal", "lognormal", "normal"):
+            raise ConfigError(
+                f"common.calibration.estimator={self.estimator!r}: use auto, conformal, lognormal or normal"
+            )
         if not 0.0 < self.target_recall <= 1.0:
             raise ConfigError(f"common.calibration.target_recall={self.target_recall}: use a value in (0, 1]")
 

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from surfaceinspect.analysis.calibration import Calibration, calibrate, conformal_threshold, recall_threshold
+from surfaceinspect.analysis.calibration import (
+    Calibration,
+    calibrate,
+    conformal_threshold,
+    recall_threshold,
+    threshold_for,
+)
 from surfaceinspect.errors import ConfigError, ModelDirError
 
 
@@ -134,3 +140,35 @@ def test_quantile_calibration_with_a_fitted_tail_estimator():
     assert conformal.image_threshold == good.max() and conformal.guaranteed_false_reject_rate == pytest.approx(1 / 31)
     assert fitted.guaranteed_false_reject_rate is None and fitted.target["estimator"] == "lognormal"
     assert fitted.image_threshold != conformal.image_threshold and not fitted.notes  # no "cannot guarantee" note
+
+
+def test_auto_estimator_is_conformal_with_enough_images_and_a_fitted_tail_below():
+    from surfaceinspect.analysis.calibration import resolve_estimator
+
+    assert resolve_estimator("auto", 20, 0.01) == "lognormal"
+    assert resolve_estimator("auto", 19, 0.01) == "conformal"  # too few to fit a tail to
+    assert resolve_estimator("auto", 98, 0.01) == "lognormal" and resolve_estimator("auto", 99, 0.01) == "conformal"
+    assert resolve_estimator("auto", 30, 0.05) == "conformal"
+    assert resolve_estimator("normal", 500, 0.01) == "normal"  # an explicit choice stays
+
+
+def test_auto_calibration_says_when_it_fits_a_tail():
+    rng = np.random.default_rng(0)
+    few, many = np.exp(rng.normal(0, 0.2, 30)), np.exp(rng.normal(0, 0.2, 300))
+    small = calibrate("draem", few, few, few, false_reject_rate=0.01, estimator="auto")
+    assert small.image_threshold == pytest.approx(threshold_for(few, 0.01, "lognormal"))
+    assert small.target["estimator"] == "lognormal" and small.guaranteed_false_reject_rate is None
+    assert any("too few to guarantee" in note for note in small.notes)
+    large = calibrate("draem", many, many, many, false_reject_rate=0.01, estimator="auto")
+    assert large.image_threshold == pytest.approx(conformal_threshold(many, 0.01)[0])
+    assert large.guaranteed_false_reject_rate == pytest.approx(0.01) and "estimator" not in large.target
+
+
+def test_a_fitted_tail_never_lands_outside_the_plausible_range(tmp_path):
+    good = np.exp(np.random.default_rng(0).normal(0.0, 1.5, 30))  # a wide log-normal: its tail reaches far
+    bound = good.max() + (good.max() - good.min())
+    assert threshold_for(good, 0.001, "lognormal") > bound  # the raw fit would be refused on loading
+    cal = calibrate("draem", good, good, good, false_reject_rate=0.001, estimator="lognormal")
+    assert good.max() < cal.image_threshold <= bound
+    cal.save(tmp_path / "calibration.json")
+    assert Calibration.load(tmp_path / "calibration.json").image_threshold == cal.image_threshold  # range check passes

@@ -63,19 +63,35 @@ def conformal_threshold(good_scores: np.ndarray, false_reject_rate: float) -> tu
 
 
 # How a threshold for a false-reject target is set from good scores (see threshold_for).
-ESTIMATORS = ("conformal", "lognormal", "normal")
+ESTIMATORS = ("auto", "conformal", "lognormal", "normal")
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+MIN_FITTED = 20  # fewer good scores than this are too few to fit a tail to (``auto`` keeps conformal)
+
+
+def resolve_estimator(estimator: str, n_good: int, false_reject_rate: float) -> str:
+    """``auto``: ``conformal`` where ``n_good`` scores can guarantee the rate by their order statistic
+    (at least 1/rate - 1 of them), else ``lognormal`` — a fitted tail, not the highest of a few dozen
+    scores, which one odd image decides and which sits far above the target's quantile — from
+    :data:`MIN_FITTED` scores on (below, a median and MAD are too unsteady: conformal again)."""
+    if estimator != "auto":
+        return estimator
+    guaranteed = math.ceil((n_good + 1) * (1.0 - false_reject_rate)) <= n_good
+    return "conformal" if guaranteed or n_good < MIN_FITTED else "lognormal"
 
 
 def threshold_for(good_scores: np.ndarray, false_reject_rate: float, estimator: str) -> float:
     """The image threshold for ``false_reject_rate`` from good scores, by ``estimator``.
 
+    ``auto``: see :func:`resolve_estimator`.
     ``conformal``: the split-conformal order statistic (the highest score below 1/rate - 1 images).
     ``lognormal`` / ``normal``: the (1 - rate) quantile of a normal fitted to the log-scores / the
     scores with median and MAD, so that one odd image moves it little (positive scores only for
     ``lognormal``; otherwise it falls back to ``normal``).
     """
     scores = np.asarray(good_scores, dtype=np.float64)
+    estimator = resolve_estimator(estimator, scores.size, false_reject_rate)
     if estimator == "conformal":
         return conformal_threshold(scores, false_reject_rate)[0]
     if estimator not in ESTIMATORS:
@@ -319,9 +335,21 @@ def calibrate(
     defect_scores = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
     notes: list[str] = []
     image_thr_q, achievable = conformal_threshold(good_scores, false_reject_rate)
-    fitted = mode == "quantile" and estimator != "conformal"
+    chosen = resolve_estimator(estimator, good_scores.size, false_reject_rate)
+    fitted = mode == "quantile" and chosen != "conformal"
     if fitted:  # a fitted tail: an estimate of the target's quantile, no guarantee
-        image_thr_q, achievable = threshold_for(good_scores, false_reject_rate, estimator), None
+        image_thr_q, achievable = threshold_for(good_scores, false_reject_rate, chosen), None
+        # Never beyond what the calibration's own range check accepts: past the highest good score by
+        # more than the scores' range is extrapolation no fit on a few dozen images supports.
+        top, low = float(good_scores.max()), float(good_scores.min())
+        image_thr_q = min(image_thr_q, top + 0.99 * max(top - low, 1e-6 * max(1.0, abs(top))))
+        if estimator == "auto":
+            notes.append(
+                f"{good_scores.size} good images are too few to guarantee a false-reject rate of "
+                f"{false_reject_rate:g} (that needs {math.ceil(1 / false_reject_rate - 1)}); the threshold is "
+                f"the {1 - false_reject_rate:g} quantile of a log-normal fitted to their scores: an estimate, "
+                "not a guarantee. Calibrate on more good images to get one"
+            )
     elif achievable > false_reject_rate:
         notes.append(
             f"{good_scores.size} good image{'' if good_scores.size == 1 else 's'} cannot guarantee a false-reject "
@@ -331,7 +359,7 @@ def calibrate(
         )
     if mode == "quantile":
         image_threshold = image_thr_q
-        target = {"false_reject_rate": float(false_reject_rate), **({"estimator": estimator} if fitted else {})}
+        target = {"false_reject_rate": float(false_reject_rate), **({"estimator": chosen} if fitted else {})}
     else:
         labels = np.concatenate([np.zeros(good_scores.size, bool), np.ones(defect_scores.size, bool)])
         scores = np.concatenate([good_scores, defect_scores])

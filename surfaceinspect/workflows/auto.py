@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from surfaceinspect import engine
-from surfaceinspect.analysis.calibration import Calibration, conformal_threshold
+from surfaceinspect.analysis.calibration import Calibration, threshold_for
 from surfaceinspect.analysis.metrics import image_auroc
 from surfaceinspect.config import RunConfig, dataclass_from_dict, parse_set_option
 from surfaceinspect.data.evidence import EvidenceImage, write_evidence
@@ -511,7 +511,8 @@ def operating_points(
     synthetic = np.array([v for v in scored["synthetic_scores"] if v is not None])
     real = np.array([v for v in scored["real_scores"] if v is not None])
     thresholds = [("calibrated", calibration.image_threshold)]
-    thresholds += [(f"{t:g}", conformal_threshold(good, t)[0]) for t in OPERATING_TARGETS] if good.size else []
+    estimator = detector.run_config.common.calibration.estimator
+    thresholds += [(f"{t:g}", threshold_for(good, t, estimator)) for t in OPERATING_TARGETS] if good.size else []
     points = []
     for label, threshold in thresholds:
         point = {

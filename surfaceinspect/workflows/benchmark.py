@@ -297,7 +297,8 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
         accuracy = _evaluate(samples, scores, maps, model.calibration.image_threshold, args["has_masks"])
         held_out = _held_out_scores(model, reporter)
         labels = [s.is_anomalous for s in samples]
-        accuracy["operating_points"] = real_operating_points(held_out, scores, labels)
+        estimator = model.detector.run_config.common.calibration.estimator
+        accuracy["operating_points"] = real_operating_points(held_out, scores, labels, estimator)
         accuracy["scores"] = {"held_out_good": held_out, "test": [round(v, 6) for v in scores], "test_labels": labels}
         queue.put(
             {
@@ -326,17 +327,19 @@ def _held_out_scores(model: Any, reporter: Reporter) -> list[float]:
     return [round(v, 6) for v in score_paths(model.detector, paths, reporter, "held-out") if np.isfinite(v)]
 
 
-def real_operating_points(held_out: list[float], scores: list[float], labels: list[bool]) -> list[dict[str, Any]]:
+def real_operating_points(
+    held_out: list[float], scores: list[float], labels: list[bool], estimator: str = "auto"
+) -> list[dict[str, Any]]:
     """Real false-reject rate and recall on the test set at thresholds set for each false-reject target
-    from the held-out good scores (split-conformal, as calibration does)."""
-    from surfaceinspect.analysis.calibration import conformal_threshold
+    from the held-out good scores, by ``estimator`` as calibration does (``common.calibration.estimator``)."""
+    from surfaceinspect.analysis.calibration import threshold_for
 
     if not held_out:
         return []
     test, is_defect = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     points = []
     for target in OPERATING_TARGETS:
-        threshold = conformal_threshold(np.asarray(held_out), target)[0]
+        threshold = threshold_for(np.asarray(held_out), target, estimator)
         flagged = test >= threshold
         points.append(
             {
