@@ -213,7 +213,8 @@ def test_cli_train_score_heatmap_on_strips(
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["train", "-m", method, str(strip_dataset / "train"), "--threads", "1", "--workers", "0", "-q", *geometry,
+        ["train", "--no-export", "-m", method, str(strip_dataset / "train"), "--threads", "1", "--workers", "0", "-q",
+         *geometry,
          "--set", "common.time_budget_min=0", "--set", "common.calibration.min_images=3", *TINY_CLI[method]],
         catch_exceptions=False,
     )
