@@ -286,6 +286,30 @@ def test_runtime_benchmark_script_reports_every_runtime_against_torch(tmp_path):
     assert report["runtimes"]["torch"]["vs_torch_batch1"] == 1.0
 
 
+def test_runtime_benchmark_script_sweeps_every_shipped_profile():
+    """`benchmarks/runtimes.py --profile all`: which configurations it measures, and its table (nothing timed)."""
+    import importlib.util
+
+    from surfaceinspect.profiles import method_profiles
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtimes.py"
+    spec = importlib.util.spec_from_file_location("benchmark_runtimes", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = [(m, p) for m in available_methods() for p in sorted(method_profiles(m))]
+    assert module.configurations([], ["all"]) == shipped and ("draem", "long") in shipped
+    assert module.configurations(["csflow"], ["cpu", "texture"]) == [("csflow", "cpu"), ("csflow", "texture")]
+    with pytest.raises(SystemExit, match="no such profile of csflow: long"):
+        module.configurations(["csflow"], ["long"])
+    report = {"method": "draem", "profile": "cpu", "input_hw": [128, 128], "batched": 8, "export_seconds": 21.04,
+              "runtimes": {"torch": {"images_per_s_batch1": 5.0}, "onnx": {"images_per_s_batch1": 10.0,
+                                                                          "vs_torch_batch1": 2.0}}}  # fmt: skip
+    rows = module.table([report, {"method": "csflow", "profile": "paper", "failed": "MemoryError"}]).splitlines()
+    assert rows[2] == "| draem | cpu | 128x128 | 8 | 5.00 | 10.00 | - | - | 2.00 | 21.0 |"
+    assert rows[3] == "| csflow | paper | - | - | - | - | - | - | - | MemoryError |"
+
+
 @pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path):
     """--output with --runtime onnx writes the same columns (one engine path, one record type)."""
