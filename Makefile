@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint format bench clean
+.PHONY: install test test-fast demo lint format bench dist dist-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,11 @@ bench: $(STAMP)  ## benchmark both methods (cpu profiles) on ../shared/data; wri
 	$(BIN)/python -m surfaceinspect benchmark ../shared/data/mtd ../shared/data/mvtec_bottle \
 		--method draem --method csflow --profile cpu --out bench_output
 
+dist: $(STAMP)  ## build the wheel and sdist into dist/ (what a line PC installs: docs/deploy.md)
+	$(BIN)/python -m build --outdir dist .
+
+dist-check: $(STAMP)  ## build, install the wheel into a fresh venv, run it there (a few minutes; not part of `make test`)
+	PYTHON=$(BIN)/python scripts/dist_check.sh
+
 clean:
-	rm -rf $(VENV) demo_output bench_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_output bench_output dist .pytest_cache .ruff_cache

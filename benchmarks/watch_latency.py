@@ -108,7 +108,10 @@ def train_short_model(method: str, data: Path, out: Path, threads: int) -> str:
     if (out / "metadata.json").is_file():
         return str(out)
     sets = [*SHORT_TRAINING[method], "common.time_budget_min=0"]
-    command = [sys.executable, "-m", "surfaceinspect", "train", "-m", method, "--profile", "cpu", str(data)]
+    # --no-export: watch scores with torch, as in the figures so far; `surfaceinspect export --model` on a
+    # kept model (--keep) measures watch with ONNX Runtime instead
+    command = [sys.executable, "-m", "surfaceinspect", "train", "--no-export", "-m", method, "--profile", "cpu"]
+    command.append(str(data))
     command += ["--out", str(out), "--threads", str(threads), "-q", *[a for s in sets for a in ("--set", s)]]
     print(f"training a short {method} cpu-profile model in {out}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)

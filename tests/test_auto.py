@@ -237,7 +237,8 @@ def test_auto_resumes_after_kill_9(toy_profiles, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / modeldir.METADATA_FILE).exists()
-    resumed = subprocess.run([*command[:2], "train", "--resume", str(run_dir), "-q"], env=env, capture_output=True)
+    resume = [*command[:2], "train", "--resume", str(run_dir), "--no-export", "-q"]
+    resumed = subprocess.run(resume, env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()
     selection = modeldir.read_metadata(run_dir)["selection"]
     assert selection["chosen"] == "toy-cpu"
@@ -276,6 +277,9 @@ def test_train_without_method_is_auto_and_prints_the_table(toy_profiles, tmp_pat
     text = " ".join(result.output.split())
     assert "Candidates (chosen: toy-cpu" in text and "Operating points" in text
     assert modeldir.read_metadata(tmp_path / "run")["selection"]["chosen"] == "toy-cpu"
+    # the winner is exported like a single-method run, and the model id printed is the one after the export
+    assert (tmp_path / "run" / "export-onnx" / "export.json").is_file()
+    assert f"(model id {modeldir.verify_sums(tmp_path / 'run', expected=True).model_id})" in text
 
 
 @pytest.mark.parametrize(

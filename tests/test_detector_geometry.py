@@ -235,6 +235,7 @@ def test_cli_train_score_heatmap_on_strips(
         app,
         [
             "train",
+            "--no-export",
             "-m",
             method,
             str(strip_dataset / "train"),

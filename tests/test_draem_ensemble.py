@@ -111,7 +111,7 @@ def test_ensemble_trains_scores_and_exports_through_the_cli(synthetic_dataset, t
     run_dir, runner = tmp_path / "run", CliRunner()
     tiny = ["draem.steps=4", "draem.recon_width=8", "draem.disc_width=4", "draem.recon_levels=3",
             "draem.disc_levels=3", "draem.members=2", "common.time_budget_min=0"]  # fmt: skip
-    args = ["train", "-m", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
+    args = ["train", "--no-export", "-m", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
             "--image-size", "64", "--threads", "1", "--workers", "0"]  # fmt: skip
     result = runner.invoke(app, [*args, *(a for item in tiny for a in ("--set", item))], catch_exceptions=False)
     assert result.exit_code == EXIT_OK, result.output

@@ -50,9 +50,21 @@ def test_used_by_commands_work_as_written(method, synthetic_dataset, tmp_path, m
     shutil.copytree(synthetic_dataset / "test", "line_camera_dump")
     (tmp_path / "line_camera_dump" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
     runner = CliRunner()
+    # --no-export: train's ONNX export of both methods is tested in test_export.py
     result = runner.invoke(
         app,
-        ["train", "--method", method, "./good_images", "--threads", "1", "--workers", "0", *TINY[method]],
+        [
+            "train",
+            "--method",
+            method,
+            "./good_images",
+            "--threads",
+            "1",
+            "--no-export",
+            "--workers",
+            "0",
+            *TINY[method],
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == EXIT_OK, result.output

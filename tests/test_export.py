@@ -32,7 +32,7 @@ TRAIN = {
 
 @pytest.fixture(scope="module", params=available_methods())
 def exported_run(request, synthetic_dataset, tmp_path_factory):
-    """A tiny trained run of each method, exported to RUN/export-onnx with the CLI."""
+    """A tiny trained run of each method, exported to RUN/export-onnx by train itself (as by `export`)."""
     method = request.param
     run_dir = tmp_path_factory.mktemp(f"run_{method}") / "run"
     runner = CliRunner()
@@ -40,9 +40,7 @@ def exported_run(request, synthetic_dataset, tmp_path_factory):
             "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", *TRAIN[method]]  # fmt: skip
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == EXIT_OK, result.output
-    result = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)
-    assert result.exit_code == EXIT_OK, result.output
-    assert "exported" in result.output
+    assert f"exported {run_dir / runtimes.DEFAULT_EXPORT_SUBDIR} in " in " ".join(result.output.split())
     return method, run_dir
 
 
@@ -291,6 +289,30 @@ def test_runtime_benchmark_script_reports_every_runtime_against_torch(tmp_path):
     assert report["runtimes"]["torch"]["vs_torch_batch1"] == 1.0
 
 
+def test_runtime_benchmark_script_sweeps_every_shipped_profile():
+    """`benchmarks/runtimes.py --profile all`: which configurations it measures, and its table (nothing timed)."""
+    import importlib.util
+
+    from surfaceinspect.profiles import method_profiles
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtimes.py"
+    spec = importlib.util.spec_from_file_location("benchmark_runtimes", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = [(m, p) for m in available_methods() for p in sorted(method_profiles(m))]
+    assert module.configurations([], ["all"]) == shipped and ("draem", "long") in shipped
+    assert module.configurations(["csflow"], ["cpu", "texture"]) == [("csflow", "cpu"), ("csflow", "texture")]
+    with pytest.raises(SystemExit, match="no such profile of csflow: long"):
+        module.configurations(["csflow"], ["long"])
+    report = {"method": "draem", "profile": "cpu", "input_hw": [128, 128], "batched": 8, "export_seconds": 21.04,
+              "runtimes": {"torch": {"images_per_s_batch1": 5.0}, "onnx": {"images_per_s_batch1": 10.0,
+                                                                          "vs_torch_batch1": 2.0}}}  # fmt: skip
+    rows = module.table([report, {"method": "csflow", "profile": "paper", "failed": "MemoryError"}]).splitlines()
+    assert rows[2] == "| draem | cpu | 128x128 | 8 | 5.00 | 10.00 | - | - | 2.00 | 21.0 |"
+    assert rows[3] == "| csflow | paper | - | - | - | - | - | - | - | MemoryError |"
+
+
 @pytest.mark.slow  # trains a tiny model and exports it (~1 min on a loaded CPU)
 def test_records_csv_identical_columns(exported_run, synthetic_dataset, tmp_path):
     """--output with --runtime onnx writes the same columns (one engine path, one record type)."""
@@ -313,11 +335,12 @@ def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tm
     run_dir = tmp_path / "tiled"
     runner = CliRunner()
     args = ["train", "--method", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
-            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0",
+            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", "--no-export",
             "--set", "common.tiling.enabled=true", *TRAIN["draem"]]  # fmt: skip
     assert runner.invoke(app, args, catch_exceptions=False).exit_code == EXIT_OK
+    assert not (run_dir / runtimes.DEFAULT_EXPORT_SUBDIR).exists()
     result = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == EXIT_OK and "exported" in result.output, result.output
     manifest = json.loads((run_dir / runtimes.DEFAULT_EXPORT_SUBDIR / "export.json").read_text())
     assert manifest["tiling"]["enabled"] is True and manifest["tiling"]["tile"] == [64, 64]
     assert manifest["input"]["shape"] == ["batch", 3, 64, 64]

@@ -62,7 +62,9 @@ def test_image_size_forms_parse():
 
 def test_keep_aspect_is_resolved_from_the_training_images_and_stored(toy_method, strips, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", "-m", "toy", strips / "train", "--image-size", "keep:128", "--out", run_dir, "-q")
+    result = run_cli(
+        "train", "--no-export", "-m", "toy", strips / "train", "--image-size", "keep:128", "--out", run_dir, "-q"
+    )
     assert result.exit_code == EXIT_OK, result.output
     meta = _metadata(run_dir)
     # aspect 160/48 = 3.33: long side 128, short side 38.4 -> 38 (the toy method needs no multiple)
@@ -80,7 +82,9 @@ def test_keep_aspect_is_resolved_from_the_training_images_and_stored(toy_method,
 
 def test_hxw_size_and_maps_at_the_images_resolution(toy_method, strips, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", "-m", "toy", strips / "train", "--image-size", "32x96", "--out", run_dir, "-q")
+    result = run_cli(
+        "train", "--no-export", "-m", "toy", strips / "train", "--image-size", "32x96", "--out", run_dir, "-q"
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert _metadata(run_dir)["config"]["common"]["image_size"] == [32, 96]
     out = tmp_path / "heat"
@@ -93,7 +97,9 @@ def test_hxw_size_and_maps_at_the_images_resolution(toy_method, strips, tmp_path
 
 def test_scoring_images_of_another_aspect_warns(toy_method, strips, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", "-m", "toy", strips / "train", "--image-size", "32x96", "--out", run_dir, "-q")
+    result = run_cli(
+        "train", "--no-export", "-m", "toy", strips / "train", "--image-size", "32x96", "--out", run_dir, "-q"
+    )
     assert result.exit_code == EXIT_OK, result.output
     square = tmp_path / "square"
     square.mkdir()
@@ -107,8 +113,8 @@ def test_scoring_images_of_another_aspect_warns(toy_method, strips, tmp_path):
 def test_tiled_training_and_scoring_find_a_small_defect_at_full_resolution(toy_method, strips, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
-        "train", "-m", "toy", strips / "train", "--image-size", "32", "--set", "common.tiling.enabled=true",
-        "--set", "common.tiling.overlap=0.25", "--out", run_dir, "-q",
+        "train", "--no-export", "-m", "toy", strips / "train", "--image-size", "32",
+        "--set", "common.tiling.enabled=true", "--set", "common.tiling.overlap=0.25", "--out", run_dir, "-q",
     )  # fmt: skip
     assert result.exit_code == EXIT_OK, result.output
     training = _metadata(run_dir)["training"]

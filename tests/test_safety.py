@@ -62,7 +62,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset):
-    result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
+    result = run("train", "--no-export", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
 
@@ -127,6 +127,7 @@ def test_2_train_refuses_labelled_folders_and_dataset_roots(toy_method, syntheti
     # the suggested fix works
     result = run(
         "train",
+        "--no-export",
         "-m",
         "toy",
         synthetic_dataset / "train" / "good",
@@ -198,7 +199,7 @@ def test_4_train_out_never_replaces_silently_and_latest_follows_the_new_run(
 ):
     good = synthetic_dataset / "train" / "good"
     model = tmp_path / "models" / "m1"
-    assert run("train", "-m", "toy", good, "--out", model, "-q").exit_code == EXIT_OK
+    assert run("train", "--no-export", "-m", "toy", good, "--out", model, "-q").exit_code == EXIT_OK
     assert modeldir.latest_run().resolve() == model.resolve()
     assert not (model.parent / "LATEST").exists(), "LATEST lives in the runs folder, not beside --out"
     result = run("score", synthetic_dataset / "test" / "good")  # no --model: the run just trained
@@ -209,7 +210,7 @@ def test_4_train_out_never_replaces_silently_and_latest_follows_the_new_run(
     assert result.exit_code == EXIT_USAGE and "already holds a trained model" in result.output
     assert digest(model / "model.safetensors") == weights
 
-    result = run("train", "-m", "toy", good, "--out", model, "--seed", "5", "--force", "-q")
+    result = run("train", "--no-export", "-m", "toy", good, "--out", model, "--seed", "5", "--force", "-q")
     assert result.exit_code == EXIT_OK, result.output
     assert digest(model / "model.safetensors") != weights  # another seed, another calibration split
 
@@ -221,7 +222,7 @@ def test_4_train_out_never_replaces_silently_and_latest_follows_the_new_run(
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
 
     # a run in the runs folder is named by its name, as older versions wrote LATEST: still read
-    assert run("train", "-m", "toy", good, "-q").exit_code == EXIT_OK
+    assert run("train", "--no-export", "-m", "toy", good, "-q").exit_code == EXIT_OK
     latest = modeldir.latest_run()
     assert latest.parent == isolated_runs and (isolated_runs / "LATEST").read_text().strip() == latest.name
 
@@ -355,7 +356,7 @@ def test_8b_grey_images_on_a_colour_model_and_the_reverse_are_named(trained, toy
     assert "greyscale" not in result.output
 
     grey_model = tmp_path / "grey_model"
-    assert run("train", "-m", "toy", grey_dir / "train", "--out", grey_model, "-q").exit_code == EXIT_OK
+    assert run("train", "--no-export", "-m", "toy", grey_dir / "train", "--out", grey_model, "-q").exit_code == EXIT_OK
     assert json.loads((grey_model / "metadata.json").read_text())["training"]["image_colour"] == "grey"
     result = run("score", synthetic_dataset / "test" / "good", "--model", grey_model)
     assert "8 image(s) are colour but the model was trained on grey images (000.png, 001.png" in result.output

@@ -88,7 +88,7 @@ def test_bad_shard_values_are_one_line_usage_errors(text, message, toy_method, t
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset):
-    result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q")
+    result = run("train", "--no-export", "-m", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
 

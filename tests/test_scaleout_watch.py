@@ -37,7 +37,7 @@ def run(*args):
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset):
-    result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q")
+    result = run("train", "--no-export", "-m", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
 
@@ -336,7 +336,8 @@ def test_latency_benchmark_script_reports_percentiles_and_rate(synthetic_dataset
             "draem.recon_width=8", "draem.disc_width=4", "draem.recon_levels=3", "draem.disc_levels=3",
             "draem.steps=2", "common.calibration.min_images=4"]  # fmt: skip
     run_dir = tmp_path / "model"
-    train = ["train", "-m", "draem", "--profile", "cpu", synthetic_dataset / "train" / "good", "--out", run_dir, "-q"]
+    good = synthetic_dataset / "train" / "good"
+    train = ["train", "--no-export", "-m", "draem", "--profile", "cpu", good, "--out", run_dir, "-q"]
     result = run(*train, *[arg for item in sets for arg in ("--set", item)])
     assert result.exit_code == EXIT_OK, result.output
     out = _latency_benchmark(["--model", str(run_dir), "--model", str(run_dir)], synthetic_dataset / "test")

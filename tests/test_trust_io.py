@@ -93,7 +93,7 @@ def records(path: Path) -> list[dict]:
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset):
-    result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
+    result = run("train", "--no-export", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
 
@@ -103,7 +103,7 @@ def slow_model(toy_method, synthetic_dataset, tmp_path):
     """A toy model that takes 0.4 s per batch to score, so a test can act while a run is in progress."""
     out = tmp_path / "slow_model"
     data = synthetic_dataset / "train" / "good"
-    result = run("train", "-m", "toy", data, "--set", "toy.predict_delay_s=0.4", "--out", out, "-q")
+    result = run("train", "--no-export", "-m", "toy", data, "--set", "toy.predict_delay_s=0.4", "--out", out, "-q")
     assert result.exit_code == EXIT_OK, result.output
     return out
 
@@ -139,7 +139,7 @@ def test_item4_training_skips_a_fifo_and_a_device_and_says_so(synthetic_dataset,
     data = Path(shutil.copytree(synthetic_dataset / "train" / "good", tmp_path / "train"))
     os.mkfifo(data / "x.png")
     os.symlink("/dev/zero", data / "zero.png")
-    done = cli_run(tmp_path, "train", "-m", "toy", data, "--out", tmp_path / "model", timeout=90)
+    done = cli_run(tmp_path, "train", "--no-export", "-m", "toy", data, "--out", tmp_path / "model", timeout=90)
     assert done.returncode == EXIT_OK, done.stderr
     assert "skipped unreadable training image" in done.stderr and "named pipe" in done.stderr
     assert "zero.png" in done.stderr and "a device" in done.stderr
@@ -203,7 +203,9 @@ def test_item1_concurrent_heatmap_and_train_into_one_out_refused(slow_model, syn
 
     data = synthetic_dataset / "train" / "good"
     run_dir = tmp_path / "run"
-    first = cli_process(tmp_path, "train", "-m", "toy", data, "--out", run_dir, "--set", "toy.step_delay_s=0.2")
+    first = cli_process(
+        tmp_path, "train", "--no-export", "-m", "toy", data, "--out", run_dir, "--set", "toy.step_delay_s=0.2"
+    )
     try:
         wait_for(lambda: (run_dir / ".surfaceinspect-output").exists(), proc=first)
         for force in ([], ["--force"]):  # --force must not delete the files of the run in progress either
@@ -216,7 +218,7 @@ def test_item1_concurrent_heatmap_and_train_into_one_out_refused(slow_model, syn
         first.send_signal(signal.SIGKILL)
         first.communicate()
     # the kernel dropped the killed run's lock: the next run is not blocked by its leftover lock file
-    result = run("train", "-m", "toy", data, "--out", run_dir, "--force", "-q")
+    result = run("train", "--no-export", "-m", "toy", data, "--out", run_dir, "--force", "-q")
     assert result.exit_code == EXIT_OK, result.output
     assert not (tmp_path / ".run.lock").exists()
 

@@ -69,7 +69,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset):
-    result = run("train", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
+    result = run("train", "--no-export", "-m", "toy", synthetic_dataset / "train" / "good", "-q")
     assert result.exit_code == EXIT_OK, result.output
     return modeldir.latest_run()
 
@@ -93,7 +93,10 @@ def test_item5_calibration_from_other_model_refused(trained, synthetic_dataset, 
     shutil.copytree(synthetic_dataset / "train" / "good", other_images)
     for path in sorted(other_images.glob("*.png"))[:10]:
         path.unlink()
-    assert run("train", "-m", "toy", other_images, "--out", tmp_path / "other_model", "-q").exit_code == EXIT_OK
+    assert (
+        run("train", "--no-export", "-m", "toy", other_images, "--out", tmp_path / "other_model", "-q").exit_code
+        == EXIT_OK
+    )
     own = (trained / "calibration.json").read_bytes()
     assert _json(trained / "calibration.json")["weights_sha256"] == _json(trained / "metadata.json")["weights_sha256"]
 
@@ -244,7 +247,7 @@ def test_item8_aspect_warning_uses_the_training_range_and_goes_into_the_record(t
     for i, (h, w) in zip(range(24), itertools.cycle(sizes), strict=False):
         cv2.imwrite(str(train / f"t{i:02d}.png"), _texture(h, w, i))
     run_dir = tmp_path / "model"
-    assert run("train", "-m", "toy", train, "--out", run_dir, "-q").exit_code == EXIT_OK
+    assert run("train", "--no-export", "-m", "toy", train, "--out", run_dir, "-q").exit_code == EXIT_OK
     assert _json(run_dir / "metadata.json")["training"]["image_aspect_range"] == [0.7, 2.5]
 
     test = tmp_path / "test"
@@ -391,7 +394,7 @@ def test_item11_darker_lighting_is_reported_as_drift(toy_method, tmp_path):
     data = make_dataset(tmp_path / "data", n_train=40, n_test_good=40, n_test_defect_per_type=0, size=48, seed=3)
     # the toy's "brightness" score follows the lighting, as real detectors' scores do
     args = ["--set", "toy.score=brightness", "--set", "common.calibration.fraction=0.5", "--out", tmp_path / "m"]
-    assert run("train", "-m", "toy", data / "train" / "good", *args, "-q").exit_code == EXIT_OK
+    assert run("train", "--no-export", "-m", "toy", data / "train" / "good", *args, "-q").exit_code == EXIT_OK
     same = data / "test" / "good"
     darker = tmp_path / "darker"
     darker.mkdir()

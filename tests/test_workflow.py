@@ -30,7 +30,9 @@ def run_cli(*args: str):
 
 @pytest.fixture
 def trained(toy_method, synthetic_dataset, tmp_path):
-    result = run_cli("train", "--method", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q")
+    result = run_cli(
+        "train", "--no-export", "--method", "toy", synthetic_dataset / "train" / "good", "--seed", "0", "-q"
+    )
     assert result.exit_code == 0, result.output
     return modeldir.latest_run()
 
@@ -171,7 +173,7 @@ def test_unreadable_training_images_skip_or_stop(toy_method, synthetic_dataset, 
     folder = tmp_path / "train"
     shutil.copytree(synthetic_dataset / "train" / "good", folder)
     (folder / "broken.png").write_text("not a png")
-    result = CliRunner().invoke(app, ["train", "-m", "toy", str(folder), "--seed", "3"])
+    result = CliRunner().invoke(app, ["train", "--no-export", "-m", "toy", str(folder), "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert "broken.png" in result.output
     meta = json.loads((modeldir.latest_run() / "metadata.json").read_text())
@@ -284,6 +286,7 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_method, synthetic_datas
             sys.executable,
             str(TESTS_DIR / "cli_with_toy.py"),
             "train",
+            "--no-export",
             "-m",
             "toy",
             str(data),
@@ -307,7 +310,7 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_method, synthetic_datas
     assert 0 < done < 48
     assert checkpoint.train_seconds >= 0.05 * (done - 1)  # the checkpoint knows the time already spent
 
-    result = run_cli("train", "--resume", killed_dir, "-q")
+    result = run_cli("train", "--resume", killed_dir, "--no-export", "-q")
     assert result.exit_code == 0, result.output
     meta = json.loads((killed_dir / "metadata.json").read_text())
     assert meta["training"]["resumed"] is True
@@ -317,6 +320,7 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_method, synthetic_datas
 
     result = run_cli(
         "train",
+        "--no-export",
         "-m",
         "toy",
         data,
@@ -340,6 +344,7 @@ def test_interrupt_exits_130_and_keeps_checkpoint(toy_method, synthetic_dataset,
         app,
         [
             "train",
+            "--no-export",
             "-m",
             "toy",
             str(synthetic_dataset / "train" / "good"),
@@ -354,7 +359,7 @@ def test_interrupt_exits_130_and_keeps_checkpoint(toy_method, synthetic_dataset,
     )
     assert result.exit_code == EXIT_INTERRUPTED
     assert (run_dir / "checkpoint.pt").exists()
-    result = run_cli("train", "--resume", run_dir, "-q")
+    result = run_cli("train", "--resume", run_dir, "--no-export", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "metadata.json").read_text())["training"]["steps"] == 48
 
@@ -365,12 +370,12 @@ def test_run_started_with_a_relative_folder_resumes_from_another_directory(
     monkeypatch.chdir(synthetic_dataset / "train")
     run_dir = tmp_path / "run"
     flags = ["--set", "toy.fail_at_step=10", "--set", "common.checkpoint_every_s=0.0001", "-q"]
-    result = CliRunner().invoke(app, ["train", "-m", "toy", "good", "--out", str(run_dir), *flags])
+    result = CliRunner().invoke(app, ["train", "--no-export", "-m", "toy", "good", "--out", str(run_dir), *flags])
     assert result.exit_code == EXIT_INTERRUPTED
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "good").mkdir(parents=True)  # a same-named folder must not be taken for the data
     monkeypatch.chdir(elsewhere)
-    result = run_cli("train", "--resume", run_dir, "-q")
+    result = run_cli("train", "--resume", run_dir, "--no-export", "-q")
     assert result.exit_code == 0, result.output
     meta = json.loads((run_dir / "metadata.json").read_text())
     assert Path(meta["dataset"]["root"]) == synthetic_dataset / "train" / "good"
@@ -382,6 +387,7 @@ def test_resume_latest_finds_the_interrupted_run_in_the_runs_folder(toy_method, 
         app,
         [
             "train",
+            "--no-export",
             "-m",
             "toy",
             str(synthetic_dataset / "train" / "good"),
@@ -392,7 +398,7 @@ def test_resume_latest_finds_the_interrupted_run_in_the_runs_folder(toy_method, 
         ],
     )
     assert result.exit_code == EXIT_INTERRUPTED
-    result = run_cli("train", "--resume", "latest", "-q")
+    result = run_cli("train", "--resume", "latest", "--no-export", "-q")
     assert result.exit_code == 0, result.output
     assert modeldir.latest_run().parent == isolated_runs
 

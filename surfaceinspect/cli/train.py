@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from surfaceinspect.ui import plural
         "  surfaceinspect train --resume latest                     (continue an interrupted run)\n\n"
         "  surfaceinspect train -m draem ./strips --image-size keep:512    (keep the images' aspect)\n\n"
         "  surfaceinspect train -m draem ./strips --set common.tiling.enabled=true   (tiles at full resolution)\n\n"
+        "  surfaceinspect train -m draem ./good --no-export         (skip the ONNX export at the end)\n\n"
         "Refused (exit 2): a labelled folder (good/ + defect folders, or an MVTec dataset root) as GOOD_DIR, "
         "and an --out that holds a model (unless --force) or other files (unless --force)."
     ),
@@ -117,6 +119,13 @@ def train(
         typer.Option("--resume", metavar="RUN|latest", help="Continue an interrupted run: its directory, or 'latest'."),
     ] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective config and exit.")] = False,
+    no_export: Annotated[
+        bool,
+        typer.Option(
+            "--no-export",
+            help="Skip the ONNX export at the end (RUN/export-onnx; write it later with `surfaceinspect export`).",
+        ),
+    ] = False,
     quiet: common.QuietOpt = False,
 ) -> None:
     """Train a detector on a folder of good images, calibrate its threshold, save the model.
@@ -132,6 +141,10 @@ def train(
     out to set the decision threshold for --false-reject-rate. The run directory (weights,
     metadata.json, calibration.json) becomes the default model of `score` and `heatmap`, wherever
     --out puts it.
+
+    Training ends with the export of `surfaceinspect export` (RUN/export-onnx, written only if it
+    scores like the torch model), which `score`, `heatmap` and `watch` run with ONNX Runtime on the
+    CPU; --no-export skips it. A refused export leaves the model scoring with torch, with a warning.
     """
     from surfaceinspect import engine
     from surfaceinspect.config import parse_image_size
@@ -140,6 +153,7 @@ def train(
     from surfaceinspect.workflows import auto
 
     reporter = common.make_reporter(quiet)
+    export_threads = None if no_export else threads or 0  # torch threads of the closing export; None: none
     method_options: dict[str, str] = ctx.meta.get("method_options", {})
     common_flags = {
         "image_size": parse_image_size(image_size) if image_size is not None else None,
@@ -157,7 +171,7 @@ def train(
         _refuse_with_resume(ctx, method_options)
         run_dir = modeldir.find_resumable() if resume == "latest" else Path(resume)
         if auto.is_auto_run(run_dir):
-            _print_selection(auto.resume_auto(run_dir, reporter=reporter, mark_latest=True), quiet)
+            _print_selection(auto.resume_auto(run_dir, reporter=reporter, mark_latest=True), quiet, export_threads)
             return
         result = engine.resume(run_dir, reporter=reporter, mark_latest=True)
     elif _wants_auto(method, config):
@@ -174,7 +188,7 @@ def train(
             force=force,
             mark_latest=True,
         )
-        _print_selection(selected, quiet)
+        _print_selection(selected, quiet, export_threads)
         return
     else:
         if defects is not None:
@@ -197,7 +211,7 @@ def train(
             force=force,
             mark_latest=True,
         )
-    _print_trained(result, reporter)
+    _print_trained(result, reporter, _export_run(result, reporter, export_threads))
 
 
 def _config_or_data(print_config: bool, config_text: Any, data_dir: Path | None, example: str) -> Path:
@@ -213,14 +227,49 @@ def _config_or_data(print_config: bool, config_text: Any, data_dir: Path | None,
     return data_dir
 
 
-def _print_trained(result: Any, reporter: Any) -> None:
+def _export_run(result: Any, reporter: Any, threads: int | None) -> str:
+    """Export the trained run to RUN/export-onnx as ``surfaceinspect export`` does; returns the run's model id.
+
+    ``threads`` None: no export (``--no-export``). The model is complete before the export starts, so a
+    refused export (parity, an operator the exporter lacks, a missing package) is a warning: the run
+    scores with torch, train exits 0. The export adds its files to the run's SHA256SUMS, which changes
+    the model id (the one records carry), so the id printed is read back after it.
+    """
+    if threads is None:
+        return str(result.model_id)
+    from surfaceinspect import engine
+    from surfaceinspect.deploy.export import export_run, first_line
+    from surfaceinspect.errors import SurfaceInspectError
+    from surfaceinspect.storage import modeldir
+
+    run_dir = result.run_dir
+    reporter.info("exporting to ONNX and checking parity (skip with --no-export)...")
+    started = time.monotonic()
+    try:
+        # a fresh load, as `export` does: under torchrun, rank 0's detector is the data-parallel one
+        loaded = engine.load(run_dir, device="cpu", threads=threads, runtime="torch")
+        exported = export_run(loaded.run_dir, loaded.detector, loaded.calibration, loaded.metadata)
+    except Exception as exc:  # noqa: BLE001 - the model is saved: any failure of the export is a warning
+        why = str(exc) if isinstance(exc, SurfaceInspectError) else f"{type(exc).__name__}: {first_line(exc)}"
+        reporter.warn(
+            f"no ONNX export ({why}); the model scores with torch. Retry with: surfaceinspect export --model {run_dir}"
+        )
+        return str(result.model_id)
+    reporter.info(
+        ("exported", "green"),
+        f" {exported.out_dir} in {time.monotonic() - started:.1f} s (parity on {exported.parity.n_images} images)",
+    )
+    return modeldir.verify_sums(run_dir, expected=True).model_id
+
+
+def _print_trained(result: Any, reporter: Any, model_id: str) -> None:
     cal = result.calibration
     target = f", false-reject target {cal.target.get('false_reject_rate')}" if cal.mode == "quantile" else ""
     reporter.info(
         ("done", "green"),
         f" in {result.summary.get('total_seconds', 0):.0f} s — model: ",
         (str(result.run_dir), "bold"),
-        f" (model id {result.model_id})",
+        f" (model id {model_id})",
         f"\n  threshold {cal.image_threshold:.5g} ({cal.mode}, {plural(cal.n_good, 'good calibration image')}{target})",
     )
 
@@ -248,20 +297,21 @@ def _refuse_for_auto(profile: str | None, config: Path | None, method_flags: dic
         )
 
 
-def _print_selection(selected: Any, quiet: bool) -> None:
-    """The candidate table, the operating points and the usual closing line of train."""
+def _print_selection(selected: Any, quiet: bool, export_threads: int | None) -> None:
+    """The candidate table, the operating points, the export (unless ``export_threads`` is None), the closing line."""
     from surfaceinspect.workflows.selection import selection_rich_table
 
     if not quiet:
         console = Console()  # sys.stdout as it is now (a test runner may have replaced it)
         for renderable in selection_rich_table(selected.selection):
             console.print(renderable)
-    _print_trained(selected.train, common.make_reporter(quiet))
+    reporter = common.make_reporter(quiet)
+    _print_trained(selected.train, reporter, _export_run(selected.train, reporter, export_threads))
 
 
 def _refuse_with_resume(ctx: typer.Context, method_options: dict[str, str]) -> None:
     """``--resume`` continues a run as it was planned: any other training flag would be ignored, so refuse it."""
-    allowed = {"resume", "quiet"}
+    allowed = {"resume", "quiet", "no_export"}
     given = [
         name
         for name, value in ctx.params.items()

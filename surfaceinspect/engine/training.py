@@ -374,5 +374,6 @@ def prepare_run_dir(
         lock.release()
         raise
     if removed:
-        reporter.warn(f"--force: replacing the model in {run_dir} (removed {', '.join(p.name for p in removed)})")
+        names = ", ".join(p.relative_to(run_dir).as_posix() for p in removed)  # export-onnx/ files too
+        reporter.warn(f"--force: replacing the model in {run_dir} (removed {names})")
     return run_dir, lock

@@ -153,6 +153,10 @@ def clear_model(run_dir: Path) -> list[Path]:
     """
     names = [METADATA_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, SUMS_FILE, AUTO_STATE_FILE]
     names.append(SELECTION_SCORES_FILE)
+    # The run's own export is the old model's graph: kept, the new manifest would vouch for it.
+    export_dir = run_dir / EXPORT_SUBDIR
+    if export_dir.is_dir() and not export_dir.is_symlink():
+        names += [f"{EXPORT_SUBDIR}/{n}" for n in (*EXPORT_FILES, SUMS_FILE)]
     removed = []
     for path in [run_dir / n for n in names] + calibration_backups(run_dir):
         if path.is_file():
