@@ -89,7 +89,7 @@ for yaml in "$REPO"/sample_configs/*.yaml; do
 done
 
 step "short train (ends with the ONNX export) and score, from the installed package"
-"$WORK/venv/bin/python" -c 'from pathlib import Path; from surfaceinspect.synthetic import make_dataset
+"$WORK/venv/bin/python" -c 'from pathlib import Path; from surfaceinspect.data.synthetic import make_dataset
 make_dataset(Path("data"), n_train=24, n_test_good=4, n_test_defect_per_type=2, size=64, seed=0)'
 start=$(date +%s)
 "$SI" train -m draem data/train/good --out run --threads 2 --workers 0 --image-size 64 \

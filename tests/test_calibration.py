@@ -148,8 +148,14 @@ def test_auto_estimator_is_conformal_with_enough_images_and_a_fitted_tail_below(
     assert resolve_estimator("auto", 20, 0.01) == "lognormal"
     assert resolve_estimator("auto", 19, 0.01) == "conformal"  # too few to fit a tail to
     assert resolve_estimator("auto", 98, 0.01) == "lognormal" and resolve_estimator("auto", 99, 0.01) == "conformal"
-    assert resolve_estimator("auto", 30, 0.05) == "conformal"
+    assert resolve_estimator("auto", 76, 0.02) == resolve_estimator("auto", 76, 0.01)  # one estimator per set
     assert resolve_estimator("normal", 500, 0.01) == "normal"  # an explicit choice stays
+
+
+def test_auto_thresholds_never_get_stricter_for_a_looser_target():
+    good = np.exp(np.random.default_rng(1).normal(0, 0.1, 76))
+    thresholds = [threshold_for(good, rate, "auto") for rate in (0.005, 0.01, 0.02, 0.05, 0.1)]
+    assert thresholds == sorted(thresholds, reverse=True)
 
 
 def test_auto_calibration_says_when_it_fits_a_tail():
@@ -158,7 +164,7 @@ def test_auto_calibration_says_when_it_fits_a_tail():
     small = calibrate("draem", few, few, few, false_reject_rate=0.01, estimator="auto")
     assert small.image_threshold == pytest.approx(threshold_for(few, 0.01, "lognormal"))
     assert small.target["estimator"] == "lognormal" and small.guaranteed_false_reject_rate is None
-    assert any("too few to guarantee" in note for note in small.notes)
+    assert any("too few for a guaranteed false-reject rate" in note for note in small.notes)
     large = calibrate("draem", many, many, many, false_reject_rate=0.01, estimator="auto")
     assert large.image_threshold == pytest.approx(conformal_threshold(many, 0.01)[0])
     assert large.guaranteed_false_reject_rate == pytest.approx(0.01) and "estimator" not in large.target

@@ -68,17 +68,21 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standar
 
 
 MIN_FITTED = 20  # fewer good scores than this are too few to fit a tail to (``auto`` keeps conformal)
+# From this many good scores on, ``auto`` is conformal: the images the default 1 % target needs for its
+# guarantee. A count, not a function of the target, so that a looser target never gives a stricter
+# threshold (switching estimators between targets would: on MTD, 2 % conformal sat above 1 % fitted).
+CONFORMAL_FROM = 99
 
 
 def resolve_estimator(estimator: str, n_good: int, false_reject_rate: float) -> str:
-    """``auto``: ``conformal`` where ``n_good`` scores can guarantee the rate by their order statistic
-    (at least 1/rate - 1 of them), else ``lognormal`` — a fitted tail, not the highest of a few dozen
-    scores, which one odd image decides and which sits far above the target's quantile — from
-    :data:`MIN_FITTED` scores on (below, a median and MAD are too unsteady: conformal again)."""
+    """``auto``: ``conformal`` from :data:`CONFORMAL_FROM` good scores on (enough for the default
+    target's guarantee), else ``lognormal`` — a fitted tail, not the highest of a few dozen scores,
+    which one odd image decides and which sits far above the target's quantile — from
+    :data:`MIN_FITTED` scores on (below, a median and MAD are too unsteady: conformal again).
+    ``false_reject_rate`` is accepted for explicit estimators' sake and does not change ``auto``."""
     if estimator != "auto":
         return estimator
-    guaranteed = math.ceil((n_good + 1) * (1.0 - false_reject_rate)) <= n_good
-    return "conformal" if guaranteed or n_good < MIN_FITTED else "lognormal"
+    return "lognormal" if MIN_FITTED <= n_good < CONFORMAL_FROM else "conformal"
 
 
 def threshold_for(good_scores: np.ndarray, false_reject_rate: float, estimator: str) -> float:
@@ -345,10 +349,9 @@ def calibrate(
         image_thr_q = min(image_thr_q, top + 0.99 * max(top - low, 1e-6 * max(1.0, abs(top))))
         if estimator == "auto":
             notes.append(
-                f"{good_scores.size} good images are too few to guarantee a false-reject rate of "
-                f"{false_reject_rate:g} (that needs {math.ceil(1 / false_reject_rate - 1)}); the threshold is "
-                f"the {1 - false_reject_rate:g} quantile of a log-normal fitted to their scores: an estimate, "
-                "not a guarantee. Calibrate on more good images to get one"
+                f"{good_scores.size} good images are too few for a guaranteed false-reject rate (from "
+                f"{CONFORMAL_FROM} on); the threshold is the {1 - false_reject_rate:g} quantile of a log-normal "
+                "fitted to their scores: an estimate, not a guarantee. Calibrate on more good images to get one"
             )
     elif achievable > false_reject_rate:
         notes.append(
