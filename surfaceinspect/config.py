@@ -39,8 +39,8 @@ class CalibrationConfig:
     false_reject_rate: float = 0.01  # target share of good images flagged as defective
     mode: str = "quantile"  # quantile (good images only) | f1 | recall (labelled folder needed)
     target_recall: float = 0.95  # with mode=recall
-    # quantile mode: auto (conformal with at least 1/rate - 1 good images, else lognormal; measured on all
-    # three development sets, docs/calibration.md) | conformal (the order statistic: guaranteed, but the
+    # quantile mode: auto (conformal from 99 good images on, a log-normal tail from 20 to 98; measured on
+    # all three development sets, docs/calibration.md) | conformal (the order statistic: guaranteed, but the
     # highest good score below 1/rate - 1 images) | lognormal | normal (a fitted tail: one odd image moves
     # it little; calibration.threshold_for)
     estimator: str = "auto"
