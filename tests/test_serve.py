@@ -67,7 +67,9 @@ def toy_run(tmp_path_factory, synthetic_dataset) -> Path:
         patch.setenv(PLUGINS_ENV, "toy=toy_detector:ToyDetector")
         patch.setenv("SURFACEINSPECT_HOME", str(root / "home"))
         good = synthetic_dataset / "train" / "good"
-        result = run_cli("train", "-m", "toy", "-p", "cpu", good, "--seed", "0", "-q", "--out", root / "run")
+        result = run_cli(
+            "train", "--no-export", "-m", "toy", "-p", "cpu", good, "--seed", "0", "-q", "--out", root / "run"
+        )
         assert result.exit_code == EXIT_OK, result.output
     return root / "run"
 
