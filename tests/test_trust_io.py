@@ -318,7 +318,7 @@ def test_item3_heatmap_refuses_symlink_below_out_and_never_writes_through_it(tra
 
 
 def test_item3_watch_defects_dir_refuses_symlink_below_it(trained, synthetic_dataset, tmp_path):
-    from surfaceinspect.workflows.watch import copy_defect
+    from surfaceinspect.workflows.defect_actions import copy_defect
 
     folder = tmp_path / "camera"
     (folder / "sub").mkdir(parents=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from surfaceinspect import cli
-from surfaceinspect.cli import common
+from surfaceinspect.cli import common, reporting
 from surfaceinspect.ui import Part
 
 
@@ -75,7 +75,7 @@ def heatmap(
     # Fail before the model loads, on a refused or locked --out (the engine checks and locks it again).
     prepare_output_dir(out, [images_dir], force=force, refuse_links=True)
     lock_output(out, "--out", "folder").release()
-    writer = common.open_records(output, None, [images_dir], force, reporter)
+    writer = reporting.open_records(output, None, [images_dir], force, reporter)
     complete = False
     try:
         loaded = run.load(model, reporter, runtime=runtime)
@@ -94,7 +94,7 @@ def heatmap(
         )
         complete = True
     finally:
-        common.close_records([writer] if writer else [], complete, reporter)
+        reporting.close_records([writer] if writer else [], complete, reporter)
     outputs: list[Part] = [f"overlays: {out}   index: {index}"]
-    common.print_summary(summary, run.quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
+    reporting.print_summary(summary, run.quiet, False, ([f"records: {output}"] if output is not None else []) + outputs)
     raise typer.Exit(summary.exit_code(fail_on_defect))

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from surfaceinspect import cli
-from surfaceinspect.cli import common
+from surfaceinspect.cli import common, reporting
 
 
 @cli.app.command(
@@ -55,7 +55,7 @@ def score(
     engine.require_input(images_dir)
     # Outputs are checked (and opened) before the model loads: a refused path fails in a second.
     fmt_name = fmt.value if fmt is not None else None
-    writers = [common.open_records(output, fmt_name, [images_dir], force, reporter)]
+    writers = [reporting.open_records(output, fmt_name, [images_dir], force, reporter)]
     if json_out:
         writers.append(RecordWriter.open(None, fmt_name, to_stdout=True))
     active = [w for w in writers if w is not None]
@@ -74,6 +74,6 @@ def score(
         )
         complete = True
     finally:
-        common.close_records(active, complete, reporter)
-    common.print_summary(summary, run.quiet, json_out, [f"records: {output}"] if output is not None else [])
+        reporting.close_records(active, complete, reporter)
+    reporting.print_summary(summary, run.quiet, json_out, [f"records: {output}"] if output is not None else [])
     raise typer.Exit(common.verdict_exit_code(summary, fail_on_drift, fail_on_defect))

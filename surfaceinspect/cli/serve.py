@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from surfaceinspect import cli
-from surfaceinspect.cli import common
+from surfaceinspect.cli import common, reporting
 from surfaceinspect.errors import EXIT_OK
 
 # The defaults of surfaceinspect.deploy.serve, repeated: importing it here would load torch and starlette for every
@@ -154,7 +154,7 @@ def serve(
         if records is not None:
             writer = open_records(records, modeldir.resolve_model_dir(model))
         loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        common.report_model(reporter, loaded)
+        reporting.report_model(reporter, loaded)
         options = ServeOptions(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from surfaceinspect import cli
-from surfaceinspect.cli import common
+from surfaceinspect.cli import common, reporting
 from surfaceinspect.errors import EXIT_INTERRUPTED, EXIT_OK
 from surfaceinspect.ui import Part, plural
 
@@ -155,7 +155,7 @@ def watch(
     if result.stopped_by == "terminated":
         extra.append("stopped by SIGTERM")
     title = f"{plural(summary.total, 'image')} in {result.watched_s:.1f} s of watching, {summary.seconds:.1f} s scoring"
-    common.print_summary(summary, run.quiet, False, extra, title)
+    reporting.print_summary(summary, run.quiet, False, extra, title)
     if result.stopped_by == "interrupted":
         raise common.fail("interrupted; the records written are complete", EXIT_INTERRUPTED)
     if result.stopped_by == "terminated":
