@@ -96,7 +96,7 @@ def run_one(args: argparse.Namespace) -> None:
     samples = ds.test
     maps = []
     for batch in iterate_images([s.path for s in samples], common.input_hw(), 16, 2):
-        maps.append(detector.predict(stack_images(batch)).maps.numpy())
+        maps.append(detector.predict_arrays(stack_images(batch))[1])
     prob = np.concatenate(maps)
     np.save(args.maps, prob)
     labels = np.array([s.is_anomalous for s in samples])

@@ -102,7 +102,7 @@ class CommonConfig:
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    workers: int = 2  # DataLoader worker processes for reading images (0 = in the main process)
+    workers: int = 2  # image-reading threads (0 = the main thread); DRAEM's anomaly synthesis: worker processes
     threads: int = 0  # torch CPU threads; 0 = one per available core
     bad_images: str = "skip"  # unreadable training images: skip (report and go on) | stop
     checkpoint_every_s: float = 120.0  # seconds between resumable training checkpoints

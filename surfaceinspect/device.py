@@ -1,13 +1,19 @@
-"""Device selection and CPU thread settings."""
+"""Device selection and CPU thread settings.
+
+torch is imported where a function needs it, not here: a scoring install without torch asks
+:func:`available_cores` too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from surfaceinspect.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def available_cores() -> int:
@@ -18,8 +24,20 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here (a scoring install without torch has only exported models)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # ValueError: a None in sys.modules (how a test hides torch)
+        return False
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is a clear error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -40,6 +58,8 @@ def configure_threads(threads: int) -> int:
     Inter-op parallelism is kept at 1: the networks here are single graphs where extra inter-op
     threads only compete with DataLoader workers for the same cores.
     """
+    import torch
+
     n = threads or available_cores()
     torch.set_num_threads(n)
     # Can only be set once per process, before any parallel work started.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from surfaceinspect import engine
@@ -92,8 +93,8 @@ def test_onnx_graph_alone_reproduces_the_verdict(exported_run, synthetic_dataset
 
     items = next(iter(iterate_images(paths, loaded.detector.input_size, len(paths), 0)))
     batch = stack_images(items)
-    scores, maps = session.run(["score", "map"], {"image": batch.numpy()})
-    torch_pred = loaded.detector.predict(batch)
+    scores, maps = session.run(["score", "map"], {"image": batch})
+    torch_pred = loaded.detector.predict(torch.from_numpy(batch))
     threshold = manifest["thresholds"]["image_threshold"]
     assert maps.shape == tuple(torch_pred.maps.shape)
     assert ((scores >= threshold) == (torch_pred.scores.numpy() >= threshold)).all()

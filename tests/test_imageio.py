@@ -15,6 +15,7 @@ from surfaceinspect.data.imageio import (
     IMAGE_EXTENSIONS,
     apply_orientation,
     discover_images,
+    greyscale,
     image_size,
     read_image,
     read_image_uint8,
@@ -37,11 +38,11 @@ def _rgb16() -> np.ndarray:
     return np.stack([x * 2011, y * 2711, (x + y) * 1201 + 1], axis=2).astype(np.uint16)
 
 
-def _expect(t: torch.Tensor, rgb: np.ndarray, scale: float, atol: float = 1e-6) -> None:
-    assert t.dtype == torch.float32 and t.is_contiguous()
+def _expect(t: np.ndarray, rgb: np.ndarray, scale: float, atol: float = 1e-6) -> None:
+    assert isinstance(t, np.ndarray) and t.dtype == np.float32 and t.flags.c_contiguous
     assert tuple(t.shape) == (3, *rgb.shape[:2])
-    ref = torch.from_numpy(rgb.astype(np.float64) / scale).permute(2, 0, 1).float()
-    assert torch.allclose(t, ref, atol=atol), float((t - ref).abs().max())
+    ref = (rgb.astype(np.float64) / scale).transpose(2, 0, 1).astype(np.float32)
+    assert np.allclose(t, ref, atol=atol, rtol=0), float(np.abs(t - ref).max())
 
 
 # ---- formats and modes -------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_jpeg_exif_orientation_applied(tmp_path: Path, orientation: int) -> None
     t = read_image(p)
     assert tuple(t.shape[1:]) == expected.shape[:2] == image_size(p)
     # Compare block centres (JPEG blurs the edges between colour blocks).
-    got = (t.permute(1, 2, 0).numpy() * 255).round()
+    got = (t.transpose(1, 2, 0) * 255).round()
     hh, ww = expected.shape[:2]
     for y in (hh // 4, 3 * hh // 4):
         for x in (ww // 4, 3 * ww // 4):
@@ -365,44 +366,73 @@ def test_read_mask_errors(tmp_path: Path) -> None:
 
 
 def test_resize_shrink_uses_area() -> None:
-    x = torch.rand(3, 9, 12)
+    x = np.random.default_rng(0).random((3, 9, 12), dtype=np.float32)
     out = resize_image(x, (3, 4))
     # Exact 3x3 means (bilinear would sample only the centre pixel of each block).
-    ref = x.reshape(3, 3, 3, 4, 3).mean(dim=(2, 4))
-    assert out.shape == (3, 3, 4) and torch.allclose(out, ref, atol=1e-6)
+    ref = x.reshape(3, 3, 3, 4, 3).mean(axis=(2, 4))
+    assert out.shape == (3, 3, 4) and np.allclose(out, ref, atol=1e-6)
 
 
 def test_resize_enlarge_uses_bilinear() -> None:
-    x = torch.tensor([[[0.0, 1.0]]]).expand(3, 1, 2).contiguous()
+    x = np.ascontiguousarray(np.broadcast_to(np.array([[[0.0, 1.0]]], np.float32), (3, 1, 2)))
     out = resize_image(x, (1, 4))
     # Bilinear (align_corners=False) on [0, 1] -> [0, .25, .75, 1]; nearest/area would give [0, 0, 1, 1].
-    assert torch.allclose(out[0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    assert np.allclose(out[0, 0], [0.0, 0.25, 0.75, 1.0])
 
 
 def test_resize_mixed_batch_and_range() -> None:
-    x = torch.rand(2, 3, 10, 40)
+    x = np.random.default_rng(1).random((2, 3, 10, 40), dtype=np.float32)
     out = resize_image(x, (20, 16))  # height grows, width shrinks
-    assert out.shape == (2, 3, 20, 16) and out.is_contiguous()
+    assert out.shape == (2, 3, 20, 16) and out.flags.c_contiguous and out.dtype == np.float32
     assert out.min() >= x.min() - 1e-6 and out.max() <= x.max() + 1e-6
     # Same result per image as unbatched.
-    assert torch.allclose(resize_image(x[1], (20, 16)), out[1])
+    assert np.allclose(resize_image(x[1], (20, 16)), out[1])
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((900, 900), (256, 256)), ((1024, 768), (256, 256)), ((300, 700), (256, 320)), ((100, 50), (256, 256)),
+     ((257, 255), (256, 256)), ((3, 2), (16, 16)), ((600, 601), (128, 512)), ((1, 1), (4, 4))],
+)  # fmt: skip
+def test_resize_is_torch_interpolate_area_then_bilinear(source, target) -> None:
+    """The arithmetic the export's input contract documents, and what the torch path computed before:
+    without torch, an exported model must be fed the pixels the parity check fed it."""
+    x = np.random.default_rng(2).random((2, 3, *source), dtype=np.float32)
+    reference = torch.from_numpy(x)
+    mid = (min(source[0], target[0]), min(source[1], target[1]))
+    if mid != source:
+        reference = torch.nn.functional.interpolate(reference, size=mid, mode="area")
+    if mid != target:
+        reference = torch.nn.functional.interpolate(reference, size=target, mode="bilinear", align_corners=False)
+    out = resize_image(x, target)
+    assert out.shape == tuple(reference.shape)
+    assert np.abs(out - reference.numpy()).max() <= 1e-6
 
 
 def test_resize_same_size_returns_copy() -> None:
-    x = torch.rand(3, 5, 5)
+    x = np.random.default_rng(3).random((3, 5, 5), dtype=np.float32)
     out = resize_image(x, 5)
-    assert torch.equal(out, x)
-    out.zero_()
-    assert x.abs().sum() > 0
+    assert np.array_equal(out, x)
+    out[:] = 0
+    assert np.abs(x).sum() > 0
 
 
 def test_resize_rejects_bad_input() -> None:
     with pytest.raises(TypeError):
-        resize_image(torch.zeros(3, 4, 4, dtype=torch.uint8), 2)
+        resize_image(np.zeros((3, 4, 4), dtype=np.uint8), 2)
     with pytest.raises(ValueError):
-        resize_image(torch.zeros(4, 4), 2)
+        resize_image(np.zeros((4, 4), np.float32), 2)
     with pytest.raises(ValueError):
-        resize_image(torch.zeros(3, 4, 4), 0)
+        resize_image(np.zeros((3, 4, 4), np.float32), 0)
+
+
+def test_greyscale_of_an_image_and_a_batch() -> None:
+    grey = np.repeat(np.random.default_rng(4).random((1, 8, 8), dtype=np.float32), 3, axis=0)
+    colour = grey.copy()
+    colour[0] += 0.2
+    assert greyscale(grey) is True and greyscale(colour) is False
+    assert greyscale(np.stack([grey, colour])).tolist() == [True, False]
+    assert greyscale((np.stack([grey, colour]) * 255).astype(np.uint8)).tolist() == [True, False]
 
 
 # ---- discovery ---------------------------------------------------------------------------------

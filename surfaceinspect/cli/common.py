@@ -84,12 +84,29 @@ def handle_errors(func: F) -> F:
             raise fail(f"interrupted{by}", EXIT_INTERRUPTED) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size or --image-size", EXIT_USAGE) from None
+        except ModuleNotFoundError as exc:
+            if run_state["debug"] or (exc.name or "").split(".")[0] not in TRAINING_PACKAGES:
+                raise
+            raise fail(training_install_hint(exc.name or "torch"), EXIT_USAGE) from None
         except Exception as exc:
             if run_state["debug"]:
                 raise
             raise _internal_or_os_error(exc) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# What the full install has and the scoring install (surfaceinspect-runtime) leaves out.
+TRAINING_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "safetensors", "sklearn", "scipy"})
+
+
+def training_install_hint(package: str) -> str:
+    """The one line for a command that needs a package of the full install, run in the scoring install."""
+    return (
+        f"this needs {package.split('.')[0]}, which this install does not have (the scoring install scores "
+        "exported models only: score, heatmap, watch, serve); train, export and benchmark on a machine with "
+        "the full install (`pip install surfaceinspect`), then score its RUN/export-onnx here"
+    )
 
 
 class Group(TyperGroup):
@@ -252,7 +269,11 @@ def _batch_option(default: str) -> Any:
 
 def _workers_option(default: str) -> Any:
     return typer.Option(
-        "--workers", min=0, metavar="N", help="Image-reading worker processes (0 = main process).", show_default=default
+        "--workers",
+        min=0,
+        metavar="N",
+        help=("Image-reading threads (0 = the main thread); DRAEM training also synthesises anomalies in N processes."),
+        show_default=default,
     )
 
 

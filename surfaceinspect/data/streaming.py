@@ -1,22 +1,33 @@
-"""Streaming image loading for training and scoring (DataLoader workers, bad files isolated).
+"""Streaming image loading for training and scoring (reader threads, bad files isolated).
 
 A file that cannot be read never aborts a run: the loader yields an item carrying the error
 instead of the image, and the engine reports it and moves on.
+
+Images are read by threads, not processes: decoding (Pillow, OpenCV) and resizing (OpenCV,
+numpy) release the GIL, threads start at once and hand over arrays without copying them between
+processes, and nothing here needs torch, so a scoring install without torch reads images the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.data.imageio import greyscale, read_image, resize_image
 from surfaceinspect.errors import ImageReadError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # An image is refused when the network would have to enlarge it more than this along an axis (a
 # 1x1 or 8x8 "image" upscaled to 256 px gives the detector nothing to look at; its score means nothing).
@@ -35,14 +46,14 @@ class LoadedImage:
 
     index: int
     path: Path
-    image: torch.Tensor | None  # (3, H, W) float in [0, 1], resized to the network input (unless not asked to)
+    image: np.ndarray | None  # (3, H, W) float32 in [0, 1], resized to the network input (unless not asked to)
     original_size: tuple[int, int]  # (H, W) of the file; (0, 0) on error
     original: np.ndarray | None = None  # uint8 HxWx3 RGB, only when asked for (heatmaps)
     error: str | None = None
     grey: bool = False  # three equal channels (a greyscale file, or colour without colour)
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset:
     """Reads and resizes image files; errors become items instead of exceptions.
 
     ``size`` is the network input ``(H, W)``: images are resized to it, or with ``resize=False``
@@ -68,7 +79,7 @@ class ImageFileDataset(Dataset):
 def load_item(
     index: int,
     path: Path,
-    read: Callable[[], torch.Tensor],
+    read: Callable[[], np.ndarray],
     size: tuple[int, int],
     keep_original: bool = False,
     resize: bool = True,
@@ -91,13 +102,32 @@ def load_item(
         return LoadedImage(index, path, None, (0, 0), error=reason)
     original = None
     if keep_original:
-        original = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    resized = (resize_image(image, size) if resize else image).clamp_(0.0, 1.0)
+        original = (image.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    resized = np.clip(resize_image(image, size) if resize else image, 0.0, 1.0, dtype=np.float32)
     return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
 
 
-def _keep_list(batch: list[LoadedImage]) -> list[LoadedImage]:
-    return batch
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` computed by ``workers`` threads (0: in this thread), results in input order.
+
+    At most ``ahead`` results are computed before the consumer takes them, so a slow consumer
+    (a network scoring batch after batch) never makes the readers hold the whole folder in memory.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    pending: collections.deque[Future[R]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surfaceinspect-read") as pool:
+        try:
+            for item in items:
+                if len(pending) >= max(1, ahead):
+                    yield pending.popleft().result()
+                pending.append(pool.submit(fn, item))
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the consumer stopped early (or failed): drop what is queued, wait for what runs
+            for future in pending:
+                future.cancel()
 
 
 def iterate_images(
@@ -108,32 +138,37 @@ def iterate_images(
     keep_original: bool = False,
     resize: bool = True,
 ) -> Iterator[list[LoadedImage]]:
-    """Yield lists of LoadedImage in file order, ``batch_size`` at a time, read by ``workers`` processes."""
+    """Yield lists of LoadedImage in file order, ``batch_size`` at a time, read by ``workers`` threads.
+
+    The readers run up to two batches per worker ahead of the consumer, as a DataLoader's prefetch would.
+    """
     dataset = ImageFileDataset(paths, size, keep_original, resize)
-    # No more workers than batches: starting a worker costs more than reading a small batch.
-    workers = min(workers, math.ceil(len(dataset) / batch_size))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_keep_list,
-        prefetch_factor=2 if workers > 0 else None,
-        persistent_workers=False,
-    )
-    yield from loader
+    batch_size = max(1, batch_size)
+    # No more workers than images: a thread with nothing to read only costs its start.
+    workers = min(workers, len(dataset))
+    items = ordered_map(dataset.__getitem__, range(len(dataset)), workers, ahead=batch_size * 2 * max(1, workers))
+    batch: list[LoadedImage] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def stack_images(items: list[LoadedImage]) -> torch.Tensor:
-    """Stack the readable items of a batch into ``(B, 3, H, W)``."""
-    return torch.stack([item.image for item in items if item.image is not None])
+def stack_images(items: list[LoadedImage]) -> np.ndarray:
+    """Stack the readable items of a batch into ``(B, 3, H, W)`` float32."""
+    return np.stack([item.image for item in items if item.image is not None])
 
 
 def load_training_images(
     paths: Sequence[Path], size: tuple[int, int], workers: int, batch_size: int = 16
 ) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
     """Read all training images as one uint8 tensor ``(N, 3, H, W)``; returns (images, ok paths, failures)."""
-    chunks: list[torch.Tensor] = []
+    import torch  # training only: scoring never comes here
+
+    chunks: list[np.ndarray] = []
     ok: list[Path] = []
     failures: list[tuple[Path, str]] = []
     for batch in iterate_images(paths, size, batch_size, workers):
@@ -141,7 +176,7 @@ def load_training_images(
             if item.image is None:
                 failures.append((item.path, item.error or "unreadable"))
             else:
-                chunks.append((item.image * 255.0 + 0.5).to(torch.uint8))
+                chunks.append((item.image * 255.0 + 0.5).astype(np.uint8))
                 ok.append(item.path)
-    images = torch.stack(chunks) if chunks else torch.empty((0, 3, *size), dtype=torch.uint8)
-    return images, ok, failures
+    images = np.stack(chunks) if chunks else np.empty((0, 3, *size), dtype=np.uint8)
+    return torch.from_numpy(images), ok, failures

@@ -16,16 +16,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from surfaceinspect.config import TilingConfig
 from surfaceinspect.data.imageio import read_image, resize_image
-from surfaceinspect.detectors import Scorer
+from surfaceinspect.data.streaming import ordered_map
 from surfaceinspect.errors import ImageReadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from surfaceinspect.detectors.scorer import Scorer
 
 # Weight of a tile's outermost pixels in the blend: small but never zero, so that pixels covered
 # by one tile only (image borders) keep exactly that tile's value.
@@ -52,18 +56,18 @@ def tile_positions(height: int, width: int, tile_hw: tuple[int, int], overlap: f
     return [(y, x) for y in ys for x in xs]
 
 
-def blend_window(height: int, width: int, overlap: float) -> torch.Tensor:
-    """Weights ``(height, width)``: 1 inside, raised-cosine ramps over the overlap margins."""
+def blend_window(height: int, width: int, overlap: float) -> np.ndarray:
+    """Weights ``(height, width)`` float32: 1 inside, raised-cosine ramps over the overlap margins."""
 
-    def ramp(n: int) -> torch.Tensor:
+    def ramp(n: int) -> np.ndarray:
         margin = round(n * overlap)
-        w = torch.ones(n)
+        w = np.ones(n, np.float32)
         if margin > 0:
-            t = (torch.arange(margin, dtype=torch.float32) + 0.5) / margin
-            edge = 0.5 - 0.5 * torch.cos(math.pi * t)
+            t = (np.arange(margin, dtype=np.float32) + np.float32(0.5)) / np.float32(margin)
+            edge = (np.float32(0.5) - np.float32(0.5) * np.cos(np.float32(math.pi) * t)).astype(np.float32)
             w[:margin] = edge
-            w[n - margin :] = torch.minimum(w[n - margin :], edge.flip(0))
-        return w.clamp_min(_WINDOW_FLOOR)
+            w[n - margin :] = np.minimum(w[n - margin :], edge[::-1])
+        return np.maximum(w, np.float32(_WINDOW_FLOOR))
 
     return ramp(height)[:, None] * ramp(width)[None, :]
 
@@ -73,7 +77,7 @@ def scaled_size(height: int, width: int, tiling: TilingConfig) -> tuple[int, int
     return max(1, round(height * tiling.scale)), max(1, round(width * tiling.scale))
 
 
-def _prepare(image: torch.Tensor, tile_hw: tuple[int, int], tiling: TilingConfig) -> torch.Tensor:
+def _prepare(image: np.ndarray, tile_hw: tuple[int, int], tiling: TilingConfig) -> np.ndarray:
     """Scale ``(3, H, W)`` by ``tiling.scale`` and reflect-pad it to at least one tile."""
     h, w = image.shape[-2:]
     target = scaled_size(h, w, tiling)
@@ -81,9 +85,9 @@ def _prepare(image: torch.Tensor, tile_hw: tuple[int, int], tiling: TilingConfig
         image = resize_image(image, target)
     pad_h, pad_w = max(0, tile_hw[0] - image.shape[-2]), max(0, tile_hw[1] - image.shape[-1])
     if pad_h or pad_w:
-        # Reflection keeps the texture; "replicate" where the image is too small to reflect.
-        mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
-        image = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)[0]
+        # Reflection keeps the texture; "edge" (replicate) where the image is too small to reflect.
+        mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "edge"
+        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
     return image
 
 
@@ -97,33 +101,32 @@ class TiledPredictor:
         self.tile_hw = detector.input_size
         self.window = blend_window(*self.tile_hw, tiling.overlap)
 
-    def predict(self, image: torch.Tensor) -> tuple[float, np.ndarray]:
+    def predict(self, image: np.ndarray) -> tuple[float, np.ndarray]:
         """Image score (the highest tile score) and the stitched map at the image's own ``(H, W)``."""
         height, width = image.shape[-2:]
         work = _prepare(image, self.tile_hw, self.tiling)
         th, tw = self.tile_hw
         positions = tile_positions(work.shape[-2], work.shape[-1], self.tile_hw, self.tiling.overlap)
-        acc = torch.zeros(work.shape[-2:], dtype=torch.float32)
-        weight = torch.zeros_like(acc)
+        acc = np.zeros(work.shape[-2:], dtype=np.float32)
+        weight = np.zeros_like(acc)
         best = -math.inf
         for start in range(0, len(positions), self.batch_size):
             chunk = positions[start : start + self.batch_size]
-            tiles = torch.stack([work[:, y : y + th, x : x + tw] for y, x in chunk])
-            prediction = self.detector.predict(tiles)
-            best = max(best, float(prediction.scores.max()))
-            for (y, x), tile_map in zip(chunk, prediction.maps, strict=True):
+            tiles = np.stack([work[:, y : y + th, x : x + tw] for y, x in chunk])
+            scores, maps = self.detector.predict_arrays(tiles)
+            best = max(best, float(np.max(scores)))
+            for (y, x), tile_map in zip(chunk, maps, strict=True):
                 acc[y : y + th, x : x + tw] += tile_map * self.window
                 weight[y : y + th, x : x + tw] += self.window
         scaled_h, scaled_w = scaled_size(height, width, self.tiling)
         stitched = (acc / weight)[:scaled_h, :scaled_w]
         if (scaled_h, scaled_w) != (height, width):
-            stitched = F.interpolate(stitched[None, None], size=(height, width), mode="bilinear", align_corners=False)[
-                0, 0
-            ]
-        return best, stitched.numpy().astype(np.float32, copy=False)
+            # the bilinear map resize of torch's F.interpolate (align_corners=False), as at scoring
+            stitched = cv2.resize(stitched, (width, height), interpolation=cv2.INTER_LINEAR)
+        return best, np.ascontiguousarray(stitched, dtype=np.float32)
 
 
-class TrainingTiles(Dataset):
+class TrainingTiles:
     """Random tiles of each training image (at most ``per_image``, seeded by image index)."""
 
     def __init__(
@@ -138,7 +141,7 @@ class TrainingTiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
             image = read_image(self.paths[index])
         except ImageReadError as exc:
@@ -150,17 +153,13 @@ class TrainingTiles(Dataset):
         positions = tile_positions(work.shape[-2], work.shape[-1], self.tile_hw, self.tiling.overlap)
         rng = np.random.default_rng([self.seed, index])
         picks = rng.permutation(len(positions))[: self.per_image]
-        tiles = torch.stack(
+        tiles = np.stack(
             [
                 work[:, positions[i][0] : positions[i][0] + th, positions[i][1] : positions[i][1] + tw]
                 for i in sorted(picks)
             ]
         )
-        return index, (tiles.clamp_(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8), None
-
-
-def _first(batch: list) -> list:
-    return batch
+        return index, (np.clip(tiles, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), None
 
 
 def load_training_tiles(
@@ -170,13 +169,14 @@ def load_training_tiles(
 
     At most ``tiling.max_train_tiles`` tiles in all, spread evenly over the images.
     """
+    import torch  # training only: scoring never comes here
+
     per_image = max(1, tiling.max_train_tiles // max(1, len(paths)))
     dataset = TrainingTiles(paths, tile_hw, tiling, per_image, seed)
-    loader = DataLoader(dataset, batch_size=1, num_workers=min(workers, len(paths)), collate_fn=_first)
-    chunks: list[torch.Tensor] = []
+    chunks: list[np.ndarray] = []
     ok: list[Path] = []
     failures: list[tuple[Path, str]] = []
-    for ((index, tiles, error),) in loader:
+    for index, tiles, error in ordered_map(dataset.__getitem__, range(len(dataset)), min(workers, len(paths)), 4):
         if tiles is None:
             failures.append((dataset.paths[index], error or "unreadable"))
         else:
@@ -184,4 +184,4 @@ def load_training_tiles(
             ok.append(dataset.paths[index])
     if not chunks:
         return torch.empty((0, 3, *tile_hw), dtype=torch.uint8), ok, failures
-    return torch.cat(chunks), ok, failures
+    return torch.from_numpy(np.concatenate(chunks)), ok, failures

@@ -188,7 +188,7 @@ def read_parity_batch(paths: Sequence[Path], size: tuple[int, int]) -> tuple[tor
     items = [item for batch in iterate_images(paths, size, len(paths), 0) for item in batch if item.image is not None]
     if not items:
         raise ExportError(f"none of the {len(paths)} parity images could be read; pass --images DIR")
-    return stack_images(items), [item.path.name for item in items]
+    return torch.from_numpy(stack_images(items)), [item.path.name for item in items]
 
 
 def manifest(

@@ -8,7 +8,8 @@ An export folder (written by ``surfaceinspect export``, see :mod:`surfaceinspect
 
 :class:`ExportedDetector` wraps such a graph as a :class:`~surfaceinspect.detectors.base.Scorer`,
 so ``score``/``heatmap`` use the same engine path (batching, tiling, records, regions) for every
-runtime; only ``predict`` differs.
+runtime; only ``predict_arrays`` differs. Nothing here imports torch: a scoring install without
+torch (``surfaceinspect-runtime``) runs exported models through this module.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from surfaceinspect.config import run_config_from_dict
-from surfaceinspect.detectors import get_detector_class
-from surfaceinspect.detectors.base import Prediction
+from surfaceinspect.detectors import get_config_class
 from surfaceinspect.errors import ConfigError, ModelDirError
+
+if TYPE_CHECKING:
+    import torch
+
+    from surfaceinspect.detectors.base import Prediction
 
 RUNTIMES = ("torch", "onnx", "openvino")
 GRAPH_RUNTIMES = ("onnx", "openvino")  # runtimes that run the exported graph
@@ -168,14 +172,14 @@ class ExportedDetector:
     def __init__(self, export_dir: Path, threads: int = 0, runtime: str = "onnx") -> None:
         manifest = read_manifest(export_dir)
         try:
-            cls = get_detector_class(str(manifest["method"]))
-            run_config = run_config_from_dict(cls.config_cls, manifest["config"])
+            method = str(manifest["method"])
+            config_cls = get_config_class(method)
+            run_config = run_config_from_dict(config_cls, manifest["config"])
         except (ConfigError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
             raise ModelDirError(f"{export_dir / MANIFEST_FILE} has an invalid config ({exc}); export again") from None
         self.run_config = run_config
-        self.device = torch.device("cpu")
-        self.name: str = cls.name  # the method the graph computes, for messages and records
-        self.config_cls = cls.config_cls
+        self.name: str = method  # the method the graph computes, for messages and records
+        self.config_cls = config_cls
         self.export_dir = export_dir
         self.manifest = manifest
         model_path = model_file(export_dir, manifest)
@@ -207,12 +211,22 @@ class ExportedDetector:
         """The network input ``(H, W)`` of the run it was exported from."""
         return self.run_config.common.input_hw()
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the graph on ``(B, 3, H, W)`` float32 in [0, 1]: scores ``(B,)`` and maps ``(B, H, W)``, float32."""
         h, w = self.input_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, h, w):
             raise ValueError(f"the exported model expects images (B, 3, {h}, {w}), got {tuple(images.shape)}")
-        scores, maps = self.run_graph(np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32))
-        return Prediction(scores=torch.from_numpy(np.asarray(scores, np.float32)), maps=torch.from_numpy(maps))
+        scores, maps = self.run_graph(np.ascontiguousarray(images, dtype=np.float32))
+        return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """:meth:`predict_arrays` with torch tensors, as :meth:`Detector.predict` (parity checks, benchmarks)."""
+        import torch
+
+        from surfaceinspect.detectors.base import Prediction
+
+        scores, maps = self.predict_arrays(images.detach().cpu().numpy())
+        return Prediction(scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
 
 
 def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = ()) -> str:

@@ -14,7 +14,8 @@ from surfaceinspect.errors import ConfigError
 
 if TYPE_CHECKING:
     from surfaceinspect.config import MethodConfig
-    from surfaceinspect.detectors.base import Detector, Prediction, Scorer, TrainContext, TrainingPaused, TrainProgress
+    from surfaceinspect.detectors.base import Detector, Prediction, TrainContext, TrainingPaused, TrainProgress
+    from surfaceinspect.detectors.scorer import Scorer
 
 _BASE_NAMES = frozenset({"Detector", "Prediction", "Scorer", "TrainContext", "TrainProgress", "TrainingPaused"})
 
@@ -68,11 +69,24 @@ def _load(target: str) -> Any:
 
 
 def get_config_class(method: str) -> type[MethodConfig]:
-    """The MethodConfig subclass of ``method`` (imports the method's package)."""
-    return get_detector_class(method).config_cls
+    """The MethodConfig subclass of ``method``.
+
+    A method's module may name it as ``CONFIG_CLASS`` (the built-in ones do), so that reading a
+    configuration (an exported model's, in a scoring install without torch) does not import the
+    detector; otherwise it is the detector class's ``config_cls``.
+    """
+    methods = registry()
+    if method not in methods:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(available_methods())}")
+    config_cls = getattr(importlib.import_module(methods[method].split(":")[0]), "CONFIG_CLASS", None)
+    return config_cls if config_cls is not None else get_detector_class(method).config_cls
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Scorer":  # torch-free: scoring an exported model imports no torch
+        from surfaceinspect.detectors.scorer import Scorer
+
+        return Scorer
     if name in _BASE_NAMES:
         from surfaceinspect.detectors import base
 

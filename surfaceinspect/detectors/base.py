@@ -21,12 +21,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from surfaceinspect.config import MethodConfig, RunConfig
 from surfaceinspect.detectors.schedule import TimeBudget
+from surfaceinspect.detectors.scorer import Scorer as Scorer  # re-exported: the interface lives beside Detector
 
 
 @dataclass
@@ -156,24 +158,6 @@ class TrainContext:
             self._last_checkpoint = time.monotonic()
 
 
-@runtime_checkable
-class Scorer(Protocol):
-    """What scoring, calibration and heatmaps need of a model: a :class:`Detector` and an exported graph
-    (:class:`~surfaceinspect.deploy.runtimes.ExportedDetector`) alike."""
-
-    name: str  # the method, for messages and records
-    run_config: RunConfig  # input geometry, batching, tiling, regions: scored exactly as trained
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """The network input ``(H, W)``."""
-        ...
-
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Score a batch ``(B, 3, H, W)`` float in [0, 1]; return CPU float32 scores and ``(B, H, W)`` maps."""
-        ...
-
-
 class Detector(ABC):
     """An anomaly detector: fit on good images, then score images and localise anomalies (a :class:`Scorer`)."""
 
@@ -224,6 +208,14 @@ class Detector(ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
         """Score a batch ``(B, 3, H, W)`` float in [0, 1]; return CPU float32 scores and ``(B, H, W)`` maps."""
+
+    def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` on numpy arrays (the :class:`Scorer` interface the scoring engine uses)."""
+        prediction = self.predict(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        return (
+            prediction.scores.numpy().astype(np.float32, copy=False),
+            prediction.maps.numpy().astype(np.float32, copy=False),
+        )
 
     def inference_module(self) -> torch.nn.Module:
         """``predict`` as one float32 ``nn.Module`` for export: images ``(B, 3, H, W)`` in [0, 1] -> (scores, maps).

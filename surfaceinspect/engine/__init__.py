@@ -17,6 +17,8 @@ here (``engine.train``, ``engine.load``, ``engine.run_inference`` ...):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from surfaceinspect.engine.calibration import (
     calibrate_detector,
     labelled_split,
@@ -67,21 +69,51 @@ from surfaceinspect.engine.scoring import (
     drift_monitor,
     score_folder,
 )
-from surfaceinspect.engine.training import (
-    FittedDetector,
-    TrainingPlan,
-    TrainResult,
-    execute_training,
-    fit_plan,
-    plan_resume,
-    plan_training,
-    prepare_run_dir,
-    require_labelled_calibration,
-    resume,
-    train,
-    training_split,
-)
 from surfaceinspect.ui import Reporter
+
+# Training needs torch; scoring an exported model must not import it (the install without torch),
+# so the training names load on first use.
+_TRAINING_NAMES = frozenset(
+    {
+        "FittedDetector",
+        "TrainingPlan",
+        "TrainResult",
+        "execute_training",
+        "fit_plan",
+        "plan_resume",
+        "plan_training",
+        "prepare_run_dir",
+        "require_labelled_calibration",
+        "resume",
+        "train",
+        "training_split",
+    }
+)
+
+if TYPE_CHECKING:
+    from surfaceinspect.engine.training import (
+        FittedDetector,
+        TrainingPlan,
+        TrainResult,
+        execute_training,
+        fit_plan,
+        plan_resume,
+        plan_training,
+        prepare_run_dir,
+        require_labelled_calibration,
+        resume,
+        train,
+        training_split,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING_NAMES:
+        from surfaceinspect.engine import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ASPECT_RANGE_MARGIN",

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from surfaceinspect.config import CommonConfig, RunConfig, list_profiles, resolve_keep_aspect
 from surfaceinspect.data.imageio import image_size, read_image, resize_image
@@ -82,16 +81,16 @@ def shared_structure(
     rows = []
     for path in _spread_sample(paths, sample)[:sample]:
         try:
-            grey = resize_image(read_image(path), side).mean(dim=0)
+            grey = resize_image(read_image(path), side).mean(axis=0, dtype=np.float64)
         except Exception:  # noqa: BLE001 - unreadable files are reported when the images are read
             continue
-        spread = grey.std()
+        spread = grey.std(ddof=1)  # as torch.std
         if float(spread) > 1e-6:  # a flat image has no pattern to compare
             rows.append((grey - grey.mean()) / spread)
     n = len(rows)
     if n < 4:
         return None
-    common = float(torch.stack(rows).mean(dim=0).var(correction=0))
+    common = float(np.stack(rows).mean(axis=0).var())
     return min(1.0, max(0.0, (common - 1.0 / n) / (1.0 - 1.0 / n)))
 
 

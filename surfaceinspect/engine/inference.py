@@ -1,4 +1,4 @@
-"""The inference core shared by score, heatmap, calibration and benchmark."""
+"""The inference core shared by score, heatmap, calibration and benchmark (numpy; torch only inside a Detector)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.analysis.regions import find_regions
-from surfaceinspect.config import RunConfig
 from surfaceinspect.data.streaming import LoadedImage, iterate_images, stack_images
 from surfaceinspect.data.tiling import TiledPredictor
-from surfaceinspect.detectors import Scorer
-from surfaceinspect.device import configure_threads, resolve_device
+from surfaceinspect.detectors.scorer import Scorer
 from surfaceinspect.engine.checks import ImageCheck
 from surfaceinspect.engine.inputs import relative_name
 from surfaceinspect.storage.records import ScoreRecord, utc_now
-
-
-def prepare_device(run_config: RunConfig) -> torch.device:
-    configure_threads(run_config.common.threads)
-    torch.manual_seed(run_config.common.seed)
-    return resolve_device(run_config.common.device)
 
 
 @dataclass
@@ -46,9 +37,8 @@ def predict_items(
         return []
     if tiler is not None:
         return [tiler.predict(item.image) for item in items if item.image is not None]
-    prediction = detector.predict(stack_images(items))
-    maps = prediction.maps.numpy().astype(np.float32, copy=False)
-    return [(float(score), maps[i]) for i, score in enumerate(prediction.scores.tolist())]
+    scores, maps = detector.predict_arrays(stack_images(items))
+    return [(float(score), maps[i]) for i, score in enumerate(scores.tolist())]
 
 
 def run_inference(

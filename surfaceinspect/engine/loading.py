@@ -10,7 +10,7 @@ from typing import Any
 from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.deploy import runtimes
 from surfaceinspect.detectors import Scorer
-from surfaceinspect.device import configure_threads, resolve_device
+from surfaceinspect.device import configure_threads, resolve_device, torch_installed
 from surfaceinspect.errors import ModelDirError
 from surfaceinspect.storage import modeldir
 
@@ -49,16 +49,17 @@ def load(
     a model whose calibration is missing, damaged or another model's, with ``calibration`` None.
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
-    configure_threads(threads)
-    torch_device = None  # resolved only where torch may score: --runtime onnx ignores --device
     if runtime in (None, "auto"):
-        torch_device = resolve_device(device)
-        runtime = runtimes.auto_runtime(run_dir, torch_device.type == "cpu", inference_sets)
+        # Without torch nothing can score on a GPU (nor with torch at all): the export it is.
+        on_cpu = device == "cpu" or not torch_installed() or resolve_device(device).type == "cpu"
+        runtime = runtimes.auto_runtime(run_dir, on_cpu, inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
+        # torch stays unimported here: --runtime onnx ignores --device, and --threads goes to onnxruntime
         detector, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
         runtime = detector.runtime
     else:
-        detector, metadata = modeldir.load_model(run_dir, torch_device or resolve_device(device), inference_sets)
+        configure_threads(threads)
+        detector, metadata = modeldir.load_model(run_dir, resolve_device(device), inference_sets)
     notes: list[str] = []
     calibration = _load_calibration(run_dir, metadata, notes, required=need_calibration)
     identity = modeldir.verify_sums(

@@ -16,9 +16,9 @@ from surfaceinspect.data.imageio import greyscale, supported_suffixes
 from surfaceinspect.data.streaming import load_training_images
 from surfaceinspect.data.tiling import load_training_tiles
 from surfaceinspect.detectors import Detector, TrainContext, TrainingPaused, get_detector_class
+from surfaceinspect.device import configure_threads, resolve_device
 from surfaceinspect.engine.calibration import calibrate_detector, labelled_split
 from surfaceinspect.engine.geometry import aspect_summary, geometry_text, resolve_geometry, suggest_profile
-from surfaceinspect.engine.inference import prepare_device
 from surfaceinspect.engine.inputs import (
     colour_mode,
     find_images,
@@ -70,6 +70,13 @@ class TrainingPlan:
     def resumed(self) -> bool:
         return self.resume_state is not None
 
+
+
+def prepare_device(run_config: RunConfig) -> torch.device:
+    """Threads, seed and device of a training run."""
+    configure_threads(run_config.common.threads)
+    torch.manual_seed(run_config.common.seed)
+    return resolve_device(run_config.common.device)
 
 def _detector_class(method: str) -> type[Detector]:
     """The method's detector; its data-parallel variant when the train command runs under torchrun."""
@@ -291,7 +298,7 @@ def fit_plan(plan: TrainingPlan, *, reporter: Reporter, pause_at_step: int | Non
         view.close()
     summary = {
         **summary,
-        "image_colour": colour_mode(greyscale(images).tolist()),
+        "image_colour": colour_mode(greyscale(images.numpy()).tolist()),
         **aspect_summary(plan.train_files),
         "n_train_images": len(ok_paths),
         "n_train_inputs": int(images.shape[0]),  # tiles with common.tiling, else images

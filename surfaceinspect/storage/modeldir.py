@@ -33,18 +33,21 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from typing import TYPE_CHECKING, Any
 
 import surfaceinspect
 from surfaceinspect.config import run_config_from_dict, with_inference_overrides
-from surfaceinspect.detectors import Detector, get_detector_class
+from surfaceinspect.detectors import get_detector_class
 from surfaceinspect.errors import ConfigError, ModelDirError
 from surfaceinspect.storage.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from surfaceinspect.detectors import Detector
+
+# torch and safetensors are imported by the functions that save or load weights and checkpoints,
+# not here: a scoring install without torch reads metadata, calibration and SHA256SUMS through this module.
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -363,6 +366,7 @@ def dataset_fingerprint(root: Path, files: list[Path]) -> dict[str, Any]:
 
 def environment_versions() -> dict[str, str]:
     import numpy
+    import torch
 
     return {
         "surfaceinspect": surfaceinspect.__version__,
@@ -385,6 +389,8 @@ def save_model(
     The caller writes the calibration and then :func:`write_sums`; ``metadata["manifest"]`` says
     that this directory must have one (a directory without it is incomplete, not old).
     """
+    from safetensors.torch import save as safetensors_save
+
     state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
     data = safetensors_save(state, metadata={"format_version": str(FORMAT_VERSION), "method": detector.name})
     write_bytes_atomic(run_dir / WEIGHTS_FILE, data)
@@ -436,6 +442,9 @@ def load_model(
 
     ``inference_sets`` (``section.key=value``) replace inference settings of the stored config.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as safetensors_load
+
     metadata = read_metadata(run_dir)
     method = metadata.get("method")
     try:
@@ -488,6 +497,8 @@ class TrainCheckpoint:
 
 def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
     """Write ``checkpoint.pt`` atomically (a kill during the write keeps the previous checkpoint)."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(
         {
@@ -507,6 +518,8 @@ def save_checkpoint(run_dir: Path, checkpoint: TrainCheckpoint) -> None:
 
 def load_checkpoint(run_dir: Path) -> TrainCheckpoint:
     """Read ``checkpoint.pt`` with ``weights_only=True``."""
+    import torch
+
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise ModelDirError(f"{path} does not exist; there is no interrupted training to resume in {run_dir}")

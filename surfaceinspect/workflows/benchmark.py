@@ -169,21 +169,22 @@ def _train_auto(args: dict[str, Any], reporter: Reporter, sets: list[str]) -> tu
 # child process 2: inference timing and evaluation
 
 
-def _time_inference(detector: Any, images: torch.Tensor, n_single: int) -> dict[str, float]:
+def _time_inference(detector: Any, images: np.ndarray, n_single: int) -> dict[str, float]:
+    """Network speed as scoring calls it (``predict_arrays``: torch or the exported graph), at batch 1 and batched."""
     batch_size = detector.run_config.common.batch_size
     for _ in range(2):  # warm-up: allocator, one-off kernel selection
-        detector.predict(images[:1])
+        detector.predict_arrays(images[:1])
     latencies = []
     for i in range(n_single):
         start = time.perf_counter()
-        detector.predict(images[i % len(images)].unsqueeze(0))
+        detector.predict_arrays(images[i % len(images)][None])
         latencies.append(time.perf_counter() - start)
-    batch = images.repeat(batch_size // len(images) + 1, 1, 1, 1)[:batch_size]
-    detector.predict(batch)
+    batch = np.concatenate([images] * (batch_size // len(images) + 1))[:batch_size]
+    detector.predict_arrays(batch)
     rounds = max(2, n_single // batch_size)
     start = time.perf_counter()
     for _ in range(rounds):
-        detector.predict(batch)
+        detector.predict_arrays(batch)
     batched = time.perf_counter() - start
     latencies.sort()
     return {
@@ -270,7 +271,7 @@ def _eval_child(args: dict[str, Any], queue: Any) -> None:
             stack_images([i for i in batch if i.image is not None])
             for batch in iterate_images(timing_paths, common.input_hw(), common.batch_size, 0)
         ]
-        timings = _time_inference(model.detector, torch.cat(timing_images), n_single)
+        timings = _time_inference(model.detector, np.concatenate(timing_images), n_single)
         timings["peak_rss_inference_mb"] = peak_rss_mb()
         scores: list[float] = []
         maps: list[np.ndarray | None] = []

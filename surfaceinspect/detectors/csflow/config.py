@@ -8,7 +8,7 @@ from typing import ClassVar
 from surfaceinspect.config import CommonConfig, MethodConfig
 from surfaceinspect.errors import ConfigError
 
-from .backbones import BACKBONES, available_backbones, resolve_weights
+from .backbone_specs import BACKBONES, available_backbones
 
 MAP_MODES = ("largest", "product")
 SCORE_MODES = ("mean", "max", "topk")
@@ -137,4 +137,6 @@ class CSFlowConfig(MethodConfig):
 
     def check_resources(self) -> None:
         """Raise BackboneWeightsError (one line) now if the backbone's pretrained weights are absent."""
+        from .backbones import resolve_weights  # torch: only training comes here
+
         resolve_weights(self.backbone, self.backbone_weights or None)
