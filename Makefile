@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint format bench dist dist-check clean
+.PHONY: install test test-fast demo lint format bench dist dist-check slim-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,9 @@ test-fast: $(STAMP)  ## the suite without the tests marked slow (model training 
 demo: $(STAMP)  ## train on a generated dataset, score it, write heatmaps (a few minutes on a CPU)
 	$(BIN)/python -m surfaceinspect demo --out demo_output
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the runtime distribution's dependency split against pyproject.toml
 	$(BIN)/ruff check .
+	$(BIN)/python packaging/runtime/build_runtime.py --check
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -33,11 +34,18 @@ bench: $(STAMP)  ## benchmark both methods (cpu profiles) on ../shared/data; wri
 	$(BIN)/python -m surfaceinspect benchmark ../shared/data/mtd ../shared/data/mvtec_bottle \
 		--method draem --method csflow --profile cpu --out bench_output
 
-dist: $(STAMP)  ## build the wheel and sdist into dist/ (what a line PC installs: docs/deploy.md)
+# Two distributions from this one repository: surfaceinspect (everything, with torch) and
+# surfaceinspect-runtime (scoring exported models only, no torch). A second distribution and not an
+# extra because extras can only add dependencies: see packaging/runtime/build_runtime.py.
+dist: $(STAMP)  ## build surfaceinspect (wheel + sdist) and surfaceinspect-runtime (torch-free scoring: wheel + sdist) into dist/ (docs/deploy.md)
 	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python packaging/runtime/build_runtime.py --outdir dist
 
 dist-check: $(STAMP)  ## build, install the wheel into a fresh venv, run it there (a few minutes; not part of `make test`)
 	PYTHON=$(BIN)/python scripts/dist_check.sh
+
+slim-check: $(STAMP)  ## install the runtime wheel from PyPI into a fresh venv (no torch), score there a model the full install trains (a few minutes, downloads ~100 MB)
+	PYTHON=$(BIN)/python scripts/slim_check.sh
 
 clean:
 	rm -rf $(VENV) demo_output bench_output dist .pytest_cache .ruff_cache
