@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from surfaceinspect.errors import ConfigError
@@ -32,6 +33,18 @@ def torch_installed() -> bool:
         return importlib.util.find_spec("torch") is not None
     except (ImportError, ValueError):  # ValueError: a None in sys.modules (how a test hides torch)
         return False
+
+
+# Device files a CUDA (NVIDIA) or ROCm (AMD) GPU driver creates on Linux: where none exists, torch
+# cannot see a GPU, so ``--device auto`` need not import torch (2 s and 500 MB) to learn that.
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
+
+
+def gpu_possible() -> bool:
+    """False only where no GPU can be used for certain (Linux without a GPU driver); True otherwise."""
+    if not sys.platform.startswith("linux"):
+        return True  # no cheap certainty elsewhere: ask torch
+    return any(os.path.exists(path) for path in _GPU_DRIVER_FILES)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -162,3 +162,24 @@ def test_commands_that_need_torch_say_so_in_one_line(exported_run, synthetic_dat
     assert version.returncode == EXIT_OK and version.stdout.startswith("surfaceinspect ")
     profiles = without_torch("profiles")
     assert profiles.returncode == EXIT_OK and "draem" in profiles.stdout and "csflow" in profiles.stdout
+
+
+def test_the_full_install_scores_an_export_on_a_cpu_machine_without_importing_torch(exported_run, synthetic_dataset):
+    """`--device auto` asks torch for a GPU only where a GPU driver exists: on a line PC without one, the full
+    install starts as fast as the runtime (torch's import alone costs about 2 s and 500 MB)."""
+    from surfaceinspect.device import gpu_possible
+
+    if gpu_possible():
+        pytest.skip("a GPU driver is present: --device auto must ask torch")
+    code = (
+        "import sys; from surfaceinspect import engine; from surfaceinspect.engine import run_inference; "
+        f"m = engine.load({str(exported_run)!r}, device='auto'); "
+        f"r = list(run_inference([__import__('pathlib').Path({str(synthetic_dataset / 'test' / 'good' / '000.png')!r})], "
+        "__import__('pathlib').Path('.'), m.detector, m.calibration, batch_size=1, workers=0)); "
+        "print(m.runtime, r[0].record.verdict, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    runtime, verdict, torch_loaded = result.stdout.split()
+    assert runtime == "onnx" and verdict in ("good", "defect") and torch_loaded == "False"

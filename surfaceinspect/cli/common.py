@@ -103,9 +103,9 @@ TRAINING_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "sa
 def training_install_hint(package: str) -> str:
     """The one line for a command that needs a package of the full install, run in the scoring install."""
     return (
-        f"this needs {package.split('.')[0]}, which this install does not have (the scoring install scores "
-        "exported models only: score, heatmap, watch, serve); train, export and benchmark on a machine with "
-        "the full install (`pip install surfaceinspect`), then score its RUN/export-onnx here"
+        f"{package.split('.')[0]} is not installed: this install scores exported models only (score, heatmap, "
+        "watch, serve: surfaceinspect-runtime); train, export and benchmark with the full install "
+        "(`pip install surfaceinspect`), then score its RUN/export-onnx here"
     )
 
 

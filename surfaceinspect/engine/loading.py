@@ -10,7 +10,7 @@ from typing import Any
 from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.deploy import runtimes
 from surfaceinspect.detectors import Scorer
-from surfaceinspect.device import configure_threads, resolve_device, torch_installed
+from surfaceinspect.device import configure_threads, gpu_possible, resolve_device, torch_installed
 from surfaceinspect.errors import ModelDirError
 from surfaceinspect.storage import modeldir
 
@@ -50,8 +50,13 @@ def load(
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     if runtime in (None, "auto"):
-        # Without torch nothing can score on a GPU (nor with torch at all): the export it is.
-        on_cpu = device == "cpu" or not torch_installed() or resolve_device(device).type == "cpu"
+        # Without torch, or without a GPU driver, nothing scores on a GPU: then torch is not even imported.
+        on_cpu = (
+            device == "cpu"
+            or not torch_installed()
+            or (device == "auto" and not gpu_possible())
+            or resolve_device(device).type == "cpu"
+        )
         runtime = runtimes.auto_runtime(run_dir, on_cpu, inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
         # torch stays unimported here: --runtime onnx ignores --device, and --threads goes to onnxruntime
