@@ -152,12 +152,14 @@ def test_commands_that_need_torch_say_so_in_one_line(exported_run, synthetic_dat
         ["train", "-m", "draem", synthetic_dataset / "train" / "good", "--out", tmp_path / "run", "--no-export"],
         ["score", synthetic_dataset / "test", "--model", exported_run, "--runtime", "torch"],
         ["export", "--model", exported_run, "--out", tmp_path / "export"],
+        ["demo", "--out", tmp_path / "demo"],
+        ["benchmark", synthetic_dataset, "--out", tmp_path / "bench"],
     ):
         result = without_torch(*args)
         assert result.returncode == EXIT_USAGE, (args, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and "pip install surfaceinspect" in lines[0], lines
-    assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()
+    assert not [p.name for p in tmp_path.iterdir()]  # refused before writing anything
     version = without_torch("--version")
     assert version.returncode == EXIT_OK and version.stdout.startswith("surfaceinspect ")
     profiles = without_torch("profiles")
@@ -171,11 +173,12 @@ def test_the_full_install_scores_an_export_on_a_cpu_machine_without_importing_to
 
     if gpu_possible():
         pytest.skip("a GPU driver is present: --device auto must ask torch")
+    image = synthetic_dataset / "test" / "good" / "000.png"
     code = (
-        "import sys; from surfaceinspect import engine; from surfaceinspect.engine import run_inference; "
+        "import sys; from pathlib import Path; from surfaceinspect import engine; "
         f"m = engine.load({str(exported_run)!r}, device='auto'); "
-        f"r = list(run_inference([__import__('pathlib').Path({str(synthetic_dataset / 'test' / 'good' / '000.png')!r})], "
-        "__import__('pathlib').Path('.'), m.detector, m.calibration, batch_size=1, workers=0)); "
+        f"r = list(engine.run_inference([Path({str(image)!r})], Path('.'), m.detector, m.calibration, "
+        "batch_size=1, workers=0)); "
         "print(m.runtime, r[0].record.verdict, 'torch' in sys.modules)"
     )
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}

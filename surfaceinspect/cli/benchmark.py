@@ -88,6 +88,7 @@ def benchmark(
     from surfaceinspect.storage.outputs import prepare_output_dir
     from surfaceinspect.workflows.benchmark import BenchmarkOptions, run_benchmark
 
+    common.require_full_install()
     reporter = common.make_reporter(quiet)
     prepare_output_dir(out, datasets, force=force)
     if keep_models is not None:

@@ -100,6 +100,15 @@ def handle_errors(func: F) -> F:
 TRAINING_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "safetensors", "sklearn", "scipy"})
 
 
+def require_full_install() -> None:
+    """Refuse at once, in one line, a command that needs torch where it is not installed (surfaceinspect-runtime),
+    before it writes anything (``demo`` would generate its data set first)."""
+    from surfaceinspect.device import torch_installed
+
+    if not torch_installed():
+        raise ConfigError(training_install_hint("torch"))
+
+
 def training_install_hint(package: str) -> str:
     """The one line for a command that needs a package of the full install, run in the scoring install."""
     return (

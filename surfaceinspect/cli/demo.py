@@ -30,6 +30,7 @@ def demo(
     """End-to-end tour on a generated dataset: train, score, heatmaps (a few minutes on a CPU)."""
     from surfaceinspect.workflows.demo import run_demo
 
+    common.require_full_install()
     reporter = common.make_reporter(quiet)
     lines = run_demo(out, method or available_methods(), reporter)
     for line in lines:

@@ -66,6 +66,7 @@ def export(
     """
     from surfaceinspect.deploy.export import export_run
 
+    common.require_full_install()
     reporter = run.reporter()
     loaded = run.load(model, reporter, "; exporting, then checking parity...", device="cpu", runtime="torch")
     result = export_run(

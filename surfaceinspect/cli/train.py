@@ -152,6 +152,8 @@ def train(
     from surfaceinspect.storage import modeldir
     from surfaceinspect.workflows import auto
 
+    if not print_config:
+        common.require_full_install()
     reporter = common.make_reporter(quiet)
     export_threads = None if no_export else threads or 0  # torch threads of the closing export; None: none
     method_options: dict[str, str] = ctx.meta.get("method_options", {})
