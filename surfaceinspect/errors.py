@@ -16,6 +16,7 @@ EXIT_UNREADABLE = 3  # some images could not be read, none of the readable ones 
 EXIT_INTERNAL = 4  # a bug in surfaceinspect; rerun with --debug and report the traceback
 EXIT_DRIFT = 5  # only with --fail-on-drift: the good scores drifted from calibration (verdicts in doubt)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`score --json | head`): stopped, as a process SIGPIPE ends
 
 
 class SurfaceInspectError(Exception):

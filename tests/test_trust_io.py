@@ -508,3 +508,23 @@ def test_item13_damaged_model_files_exit_2_and_a_manifest_cannot_point_outside(t
             os.symlink("/etc/passwd", export / name)  # a link leading out of the folder
         (export / "export.json").write_text(json.dumps({**manifest, "model_file": name}))
         refused(export, f"names the model file {name!r}, which is not a file of the export folder")
+
+
+def test_score_json_into_a_reader_that_stops_exits_141_quietly_and_keeps_its_records(slow_model, synthetic_dataset,
+                                                                                   tmp_path):  # fmt: skip
+    """`score --json | head -1`: no "internal error" (exit 4) when the pipe closes; the records so far are kept."""
+    output = tmp_path / "records.jsonl"
+    proc = cli_process(tmp_path, "score", synthetic_dataset / "test", "--model", slow_model, "--json", "-o", output)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # what head does after its line
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads(first)["verdict"] in ("good", "defect")
+    assert proc.returncode == 141, stderr
+    assert "internal error" not in stderr and "Traceback" not in stderr
+    partial = tmp_path / "records.jsonl.part"
+    assert not output.exists() and records(partial)[0]["path"] == json.loads(first)["path"]

@@ -26,6 +26,7 @@ from surfaceinspect.cli.common import (
     reflow_help,
     run_state,
     show_warning,
+    stdout_closed,
 )
 from surfaceinspect.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
@@ -76,6 +77,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print_error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # outside a command (e.g. --help | head)
+        sys.exit(stdout_closed().exit_code)
     except Exception as exc:  # the last line of defence for the exit code
         if run_state["debug"]:
             raise

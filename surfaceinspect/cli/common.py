@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ from surfaceinspect import cli
 from surfaceinspect.cli.reporting import report_model
 from surfaceinspect.detectors import available_methods
 from surfaceinspect.errors import (
+    EXIT_BROKEN_PIPE,
     EXIT_DRIFT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -39,7 +41,8 @@ from surfaceinspect.ui import styled
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images good · 1 at least one defect (0 with --no-fail-on-defect) · 3 some images unreadable "
     "(no defect) · 2 usage, input, output, config or model error · 4 internal error (rerun with --debug) · "
-    "5 drift detected (score and watch, only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM)."
+    "5 drift detected (score and watch, only with --fail-on-drift) · 130 interrupted (Ctrl-C or SIGTERM) · "
+    "141 the standard output was closed by its reader (| head)."
 )
 
 
@@ -59,6 +62,18 @@ def print_error(message: str) -> None:
 def fail(message: str, code: int) -> typer.Exit:
     print_error(message)
     return typer.Exit(code)
+
+
+def stdout_closed() -> typer.Exit:
+    """The reader of the standard output went away (``score --json | head -1``): stop quietly with 141.
+
+    As ``head`` expects of a process it stops reading from (SIGPIPE's exit status); records already
+    written to ``--output`` are kept as on Ctrl-C. Standard output is pointed at /dev/null so the
+    interpreter's last flush cannot raise again.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def handle_errors(func: F) -> F:
@@ -84,6 +99,8 @@ def handle_errors(func: F) -> F:
             raise fail(f"interrupted{by}", EXIT_INTERRUPTED) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size or --image-size", EXIT_USAGE) from None
+        except BrokenPipeError:
+            raise stdout_closed() from None
         except ModuleNotFoundError as exc:
             if run_state["debug"] or (exc.name or "").split(".")[0] not in TRAINING_PACKAGES:
                 raise
