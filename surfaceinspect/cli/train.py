@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -230,38 +229,12 @@ def _config_or_data(print_config: bool, config_text: Any, data_dir: Path | None,
 
 
 def _export_run(result: Any, reporter: Any, threads: int | None) -> str:
-    """Export the trained run to RUN/export-onnx as ``surfaceinspect export`` does; returns the run's model id.
-
-    ``threads`` None: no export (``--no-export``). The model is complete before the export starts, so a
-    refused export (parity, an operator the exporter lacks, a missing package) is a warning: the run
-    scores with torch, train exits 0. The export adds its files to the run's SHA256SUMS, which changes
-    the model id (the one records carry), so the id printed is read back after it.
-    """
+    """Export the trained run to RUN/export-onnx (``threads`` None: ``--no-export``); returns the run's model id."""
     if threads is None:
         return str(result.model_id)
-    from surfaceinspect import engine
-    from surfaceinspect.deploy.export import export_run, first_line
-    from surfaceinspect.errors import SurfaceInspectError
-    from surfaceinspect.storage import modeldir
+    from surfaceinspect.deploy.export import export_after_training
 
-    run_dir = result.run_dir
-    reporter.info("exporting to ONNX and checking parity (skip with --no-export)...")
-    started = time.monotonic()
-    try:
-        # a fresh load, as `export` does: under torchrun, rank 0's detector is the data-parallel one
-        loaded = engine.load(run_dir, device="cpu", threads=threads, runtime="torch")
-        exported = export_run(loaded.run_dir, loaded.detector, loaded.calibration, loaded.metadata)
-    except Exception as exc:  # noqa: BLE001 - the model is saved: any failure of the export is a warning
-        why = str(exc) if isinstance(exc, SurfaceInspectError) else f"{type(exc).__name__}: {first_line(exc)}"
-        reporter.warn(
-            f"no ONNX export ({why}); the model scores with torch. Retry with: surfaceinspect export --model {run_dir}"
-        )
-        return str(result.model_id)
-    reporter.info(
-        ("exported", "green"),
-        f" {exported.out_dir} in {time.monotonic() - started:.1f} s (parity on {exported.parity.n_images} images)",
-    )
-    return modeldir.verify_sums(run_dir, expected=True).model_id
+    return export_after_training(result.run_dir, reporter, threads) or str(result.model_id)
 
 
 def _print_trained(result: Any, reporter: Any, model_id: str) -> None:

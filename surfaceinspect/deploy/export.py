@@ -22,6 +22,7 @@ import dataclasses
 import datetime as _dt
 import io
 import logging
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from surfaceinspect.errors import SurfaceInspectError
 from surfaceinspect.storage import modeldir
 from surfaceinspect.storage.atomic import write_bytes_atomic, write_json_atomic
 from surfaceinspect.storage.outputs import prepare_output_dir
+from surfaceinspect.ui import Reporter
 
 FORMATS = ("onnx",)
 OPSET = 18
@@ -365,3 +367,32 @@ def export_run(
     if out_dir.resolve() == (run_dir / modeldir.EXPORT_SUBDIR).resolve():  # the run's own export: part of the run
         modeldir.write_sums(run_dir, changed=[f"{modeldir.EXPORT_SUBDIR}/{name}" for name in modeldir.EXPORT_FILES])
     return ExportResult(out_dir, report, files, other)
+
+
+def export_after_training(run_dir: Path, reporter: Reporter, threads: int = 0) -> str | None:
+    """Export a just-trained run to RUN/export-onnx as ``surfaceinspect export`` does (``train``, ``demo``).
+
+    Returns the run's model id after the export (the export adds its files to the run's SHA256SUMS,
+    which changes the id records carry), or None when the export was refused. The model is complete
+    before the export starts, so a refusal (parity, an operator the exporter lacks, a missing
+    package) is a warning: the run scores with torch.
+    """
+    from surfaceinspect import engine
+
+    reporter.info("exporting to ONNX and checking parity (skip with --no-export)...")
+    started = time.monotonic()
+    try:
+        # a fresh load, as `export` does: under torchrun, rank 0's detector is the data-parallel one
+        loaded = engine.load(run_dir, device="cpu", threads=threads, runtime="torch")
+        exported = export_run(loaded.run_dir, loaded.detector, loaded.calibration, loaded.metadata)
+    except Exception as exc:  # noqa: BLE001 - the model is saved: any failure of the export is a warning
+        why = str(exc) if isinstance(exc, SurfaceInspectError) else f"{type(exc).__name__}: {first_line(exc)}"
+        reporter.warn(
+            f"no ONNX export ({why}); the model scores with torch. Retry with: surfaceinspect export --model {run_dir}"
+        )
+        return None
+    reporter.info(
+        ("exported", "green"),
+        f" {exported.out_dir} in {time.monotonic() - started:.1f} s (parity on {exported.parity.n_images} images)",
+    )
+    return modeldir.verify_sums(run_dir, expected=True).model_id

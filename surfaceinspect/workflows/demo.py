@@ -6,6 +6,7 @@ from pathlib import Path
 
 from surfaceinspect import engine
 from surfaceinspect.data.synthetic import make_dataset
+from surfaceinspect.deploy.export import export_after_training
 from surfaceinspect.profiles import resolve_run_config
 from surfaceinspect.storage.outputs import prepare_output_dir
 from surfaceinspect.storage.records import RecordWriter
@@ -34,6 +35,7 @@ def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]
         run_dir = out_dir / "runs" / method
         reporter.info((method, "bold"), f": training for about {DEMO_TIME_BUDGET_MIN} minutes")
         result = engine.train(data / "train" / "good", run_config, reporter=reporter, run_dir=run_dir, force=True)
+        export_after_training(result.run_dir, reporter)  # as train does: scoring below runs the ONNX export
         model = engine.load(result.run_dir)
         records = out_dir / f"{method}_scores.csv"
         writer = RecordWriter.open(records)
@@ -47,7 +49,7 @@ def run_demo(out_dir: Path, methods: list[str], reporter: Reporter) -> list[str]
         heatmaps = out_dir / f"{method}_heatmaps"
         engine.heatmap_folder(model, data / "test", heatmaps, reporter=reporter)
         lines += [
-            f"{method}: model {result.run_dir}",
+            f"{method}: model {result.run_dir} (scored with {model.runtime})",
             f"  scored {summary.total} test images: {summary.n_good} good, {summary.n_defect} defect "
             f"(the test set has 12 good and 12 defective) -> {records}",
             f"  heatmaps: {heatmaps}/index.html",
