@@ -14,8 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from surfaceinspect.config import CommonConfig, RunConfig
 from surfaceinspect.detectors.base import TrainContext
-from surfaceinspect.detectors.csflow import CSFlowConfig, CSFlowDetector
-from surfaceinspect.detectors.csflow import backbones as bb
+from surfaceinspect.detectors.csflow import CSFlowConfig, CSFlowDetector, backbones as bb
 from surfaceinspect.detectors.csflow.detector import image_scores
 from surfaceinspect.detectors.csflow.flow import CSFlow, nll_per_dim, soft_clamp
 from surfaceinspect.errors import BackboneWeightsError, ConfigError, TrainingError

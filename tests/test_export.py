@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_exports import TRAIN_ARGS
 from typer.testing import CliRunner
 
 from surfaceinspect import engine
@@ -22,13 +23,6 @@ from surfaceinspect.errors import EXIT_OK, EXIT_USAGE, ModelDirError
 
 pytest.importorskip("onnxruntime")
 
-TRAIN = {
-    "draem": ["--image-size", "64", "--set", "draem.steps=20", "--set", "draem.recon_width=8",
-              "--set", "draem.disc_width=4", "--set", "draem.recon_levels=3", "--set", "draem.disc_levels=3"],
-    "csflow": ["--image-size", "96", "--epochs", "2", "--set", "csflow.hidden_channels=16",
-               "--set", "csflow.n_blocks=2", "--set", "csflow.kernel_sizes=[3,5]",
-               "--set", "csflow.feature_stage=3"],
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=available_methods())
@@ -38,7 +32,7 @@ def exported_run(request, synthetic_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"run_{method}") / "run"
     runner = CliRunner()
     args = ["train", "--method", method, str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
-            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", *TRAIN[method]]  # fmt: skip
+            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", *TRAIN_ARGS[method]]  # fmt: skip
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == EXIT_OK, result.output
     assert f"exported {run_dir / runtimes.DEFAULT_EXPORT_SUBDIR} in " in " ".join(result.output.split())
@@ -337,7 +331,7 @@ def test_tiled_run_exports_the_tile_graph_and_scores_alike(synthetic_dataset, tm
     runner = CliRunner()
     args = ["train", "--method", "draem", str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
             "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", "--no-export",
-            "--set", "common.tiling.enabled=true", *TRAIN["draem"]]  # fmt: skip
+            "--set", "common.tiling.enabled=true", *TRAIN_ARGS["draem"]]  # fmt: skip
     assert runner.invoke(app, args, catch_exceptions=False).exit_code == EXIT_OK
     assert not (run_dir / runtimes.DEFAULT_EXPORT_SUBDIR).exists()
     result = runner.invoke(app, ["export", "--model", str(run_dir), "--threads", "1"], catch_exceptions=False)

@@ -12,9 +12,7 @@ import json
 import math
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,12 +22,12 @@ from pathlib import Path
 import httpx2
 import pytest
 from PIL import Image
+from service_process import free_port, serve_process
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from surfaceinspect import engine
-from surfaceinspect.cli import app
-from surfaceinspect.cli import serve as serve_cli
+from surfaceinspect.cli import app, serve as serve_cli
 from surfaceinspect.config import PROFILES_ENV
 from surfaceinspect.deploy.serve import (
     DEFAULT_HOST,
@@ -350,17 +348,11 @@ def test_cli_defaults_and_refusals(toy_method, toy_run, tmp_path, monkeypatch):
     assert result.output.count("\n") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_real_server_stops_on_sigterm_with_exit_0(toy_run, images, tmp_path):
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "toy-cpu.yaml").write_text(TOY_PROFILE)
-    port = _free_port()
+    port = free_port()
     token_file = tmp_path / "token"
     token_file.write_text("a-token-long-enough-for-no-warning\n")
     token_file.chmod(0o600)
@@ -369,28 +361,12 @@ def test_real_server_stops_on_sigterm_with_exit_0(toy_run, images, tmp_path):
                "--port", str(port), "--token-file", str(token_file), "--records", str(records)]  # fmt: skip
     env = {**os.environ, "TOY_PROFILES": str(profiles), "PYTHONPATH": str(TESTS_DIR.parent)}
     env.pop(TOKEN_ENV, None)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx2.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                time.sleep(0.1)
+    with serve_process(command, env, port) as served:
         auth = {"Authorization": "Bearer a-token-long-enough-for-no-warning", "Content-Type": "image/png"}
-        response = httpx2.post(f"{base}/score", content=images["dent"].read_bytes(), headers=auth, timeout=60)
+        response = httpx2.post(f"{served.base}/score", content=images["dent"].read_bytes(), headers=auth, timeout=60)
         assert response.status_code == 200 and response.json()["verdict"] == "defect"
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_OK, err
+    err = served.stderr
+    assert served.proc.returncode == EXIT_OK, err
     assert "serving on http://127.0.0.1:" in err and "stopped by SIGTERM" in err and "1 defect" in err
     (line,) = records.read_text().splitlines()
     assert json.loads(line)["verdict"] == "defect"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from service_process import free_port, serve_process
+from tiny_exports import TRAIN_ARGS
 from typer.testing import CliRunner
 
 from surfaceinspect.cli import app
@@ -31,13 +30,6 @@ pytest.importorskip("onnxruntime")
 
 TESTS_DIR = Path(__file__).resolve().parent
 WITHOUT_TORCH = TESTS_DIR / "cli_without_torch.py"
-TRAIN = {
-    "draem": ["--image-size", "64", "--set", "draem.steps=20", "--set", "draem.recon_width=8",
-              "--set", "draem.disc_width=4", "--set", "draem.recon_levels=3", "--set", "draem.disc_levels=3"],
-    "csflow": ["--image-size", "96", "--epochs", "2", "--set", "csflow.hidden_channels=16",
-               "--set", "csflow.n_blocks=2", "--set", "csflow.kernel_sizes=[3,5]",
-               "--set", "csflow.feature_stage=3"],
-}  # fmt: skip
 
 pytestmark = pytest.mark.slow  # trains and exports a tiny model per method (~1 min on a loaded CPU)
 
@@ -47,7 +39,8 @@ def exported_run(request, synthetic_dataset, tmp_path_factory) -> Path:
     """A tiny trained run of each method with its RUN/export-onnx, written by train."""
     run_dir = tmp_path_factory.mktemp(f"torch_free_{request.param}") / "run"
     args = ["train", "--method", request.param, str(synthetic_dataset / "train" / "good"), "--out", str(run_dir),
-            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0", *TRAIN[request.param]]  # fmt: skip
+            "--threads", "1", "--workers", "0", "--set", "common.time_budget_min=0",
+            *TRAIN_ARGS[request.param]]  # fmt: skip
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == EXIT_OK, result.output
     assert runtimes.is_export_dir(run_dir / runtimes.DEFAULT_EXPORT_SUBDIR)
@@ -106,30 +99,14 @@ def test_heatmap_and_watch_without_torch(exported_run, synthetic_dataset, tmp_pa
     assert {r["runtime"] for r in rows} == {"onnx"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_without_torch_answers_and_stops_on_sigterm(exported_run, synthetic_dataset):
     import httpx2
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}
     command = [sys.executable, str(WITHOUT_TORCH), "serve", "--model", str(exported_run), "--port", str(port)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx2.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                time.sleep(0.1)
+    with serve_process(command, env, port) as served:
+        base = served.base
         body = (synthetic_dataset / "test" / "good" / "000.png").read_bytes()
         scored = httpx2.post(f"{base}/score", content=body, headers={"Content-Type": "image/png"}, timeout=60)
         assert scored.status_code == 200 and scored.json()["runtime"] == "onnx"
@@ -138,13 +115,7 @@ def test_serve_without_torch_answers_and_stops_on_sigterm(exported_run, syntheti
         bad = httpx2.post(f"{base}/score", content=b"not an image", timeout=60)
         assert bad.status_code in (400, 415, 422)
         assert "surfaceinspect_requests_total" in httpx2.get(f"{base}/metrics", timeout=10).text
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_OK, err
+    assert served.proc.returncode == EXIT_OK, served.stderr
 
 
 def test_commands_that_need_torch_say_so_in_one_line(exported_run, synthetic_dataset, tmp_path):
