@@ -23,7 +23,8 @@ from torch.utils.data import default_collate
 
 from surfaceinspect.detectors import available_methods, get_detector_class
 from surfaceinspect.detectors.base import TrainContext
-from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
+from surfaceinspect.detectors.csflow.detector import CSFlowDetector
+from surfaceinspect.detectors.csflow.features import FeatureStore
 from surfaceinspect.detectors.draem.detector import DraemDetector, lr_at
 from surfaceinspect.detectors.draem.losses import DraemLoss
 from surfaceinspect.distributed import DistEnv, RankSlice, shard_bounds

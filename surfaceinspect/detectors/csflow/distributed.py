@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from surfaceinspect.detectors.base import TrainContext, TrainSummary
-from surfaceinspect.detectors.csflow.detector import CSFlowDetector, FeatureStore
+from surfaceinspect.detectors.csflow.detector import CSFlowDetector
+from surfaceinspect.detectors.csflow.features import FeatureStore
 from surfaceinspect.detectors.csflow.flow import nll_per_dim
 from surfaceinspect.distributed import RankTraining, broadcast_module, shard_bounds, sum_gradients
 from surfaceinspect.errors import ConfigError
