@@ -43,6 +43,23 @@ def test_best_f1_hand_computed():
     assert metrics.f1_at_threshold(LABELS, SCORES, thr) == pytest.approx(f1)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_best_f1_equals_scikit_learns_precision_recall_curve(seed):
+    """The numpy best_f1 (what recalibrate uses without scikit-learn) against the reference, ties included."""
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 60))
+    labels = rng.random(n) < rng.uniform(0.1, 0.9)
+    labels[:2] = [True, False]
+    scores = np.round(rng.normal(labels * rng.uniform(0, 2), 1.0), int(rng.integers(0, 3)))  # rounding: ties
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1s = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                    where=precision + recall > 0)[:-1]  # fmt: skip
+    expected = (f1s.max(), thresholds[np.flatnonzero(f1s == f1s.max())[-1]])
+    assert metrics.best_f1(labels, scores) == pytest.approx(expected, abs=1e-12)
+
+
 def test_roc_curve_endpoints_and_area():
     fpr, tpr = metrics.roc_curve(LABELS, SCORES)
     assert fpr[0] == 0.0 and tpr[0] == 0.0 and fpr[-1] == 1.0 and tpr[-1] == 1.0

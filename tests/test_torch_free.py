@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,26 @@ def test_the_full_install_scores_an_export_on_a_cpu_machine_without_importing_to
     assert result.returncode == 0, result.stderr
     runtime, verdict, torch_loaded = result.stdout.split()
     assert runtime == "onnx" and verdict in ("good", "defect") and torch_loaded == "False"
+
+
+def test_recalibrate_without_torch_sets_the_thresholds_the_full_install_sets(exported_run, synthetic_dataset,
+                                                                             tmp_path):  # fmt: skip
+    """After a relamp the line PC recalibrates itself, also on a few real defects (f1: no scikit-learn there)."""
+    slim_run, full_run = tmp_path / "slim", tmp_path / "full"
+    shutil.copytree(exported_run, slim_run)
+    shutil.copytree(exported_run, full_run)
+    labelled = tmp_path / "labelled"  # held-out good images of the training folder and the test set's defects
+    shutil.copytree(synthetic_dataset / "train" / "good", labelled / "good")
+    for defect in (d for d in (synthetic_dataset / "test").iterdir() if d.is_dir() and d.name != "good"):
+        shutil.copytree(defect, labelled / defect.name)
+    args = ["recalibrate", labelled, "--labelled", "--calibration-mode", "f1", "-q"]
+    slim = without_torch(*args, "--model", slim_run)
+    assert slim.returncode == EXIT_OK, slim.stderr
+    full = CliRunner().invoke(app, [str(a) for a in [*args, "--model", full_run]])
+    assert full.exit_code == EXIT_OK, full.output
+    slim_cal, full_cal = (json.loads((run / "calibration.json").read_text()) for run in (slim_run, full_run))
+    assert slim_cal["mode"] == full_cal["mode"] == "f1"
+    assert slim_cal["image_threshold"] == pytest.approx(full_cal["image_threshold"], rel=RTOL, abs=1e-6)
+    assert slim_cal != json.loads((exported_run / "calibration.json").read_text())
+    scored = without_torch("score", synthetic_dataset / "test" / "good", "--model", slim_run, "--json")
+    assert scored.returncode in (EXIT_OK, EXIT_DEFECT), scored.stderr  # the new calibration is the run's own

@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
-from sklearn import metrics as skm
+
+# scikit-learn and SciPy are imported by the functions that use them: a scoring install without them
+# (surfaceinspect-runtime) still calibrates with best_f1.
 
 __all__ = [
     "aupro",
@@ -53,6 +54,8 @@ def _one_class(y: np.ndarray) -> bool:
 
 def image_auroc(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> float:
     """Area under the ROC curve of image scores (ties count one half); nan with one class."""
+    from sklearn import metrics as skm
+
     y, s = _image_inputs(labels, scores)
     if _one_class(y):
         return float("nan")
@@ -61,6 +64,8 @@ def image_auroc(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) ->
 
 def average_precision(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> float:
     """Average precision (step-wise area under precision-recall, scikit-learn definition); nan with one class."""
+    from sklearn import metrics as skm
+
     y, s = _image_inputs(labels, scores)
     if _one_class(y):
         return float("nan")
@@ -84,14 +89,19 @@ def best_f1(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> tup
     """Highest F1 over all thresholds and the threshold reaching it: ``(f1, threshold)``.
 
     The threshold is one of the observed scores (predict defect for ``score >= threshold``);
-    among equal F1 values the highest threshold wins. ``(nan, nan)`` with one class.
+    among equal F1 values the highest threshold wins. ``(nan, nan)`` with one class. In numpy
+    (sorted scores, counts by binary search), not scikit-learn, because ``recalibrate
+    --calibration-mode f1`` runs on line PCs whose scoring install has no scikit-learn; it equals
+    the F1 of ``sklearn.metrics.precision_recall_curve`` (``tests/test_metrics.py``).
     """
     y, s = _image_inputs(labels, scores)
     if _one_class(y):
         return float("nan"), float("nan")
-    precision, recall, thresholds = skm.precision_recall_curve(y, s)
-    # The last (precision=1, recall=0) point has no threshold.
-    precision, recall = precision[:-1], recall[:-1]
+    thresholds = np.unique(s)  # ascending, as precision_recall_curve's
+    positives, negatives = np.sort(s[y]), np.sort(s[~y])
+    tp = (positives.size - np.searchsorted(positives, thresholds, side="left")).astype(np.float64)
+    fp = (negatives.size - np.searchsorted(negatives, thresholds, side="left")).astype(np.float64)
+    precision, recall = tp / (tp + fp), tp / positives.size
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     best = float(f1.max())
@@ -105,6 +115,8 @@ def roc_curve(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> t
 
     With one class the curve is undefined and two empty arrays are returned (no raise).
     """
+    from sklearn import metrics as skm
+
     y, s = _image_inputs(labels, scores)
     if _one_class(y):
         return np.zeros(0), np.zeros(0)
@@ -185,6 +197,8 @@ def pixel_auroc(
     under 1e-3 in practice). Empty masks contribute normal pixels only. nan if there are no
     defect pixels or no normal pixels.
     """
+    from sklearn import metrics as skm
+
     pairs = _pixel_inputs(masks, maps)
     n_pos = sum(int(m.sum()) for m, _ in pairs)
     n_all = sum(m.size for m, _ in pairs)
@@ -223,6 +237,8 @@ def pro_curve(
     ``num_thresholds`` quantiles of the pooled map values. Returns empty arrays when there are no
     regions or no normal pixels.
     """
+    from scipy import ndimage
+
     pairs = _pixel_inputs(masks, maps)
     labelled = [ndimage.label(m, structure=_EIGHT_CONNECTED) for m, _ in pairs]
     n_regions = sum(n for _, n in labelled)

@@ -148,7 +148,11 @@ def _workers_option(default: str) -> Any:
 
 def _threads_option(default: str | bool) -> Any:
     return typer.Option(
-        "--threads", min=0, metavar="N", help="CPU threads for torch (0 = all cores).", show_default=default
+        "--threads",
+        min=0,
+        metavar="N",
+        help="CPU threads of the network (torch or ONNX Runtime; 0 = all cores).",
+        show_default=default,
     )
 
 

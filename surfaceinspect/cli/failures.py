@@ -124,8 +124,8 @@ def require_full_install() -> None:
 def training_install_hint(package: str) -> str:
     """The one line for a command that needs a package of the full install, run in the scoring install."""
     return (
-        f"{package.split('.')[0]} is not installed: this install scores exported models only (score, heatmap, "
-        "watch, serve: surfaceinspect-runtime); train, export and benchmark with the full install "
+        f"{package.split('.')[0]} is not installed: this install scores exported models only (score, heatmap, watch, "
+        "serve, recalibrate: surfaceinspect-runtime); train, export and benchmark with the full install "
         "(`pip install surfaceinspect`), then score its RUN/export-onnx here"
     )
 
