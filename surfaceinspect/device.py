@@ -47,6 +47,14 @@ def gpu_possible() -> bool:
     return any(os.path.exists(path) for path in _GPU_DRIVER_FILES)
 
 
+def scores_on_cpu(name: str) -> bool:
+    """Whether ``--device name`` means the CPU, asking torch only where a GPU could answer otherwise:
+    without torch, or (``auto``) without a GPU driver, nothing scores on a GPU."""
+    if name == "cpu" or not torch_installed() or (name == "auto" and not gpu_possible()):
+        return True
+    return resolve_device(name).type == "cpu"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is a clear error."""
     import torch

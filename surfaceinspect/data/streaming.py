@@ -53,27 +53,14 @@ class LoadedImage:
     grey: bool = False  # three equal channels (a greyscale file, or colour without colour)
 
 
-class ImageFileDataset:
-    """Reads and resizes image files; errors become items instead of exceptions.
-
-    ``size`` is the network input ``(H, W)``: images are resized to it, or with ``resize=False``
-    (tiled scoring) kept at their own resolution; either way images far smaller are refused.
-    """
-
-    def __init__(
-        self, paths: Sequence[Path], size: tuple[int, int], keep_original: bool = False, resize: bool = True
-    ) -> None:
-        self.paths = list(paths)
-        self.size = size
-        self.keep_original = keep_original
-        self.resize = resize
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> LoadedImage:
-        path = self.paths[index]
-        return load_item(index, path, lambda: read_image(path), self.size, self.keep_original, self.resize)
+def decode_or_reason(read: Callable[[], np.ndarray]) -> tuple[np.ndarray | None, str | None]:
+    """``(read(), None)``, or ``(None, why)`` when it fails: one bad file is a reason, never a crashed run."""
+    try:
+        return read(), None
+    except ImageReadError as exc:
+        return None, exc.reason
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def load_item(
@@ -85,13 +72,11 @@ def load_item(
     resize: bool = True,
 ) -> LoadedImage:
     """One image as the loader delivers it: ``read()`` decodes it (a file, or bytes in memory), then the
-    size check and the resize to the network input ``size`` (see :class:`ImageFileDataset`)."""
-    try:
-        image = read()
-    except ImageReadError as exc:
-        return LoadedImage(index, path, None, (0, 0), error=exc.reason)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
-        return LoadedImage(index, path, None, (0, 0), error=f"{type(exc).__name__}: {exc}")
+    size check and the resize to the network input ``size``, or with ``resize=False`` (tiled scoring)
+    kept at its own resolution; either way an image far smaller than ``size`` is refused."""
+    image, reason = decode_or_reason(read)
+    if image is None:
+        return LoadedImage(index, path, None, (0, 0), error=reason)
     height, width = int(image.shape[1]), int(image.shape[2])
     min_h, min_w = min_image_size(size)
     if height < min_h or width < min_w:
@@ -103,7 +88,8 @@ def load_item(
     original = None
     if keep_original:
         original = (image.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
-    resized = np.clip(resize_image(image, size) if resize else image, 0.0, 1.0, dtype=np.float32)
+    resized = resize_image(image, size) if resize else image  # a new array either way: clipped in place
+    np.clip(resized, 0.0, 1.0, out=resized)
     return LoadedImage(index, path, resized, (height, width), original, grey=bool(greyscale(resized)))
 
 
@@ -142,11 +128,15 @@ def iterate_images(
 
     The readers run up to two batches per worker ahead of the consumer, as a DataLoader's prefetch would.
     """
-    dataset = ImageFileDataset(paths, size, keep_original, resize)
+    paths = list(paths)
     batch_size = max(1, batch_size)
     # No more workers than images: a thread with nothing to read only costs its start.
-    workers = min(workers, len(dataset))
-    items = ordered_map(dataset.__getitem__, range(len(dataset)), workers, ahead=batch_size * 2 * max(1, workers))
+    workers = min(workers, len(paths))
+
+    def load(index: int) -> LoadedImage:
+        return load_item(index, paths[index], lambda: read_image(paths[index]), size, keep_original, resize)
+
+    items = ordered_map(load, range(len(paths)), workers, ahead=batch_size * 2 * max(1, workers))
     batch: list[LoadedImage] = []
     for item in items:
         batch.append(item)

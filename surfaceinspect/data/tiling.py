@@ -23,8 +23,7 @@ import numpy as np
 
 from surfaceinspect.config import TilingConfig
 from surfaceinspect.data.imageio import read_image, resize_image
-from surfaceinspect.data.streaming import ordered_map
-from surfaceinspect.errors import ImageReadError
+from surfaceinspect.data.streaming import decode_or_reason, ordered_map
 
 if TYPE_CHECKING:
     import torch
@@ -126,40 +125,21 @@ class TiledPredictor:
         return best, np.ascontiguousarray(stitched, dtype=np.float32)
 
 
-class TrainingTiles:
-    """Random tiles of each training image (at most ``per_image``, seeded by image index)."""
-
-    def __init__(
-        self, paths: Sequence[Path], tile_hw: tuple[int, int], tiling: TilingConfig, per_image: int, seed: int
-    ) -> None:
-        self.paths = list(paths)
-        self.tile_hw = tile_hw
-        self.tiling = tiling
-        self.per_image = per_image
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
-        try:
-            image = read_image(self.paths[index])
-        except ImageReadError as exc:
-            return index, None, exc.reason
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a crashed run
-            return index, None, f"{type(exc).__name__}: {exc}"
-        work = _prepare(image, self.tile_hw, self.tiling)
-        th, tw = self.tile_hw
-        positions = tile_positions(work.shape[-2], work.shape[-1], self.tile_hw, self.tiling.overlap)
-        rng = np.random.default_rng([self.seed, index])
-        picks = rng.permutation(len(positions))[: self.per_image]
-        tiles = np.stack(
-            [
-                work[:, positions[i][0] : positions[i][0] + th, positions[i][1] : positions[i][1] + tw]
-                for i in sorted(picks)
-            ]
-        )
-        return index, (np.clip(tiles, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), None
+def _training_tiles(
+    path: Path, index: int, tile_hw: tuple[int, int], tiling: TilingConfig, per_image: int, seed: int
+) -> tuple[np.ndarray | None, str | None]:
+    """Up to ``per_image`` random tiles of one training image as uint8 ``(n, 3, h, w)`` (seeded by its index),
+    or ``(None, why)`` when it cannot be read."""
+    image, reason = decode_or_reason(lambda: read_image(path))
+    if image is None:
+        return None, reason
+    work = _prepare(image, tile_hw, tiling)
+    th, tw = tile_hw
+    positions = tile_positions(work.shape[-2], work.shape[-1], tile_hw, tiling.overlap)
+    picks = np.random.default_rng([seed, index]).permutation(len(positions))[:per_image]
+    tiles = np.stack([work[:, positions[i][0] : positions[i][0] + th, positions[i][1] : positions[i][1] + tw]
+                      for i in sorted(picks)])  # fmt: skip
+    return (np.clip(tiles, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), None
 
 
 def load_training_tiles(
@@ -171,17 +151,22 @@ def load_training_tiles(
     """
     import torch  # training only: scoring never comes here
 
+    paths = list(paths)
     per_image = max(1, tiling.max_train_tiles // max(1, len(paths)))
-    dataset = TrainingTiles(paths, tile_hw, tiling, per_image, seed)
+
+    def tiles_of(index: int) -> tuple[np.ndarray | None, str | None]:
+        return _training_tiles(paths[index], index, tile_hw, tiling, per_image, seed)
+
     chunks: list[np.ndarray] = []
     ok: list[Path] = []
     failures: list[tuple[Path, str]] = []
-    for index, tiles, error in ordered_map(dataset.__getitem__, range(len(dataset)), min(workers, len(paths)), 4):
+    read = ordered_map(tiles_of, range(len(paths)), min(workers, len(paths)), 4)
+    for path, (tiles, error) in zip(paths, read, strict=True):
         if tiles is None:
-            failures.append((dataset.paths[index], error or "unreadable"))
+            failures.append((path, error or "unreadable"))
         else:
             chunks.append(tiles)
-            ok.append(dataset.paths[index])
+            ok.append(path)
     if not chunks:
         return torch.empty((0, 3, *tile_hw), dtype=torch.uint8), ok, failures
     return torch.from_numpy(np.concatenate(chunks)), ok, failures

@@ -20,18 +20,13 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from surfaceinspect.config import run_config_from_dict
 from surfaceinspect.detectors import get_config_class
 from surfaceinspect.errors import ConfigError, ModelDirError
-
-if TYPE_CHECKING:
-    import torch
-
-    from surfaceinspect.detectors.base import Prediction
 
 RUNTIMES = ("torch", "onnx", "openvino")
 GRAPH_RUNTIMES = ("onnx", "openvino")  # runtimes that run the exported graph
@@ -162,7 +157,7 @@ def graph_runner(model: bytes, runtime: str = "onnx", threads: int = 0) -> Graph
 
 
 class ExportedDetector:
-    """A :class:`~surfaceinspect.detectors.base.Scorer` whose ``predict`` runs an exported ONNX graph.
+    """A :class:`~surfaceinspect.detectors.scorer.Scorer` whose ``predict_arrays`` runs an exported ONNX graph.
 
     ``name``, ``run_config`` and ``input_size`` are those of the run it was exported from, so the
     engine batches, tiles, calibrates and writes records exactly as for the torch detector. It only
@@ -179,8 +174,7 @@ class ExportedDetector:
             raise ModelDirError(f"{export_dir / MANIFEST_FILE} has an invalid config ({exc}); export again") from None
         self.run_config = run_config
         self.name: str = method  # the method the graph computes, for messages and records
-        self.config_cls = config_cls
-        self.export_dir = export_dir
+        self.export_dir = export_dir  # named on the model line: [onnx: FOLDER]
         self.manifest = manifest
         model_path = model_file(export_dir, manifest)
         if not model_path.is_file():
@@ -218,15 +212,6 @@ class ExportedDetector:
             raise ValueError(f"the exported model expects images (B, 3, {h}, {w}), got {tuple(images.shape)}")
         scores, maps = self.run_graph(np.ascontiguousarray(images, dtype=np.float32))
         return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
-
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """:meth:`predict_arrays` with torch tensors, as :meth:`Detector.predict` (parity checks, benchmarks)."""
-        import torch
-
-        from surfaceinspect.detectors.base import Prediction
-
-        scores, maps = self.predict_arrays(images.detach().cpu().numpy())
-        return Prediction(scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
 
 
 def auto_runtime(model_dir: Path, on_cpu: bool, inference_sets: Sequence[str] = ()) -> str:

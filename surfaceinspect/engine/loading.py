@@ -10,7 +10,7 @@ from typing import Any
 from surfaceinspect.analysis.calibration import Calibration
 from surfaceinspect.deploy import runtimes
 from surfaceinspect.detectors import Scorer
-from surfaceinspect.device import configure_threads, gpu_possible, resolve_device, torch_installed
+from surfaceinspect.device import configure_threads, resolve_device, scores_on_cpu
 from surfaceinspect.errors import ModelDirError
 from surfaceinspect.storage import modeldir
 
@@ -50,14 +50,7 @@ def load(
     """
     run_dir = modeldir.resolve_model_dir(model_dir)
     if runtime in (None, "auto"):
-        # Without torch, or without a GPU driver, nothing scores on a GPU: then torch is not even imported.
-        on_cpu = (
-            device == "cpu"
-            or not torch_installed()
-            or (device == "auto" and not gpu_possible())
-            or resolve_device(device).type == "cpu"
-        )
-        runtime = runtimes.auto_runtime(run_dir, on_cpu, inference_sets)
+        runtime = runtimes.auto_runtime(run_dir, scores_on_cpu(device), inference_sets)
     if runtime != "torch" or runtimes.is_export_dir(run_dir):
         # torch stays unimported here: --runtime onnx ignores --device, and --threads goes to onnxruntime
         detector, metadata = runtimes.load_exported(run_dir, runtime, threads, inference_sets)
