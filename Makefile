@@ -44,7 +44,7 @@ dist: $(STAMP)  ## build surfaceinspect (wheel + sdist) and surfaceinspect-runti
 dist-check: $(STAMP)  ## build, install the wheel into a fresh venv, run it there (a few minutes; not part of `make test`)
 	PYTHON=$(BIN)/python scripts/dist_check.sh
 
-slim-check: $(STAMP)  ## install the runtime wheel from PyPI into a fresh venv (no torch), score there a model the full install trains (a few minutes, downloads ~100 MB)
+slim-check: $(STAMP)  ## build the runtime wheel, install it into a fresh venv (its dependencies from the index, ~100 MB; no torch), score there a model the full install trains (a minute or two)
 	PYTHON=$(BIN)/python scripts/slim_check.sh
 
 clean:

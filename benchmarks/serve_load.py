@@ -280,7 +280,9 @@ def main() -> None:
     parser.add_argument("--soak-s", type=float, default=0.0, help="soak for this many seconds (default 0: off)")
     parser.add_argument("--max-batch", type=int, default=None, help="serve --max-batch (default: serve's)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="serve --max-wait-ms (default: serve's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, server and baseline alike")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="network CPU threads (torch or ONNX Runtime), server and baseline"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: stdout)")
     args = parser.parse_args()
 

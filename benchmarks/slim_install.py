@@ -15,9 +15,9 @@ For each install, with the same model and images, one process at a time:
   --workers (unless ``--workers``), median of ``--folder-runs`` runs; K / the whole process's wall
   time (start included), and K / (that time - the median cold start) as an estimate without the start.
 
-Prints one JSON line per install, then a markdown table. A measurement that fails (the slim install
-cannot score while the scoring path imports torch) gives a JSON line with ``error`` and a row saying
-so; the script then exits 1. Standard library only: any python runs it. Run it on an idle machine.
+Prints one JSON line per install, then a markdown table. A measurement that fails gives a JSON line
+with ``error`` and a row saying so; the script then exits 1. Standard library only: any python runs
+it. Run it on an idle machine.
 
     python benchmarks/slim_install.py --model RUN --images DIR \\
         --slim-venv /tmp/slim-venv --full-python .venv/bin/python [--full-pythonpath .]
@@ -119,11 +119,6 @@ def run_score(install: Install, args: list[str], cwd: Path) -> tuple[float, int,
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if proc.returncode not in (0, 1):  # 1: a defect found, a verdict like any other
         last = " ".join(line for line in stderr.strip().splitlines()[-2:])
-        if "No module named 'torch'" in stderr:
-            raise RuntimeError(
-                f"{install.name} install cannot score: the scoring path still imports torch "
-                f"(exit {proc.returncode}: {last}); expected until the torch-free scoring change lands"
-            )
         raise RuntimeError(f"{install.name}: `{' '.join(cmd)}` exited {proc.returncode}: {last}")
     records = [json.loads(line) for line in stdout.splitlines() if line.strip()]
     return wall, usage.ru_maxrss * 1024, records, stderr  # ru_maxrss is in KiB on Linux

@@ -19,7 +19,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PYTHON=${PYTHON:-.venv/bin/python}
+abspath() { if [[ $1 == */* ]]; then echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; else command -v "$1"; fi; }
+# absolute: the script changes into its work folder before it runs $PYTHON again (the version check)
+PYTHON=$(abspath "${PYTHON:-.venv/bin/python}")
 DEMO=0
 [[ "${1:-}" == "--demo" ]] && DEMO=1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/surfaceinspect-dist-check.XXXXXX")
