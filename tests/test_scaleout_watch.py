@@ -25,7 +25,8 @@ from surfaceinspect import engine
 from surfaceinspect.cli import app
 from surfaceinspect.errors import EXIT_DEFECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OutputError
 from surfaceinspect.storage import modeldir
-from surfaceinspect.workflows.watch import SettleTracker, WatchOptions, open_records_for_append, watch_folder
+from surfaceinspect.storage.records import open_records_for_append
+from surfaceinspect.workflows.watch import SettleTracker, WatchOptions, watch_folder
 
 TESTS_DIR = Path(__file__).resolve().parent
 JOIN_TIMEOUT_S = 120.0

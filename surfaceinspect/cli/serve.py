@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from surfaceinspect import cli
-from surfaceinspect.cli import common, reporting
+from surfaceinspect.cli import common
 from surfaceinspect.errors import EXIT_OK
 
 # The defaults of surfaceinspect.deploy.serve, repeated: importing it here would load torch and starlette for every
@@ -44,6 +44,7 @@ MIN_TOKEN_CHARS = 16
     )
 )
 @common.handle_errors
+@common.run_options("threads", "device", "quiet")
 def serve(
     model: common.ModelOpt = None,
     host: Annotated[
@@ -122,9 +123,8 @@ def serve(
     ] = False,
     runtime: common.RuntimeOpt = None,
     drift_window: common.DriftWindowOpt = 50,
-    threads: common.ThreadsOpt = None,
-    device: common.DeviceOpt = None,
-    quiet: common.QuietOpt = False,
+    *,
+    run: common.RunOptions,
 ) -> None:
     """Serve a trained model over HTTP: POST an image, get its record (or its heatmap) back.
 
@@ -135,11 +135,10 @@ def serve(
     --max-wait-ms for the others. A body that is no image gets a 4xx and a one-line JSON error;
     nothing a client sends stops the service. Runs until SIGTERM (exit 0) or Ctrl-C.
     """
-    from surfaceinspect import engine
     from surfaceinspect.deploy.serve import ServeOptions, Service, bind, open_records, read_token, run_server
     from surfaceinspect.storage import modeldir
 
-    reporter = common.make_reporter(quiet)
+    reporter = run.reporter()
     token = read_token(token_file, dict(os.environ))
     if token_file is not None:
         _check_token_file(token_file, reporter)
@@ -151,10 +150,10 @@ def serve(
     sock = bind(host, port)
     writer = None
     try:
+        run_dir = modeldir.resolve_model_dir(model)  # once: the records are checked against the model served
         if records is not None:
-            writer = open_records(records, modeldir.resolve_model_dir(model))
-        loaded = engine.load(model, device=device or "auto", threads=threads or 0, runtime=runtime)
-        reporting.report_model(reporter, loaded)
+            writer = open_records(records, run_dir)
+        loaded = run.load(run_dir, reporter, runtime=runtime)
         options = ServeOptions(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,

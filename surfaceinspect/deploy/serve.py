@@ -62,7 +62,7 @@ from surfaceinspect.engine.inference import ImageResult, score_batch
 from surfaceinspect.engine.loading import LoadedModel
 from surfaceinspect.engine.scoring import drift_monitor
 from surfaceinspect.errors import ConfigError, SurfaceInspectError
-from surfaceinspect.storage.records import RecordWriter, format_score
+from surfaceinspect.storage.records import RecordWriter, format_score, open_records_for_append
 from surfaceinspect.ui import Reporter
 
 MIB = 1 << 20
@@ -529,9 +529,9 @@ def open_records(path: Path, model_dir: Path) -> RecordWriter:
     An existing records file of surfaceinspect is continued; any other existing file is refused
     (never written over), as are the model's own files.
     """
-    from surfaceinspect.workflows.watch import open_records_for_append
-
-    writer, _recorded, _fmt = open_records_for_append(path, None, model_dir, force=False)
+    writer, _recorded, _fmt = open_records_for_append(
+        path, None, model_dir, force=False, option="--records", force_option=None
+    )
     return writer
 
 

@@ -196,11 +196,13 @@ def check_output_file(
     option: str = "--output",
     force: bool = False,
     written_by_tool: Callable[[Path], bool] = lambda _path: False,
+    force_option: str | None = "--force",
 ) -> bool:
     """Check an output file against the rules in the module docstring; True if it replaces an existing file.
 
     ``written_by_tool(path)`` tells whether an existing file is one the tool wrote (replaced
-    without ``--force``). The file itself is not created here.
+    without ``--force``). ``force_option``: the command's flag that replaces anyway, named in the
+    refusal (None: it has none). The file itself is not created here.
     """
     path = Path(path).expanduser()
     target = path.resolve()
@@ -222,10 +224,8 @@ def check_output_file(
         return False  # new file, or a device / pipe such as /dev/stdout
     if force or written_by_tool(target):
         return True
-    raise OutputError(
-        f"{option} {path} exists and was not written by surfaceinspect; pass --force to replace "
-        "it, or choose another name"
-    )
+    replace = f"pass {force_option} to replace it, or " if force_option else ""
+    raise OutputError(f"{option} {path} exists and was not written by surfaceinspect; {replace}choose another name")
 
 
 def open_for_writing(path: Path, encoding: str = "utf-8") -> IO[str]:

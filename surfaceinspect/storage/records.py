@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-from surfaceinspect.errors import ConfigError
+from surfaceinspect.errors import ConfigError, OutputError
 from surfaceinspect.storage.atomic import fsync_dir
 from surfaceinspect.storage.outputs import OutputLock, check_output_file, lock_output, open_for_writing, write_error
 
@@ -287,3 +287,90 @@ def csv_columns(path: Path) -> tuple[str, ...] | None:
     except (OSError, UnicodeDecodeError):
         return None
     return FIELDS if first == _CSV_HEADERS[0] else LEGACY_FIELDS if first == _CSV_HEADERS[1] else None
+
+
+# Appending to a records file (watch --output, serve --records)
+
+
+def recorded_paths(path: Path, fmt: str, option: str = "--output") -> set[str]:
+    """The image paths recorded in an existing records file (empty if there is none).
+
+    An incomplete last line (the process was killed while writing it) is cut off, so the file
+    holds complete records only and that image is scored again.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+        data = data[:cut]
+    text = data.decode("utf-8", errors="replace")
+    if fmt == "csv":
+        return {undo_spreadsheet_safe(row["path"]) for row in csv.DictReader(text.splitlines(keepends=True))}
+    paths = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            paths.add(json.loads(line)["path"])
+        except (ValueError, TypeError, KeyError, RecursionError):
+            if line.strip():
+                raise OutputError(
+                    f"{option} {path}: line {number} is not a record; give a new file or repair this one"
+                ) from None
+    return paths
+
+
+def open_records_for_append(
+    output: Path,
+    fmt: str | None,
+    folder: Path,
+    force: bool,
+    option: str = "--output",
+    force_option: str | None = "--force",
+) -> tuple[RecordWriter, set[str], str]:
+    """Open ``output`` to append records; returns (writer, paths already recorded, format).
+
+    An existing records file of surfaceinspect is continued; any other existing file is refused
+    (with ``force``: replaced). Follows :mod:`surfaceinspect.storage.outputs` (never an input image).
+    ``option`` is the flag that named the file, ``force_option`` the one that replaces it (None: none),
+    for messages (watch ``--output`` / ``--force``, serve ``--records`` without one).
+    """
+    fmt = output_format(output, fmt)
+    exists = check_output_file(
+        output, [folder], option=option, force=force, written_by_tool=is_records_file, force_option=force_option
+    )
+    resume = exists and is_records_file(output)
+    if resume and fmt == "csv" and output.stat().st_size and not _has_csv_header(output):
+        raise OutputError(f"{option} {output} holds JSON Lines records; name the file .jsonl")
+    if resume and fmt == "jsonl" and output.stat().st_size and _has_csv_header(output):
+        raise OutputError(f"{option} {output} holds CSV records; name the file .csv")
+    # Locked before reading: a second watch (or a score) on the same file would interleave records.
+    lock = lock_output(output, option)
+    handle = None
+    try:
+        handle = _open_append(output) if resume else open_for_writing(output)
+        done = recorded_paths(output, fmt, option) if resume else set()
+        handle.seek(0, os.SEEK_END)
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        lock.release()
+        raise
+    empty = handle.tell() == 0
+    # A CSV file of an earlier version is continued in its own columns: rows must match its header.
+    columns = (csv_columns(output) or FIELDS) if fmt == "csv" and not empty else FIELDS
+    writer = RecordWriter(handle, fmt, close=True, target=output, header=empty, columns=columns, lock=lock)
+    return writer, done, fmt
+
+
+def _open_append(output: Path) -> Any:
+    try:
+        return open(output, "a", encoding="utf-8", newline="")  # closed by the RecordWriter
+    except OSError as exc:
+        raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
+
+
+def _has_csv_header(path: Path) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().startswith("path,verdict,")

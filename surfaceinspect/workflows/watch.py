@@ -17,8 +17,6 @@ and its image rescored). Each path is scored at most once per output file.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,17 +26,15 @@ from typing import Any
 
 from surfaceinspect.analysis.drift import DEFAULT_WINDOW
 from surfaceinspect.data.imageio import IMAGE_EXTENSIONS, discover_images, is_output_dir
-from surfaceinspect.errors import ConfigError, OutputError
-from surfaceinspect.storage.outputs import check_output_file, lock_output, open_for_writing, prepare_output_dir
+from surfaceinspect.errors import ConfigError
+from surfaceinspect.storage.outputs import check_output_file, prepare_output_dir
 from surfaceinspect.storage.records import (
-    FIELDS,
     RecordWriter,
     ScoreRecord,
-    csv_columns,
     format_score,
     is_records_file,
+    open_records_for_append,
     output_format,
-    undo_spreadsheet_safe,
 )
 from surfaceinspect.ui import Reporter
 from surfaceinspect.workflows.defect_actions import DefectHook, copy_defect
@@ -170,81 +166,6 @@ class ImageFilter:
 
 # ---------------------------------------------------------------------------------------------
 # The records file: resume and append
-
-
-def recorded_paths(path: Path, fmt: str) -> set[str]:
-    """The image paths recorded in an existing records file (empty if there is none).
-
-    An incomplete last line (the process was killed while writing it) is cut off, so the file
-    holds complete records only and that image is scored again.
-    """
-    if not path.is_file() or path.stat().st_size == 0:
-        return set()
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as handle:
-            handle.truncate(cut)
-        data = data[:cut]
-    text = data.decode("utf-8", errors="replace")
-    if fmt == "csv":
-        return {undo_spreadsheet_safe(row["path"]) for row in csv.DictReader(text.splitlines(keepends=True))}
-    paths = set()
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            paths.add(json.loads(line)["path"])
-        except (ValueError, TypeError, KeyError, RecursionError):
-            if line.strip():
-                raise OutputError(
-                    f"--output {path}: line {number} is not a record; give a new file or repair this one"
-                ) from None
-    return paths
-
-
-def open_records_for_append(
-    output: Path, fmt: str | None, folder: Path, force: bool
-) -> tuple[RecordWriter, set[str], str]:
-    """Open ``output`` to append records; returns (writer, paths already recorded, format).
-
-    An existing records file of surfaceinspect is continued; any other existing file is refused
-    (with ``force``: replaced). Follows :mod:`surfaceinspect.storage.outputs` (never an input image).
-    """
-    fmt = output_format(output, fmt)
-    exists = check_output_file(output, [folder], force=force, written_by_tool=is_records_file)
-    resume = exists and is_records_file(output)
-    if resume and fmt == "csv" and output.stat().st_size and not _has_csv_header(output):
-        raise OutputError(f"--output {output} holds JSON Lines records; name the file .jsonl")
-    if resume and fmt == "jsonl" and output.stat().st_size and _has_csv_header(output):
-        raise OutputError(f"--output {output} holds CSV records; name the file .csv")
-    # Locked before reading: a second watch (or a score) on the same file would interleave records.
-    lock = lock_output(output, "--output")
-    handle = None
-    try:
-        handle = _open_append(output) if resume else open_for_writing(output)
-        done = recorded_paths(output, fmt) if resume else set()
-        handle.seek(0, os.SEEK_END)
-    except BaseException:
-        if handle is not None:
-            handle.close()
-        lock.release()
-        raise
-    empty = handle.tell() == 0
-    # A CSV file of an earlier version is continued in its own columns: rows must match its header.
-    columns = (csv_columns(output) or FIELDS) if fmt == "csv" and not empty else FIELDS
-    writer = RecordWriter(handle, fmt, close=True, target=output, header=empty, columns=columns, lock=lock)
-    return writer, done, fmt
-
-
-def _open_append(output: Path) -> Any:
-    try:
-        return open(output, "a", encoding="utf-8", newline="")  # closed by the RecordWriter
-    except OSError as exc:
-        raise OutputError(f"cannot append to {output}: {exc.strerror or exc}") from None
-
-
-def _has_csv_header(path: Path) -> bool:
-    with open(path, encoding="utf-8") as handle:
-        return handle.readline().startswith("path,verdict,")
 
 
 # ---------------------------------------------------------------------------------------------
