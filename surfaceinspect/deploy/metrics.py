@@ -6,6 +6,7 @@ multiprocess mode to configure.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Sequence
@@ -73,14 +74,11 @@ class Metrics:
         self.started = time.monotonic()
         self.verdicts = {"good": 0, "defect": 0, "error": 0}
         self.requests: dict[tuple[str, int], int] = {}
-        self.errors: dict[int, int] = {}
         self.latency: dict[str, Histogram] = {}
         self.batch_sizes = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-        if status >= 400:
-            self.errors[status] = self.errors.get(status, 0) + 1
         if endpoint in ("score", "heatmap"):
             self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS_S)).observe(seconds)
 
@@ -89,6 +87,10 @@ class Metrics:
         model = service.model
         info = {"model_id": model.model_id, "method": model.detector.name, "runtime": model.runtime}
         latency = "surfaceinspect_request_duration_seconds"
+        errors = collections.Counter()  # by status: the requests answered 4xx/5xx, summed over endpoints
+        for (_endpoint, status), n in self.requests.items():
+            if status >= 400:
+                errors[status] += n
         families: list[tuple[str, str, str, list[str]]] = [
             ("model_info", "gauge", "The model served (always 1).", [_sample(info, 1)]),
             ("uptime_seconds", "gauge", "Seconds since the service started.", [_sample({}, self.uptime())]),
@@ -108,7 +110,7 @@ class Metrics:
                 "request_errors_total",
                 "counter",
                 "HTTP requests answered with a status of 400 or more, by status.",
-                [_sample({"status": str(s)}, n) for s, n in sorted(self.errors.items())],
+                [_sample({"status": str(s)}, n) for s, n in sorted(errors.items())],
             ),
             (
                 "request_duration_seconds",

@@ -76,7 +76,6 @@ TOKEN_ENV = "SURFACEINSPECT_TOKEN"
 NAME_HEADER = "x-image-name"
 MAX_NAME_CHARS = 512
 GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: how long requests in flight may take to finish
-# Request latency buckets (seconds): a batch of a small CPU model takes milliseconds, a large image seconds.
 ENDPOINTS = {"/score": "score", "/heatmap": "heatmap", "/health": "health", "/metrics": "metrics"}
 OPEN_PATHS = ("/health",)  # reachable without the token (a load balancer's health check has none)
 
