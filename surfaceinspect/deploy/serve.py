@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,36 +454,24 @@ class _Front:
 def build_app(service: Service) -> Starlette:
     """The Starlette app of ``service``; its lifespan starts and stops the inference thread."""
 
-    async def guarded(request: Request, handler: Callable[[Request], Any]) -> Response:
-        try:
-            return await handler(request)
-        except RequestError as exc:
-            return error_response(exc.status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a 500 for this request; the service goes on
-            return error_response(500, service.internal_error(exc, f"{request.method} {request.url.path}"))
-
+    # A RequestError becomes its 4xx/5xx through the exception handler below; anything else a route
+    # raises reaches _Front, which answers 500 and reports it: the service goes on either way.
     async def score(request: Request) -> Response:
-        async def handle(request: Request) -> Response:
-            record = (await service.scored(request, keep_original=False)).record
-            return Response(
-                json.dumps(record.to_dict(), ensure_ascii=False) + "\n", media_type="application/json"
-            )  # exactly the line `score` writes to a JSON Lines file
-
-        return await guarded(request, handle)
+        record = (await service.scored(request, keep_original=False)).record
+        return Response(
+            json.dumps(record.to_dict(), ensure_ascii=False) + "\n", media_type="application/json"
+        )  # exactly the line `score` writes to a JSON Lines file
 
     async def heatmap(request: Request) -> Response:
-        async def handle(request: Request) -> Response:
-            from surfaceinspect.analysis.rendering import encode_png
+        from surfaceinspect.analysis.rendering import encode_png
 
-            result = await service.scored(request, keep_original=True)
-            record = result.record
-            if record.verdict == "error":
-                raise RequestError(500, f"{record.path}: {record.error}")
-            png = await run_in_threadpool(lambda: encode_png(overlay_image(result, service.model.calibration)))
-            headers = {"X-Verdict": record.verdict, "X-Score": format_score(record.score)}
-            return Response(png, media_type="image/png", headers=headers)
-
-        return await guarded(request, handle)
+        result = await service.scored(request, keep_original=True)
+        record = result.record
+        if record.verdict == "error":
+            raise RequestError(500, f"{record.path}: {record.error}")
+        png = await run_in_threadpool(lambda: encode_png(overlay_image(result, service.model.calibration)))
+        headers = {"X-Verdict": record.verdict, "X-Score": format_score(record.score)}
+        return Response(png, media_type="image/png", headers=headers)
 
     async def health(_request: Request) -> Response:
         data = service.health()
@@ -496,6 +484,10 @@ def build_app(service: Service) -> Starlette:
     async def http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def request_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestError)
+        return error_response(exc.status, exc.message)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -513,7 +505,7 @@ def build_app(service: Service) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
         ],
         middleware=[Middleware(_Front, service=service)],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, RequestError: request_error},
         lifespan=lifespan,
     )
 
