@@ -82,15 +82,19 @@ class Metrics:
         if endpoint in ("score", "heatmap"):
             self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS_S)).observe(seconds)
 
+    def errors_by_status(self) -> collections.Counter[int]:
+        """Requests answered with a status of 400 or more, by status (summed over the endpoints)."""
+        errors: collections.Counter[int] = collections.Counter()
+        for (_endpoint, status), n in self.requests.items():
+            if status >= 400:
+                errors[status] += n
+        return errors
+
     def render(self, service: Service) -> str:
         """The Prometheus text exposition (version 0.0.4) of the service's counters."""
         model = service.model
         info = {"model_id": model.model_id, "method": model.detector.name, "runtime": model.runtime}
         latency = "surfaceinspect_request_duration_seconds"
-        errors = collections.Counter()  # by status: the requests answered 4xx/5xx, summed over endpoints
-        for (_endpoint, status), n in self.requests.items():
-            if status >= 400:
-                errors[status] += n
         families: list[tuple[str, str, str, list[str]]] = [
             ("model_info", "gauge", "The model served (always 1).", [_sample(info, 1)]),
             ("uptime_seconds", "gauge", "Seconds since the service started.", [_sample({}, self.uptime())]),
@@ -110,7 +114,7 @@ class Metrics:
                 "request_errors_total",
                 "counter",
                 "HTTP requests answered with a status of 400 or more, by status.",
-                [_sample({"status": str(s)}, n) for s, n in sorted(errors.items())],
+                [_sample({"status": str(s)}, n) for s, n in sorted(self.errors_by_status().items())],
             ),
             (
                 "request_duration_seconds",
